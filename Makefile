@@ -1,0 +1,34 @@
+# make run   create .venv, install, start Relay on built-in defaults
+# make test  install what the tests need, then lint, type-check and run every test
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export RELAY_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
+
+.PHONY: run test lint bench bench-smoke clean
+
+$(VENV)/.run: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(VENV)/.run $@
+
+run: $(VENV)/.run
+	$(BIN)/relay serve
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check relay tests
+	$(BIN)/ruff format --check relay tests
+	$(BIN)/mypy relay
+
+test: lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) relay-data .pytest_cache .mypy_cache .ruff_cache

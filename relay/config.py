@@ -1,0 +1,375 @@
+"""Configuration: TOML in, frozen dataclasses out, validated once at load.
+
+Every key is optional. ``RELAY_<SECTION>_<KEY>`` environment variables override the file
+(``RELAY_STORE_URL``, ``RELAY_SMTP_LISTEN="127.0.0.1:2525,127.0.0.2:2525"``); a value is read
+as a TOML value when it parses as one, else as a string, and lists also take commas.
+Durations are seconds in the dataclasses and strings such as "30s", "5m", "2h", "3d" in TOML.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from relay.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Parser = Callable[[Any, str], Any]
+T = TypeVar("T")
+
+TLS_MODES = ("none", "opportunistic", "required")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def setting(default: Any, parse: Parser) -> Any:
+    """A config field: its default and the function that reads and checks a raw value."""
+    return field(default=default, metadata={"parse": parse})
+
+
+# -- value parsers: each takes (raw value, dotted key) and raises ConfigError naming the key
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
+
+
+def _bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigError(key, f"expected true or false, got {value!r}")
+
+
+def _int(lo: int, hi: int | None = None) -> Parser:
+    def parse(value: Any, key: str) -> int:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        if value < lo or (hi is not None and value > hi):
+            bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+            raise ConfigError(key, f"must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """ "30s", "5m", "2h", "3d", "250ms" or a number of seconds -> seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ConfigError(key, f'expected a duration such as "30s", "5m", "2h" or "3d", got {value!r}')
+
+
+def _positive_duration(value: Any, key: str) -> float:
+    seconds = parse_duration(value, key)
+    if seconds <= 0:
+        raise ConfigError(key, "must be longer than zero")
+    return seconds
+
+
+def _list(item: Parser, *, non_empty: bool = False) -> Parser:
+    def parse(value: Any, key: str) -> tuple[Any, ...]:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        if non_empty and not value:
+            raise ConfigError(key, "must not be empty")
+        return tuple(item(v, f"{key}[{i}]") for i, v in enumerate(value))
+
+    return parse
+
+
+def _choice(*choices: str) -> Parser:
+    def parse(value: Any, key: str) -> str:
+        if value not in choices:
+            raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return parse
+
+
+def parse_listen(value: Any, key: str) -> Listen:
+    text = _str(value, key).strip()
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not m:
+        raise ConfigError(key, f'expected "host:port" or "[ipv6]:port", got {text!r}')
+    host = m.group(1) or m.group(3)
+    port = _int(0, 65535)(int(m.group(2) or m.group(4)), key)
+    return Listen(host, port)
+
+
+def _network(value: Any, key: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(_str(value, key), strict=False)
+    except ValueError as exc:
+        raise ConfigError(key, f"not an IP network: {value!r}") from exc
+
+
+def _hostname(value: Any, key: str) -> str:
+    text = _str(value, key).strip().rstrip(".").lower()
+    if not re.fullmatch(
+        r"(?=.{1,253}$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?)*", text
+    ):
+        raise ConfigError(key, f"not a valid host name: {value!r}")
+    return text
+
+
+def _domain_pattern(value: Any, key: str) -> str:
+    text = _str(value, key).strip().lower()
+    return text if text == "*" else _hostname(text, key)
+
+
+def _url(value: Any, key: str) -> str:
+    text = _str(value, key).strip().rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(key, f"expected an http(s) URL, got {value!r}")
+    return text
+
+
+# -- sections
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    hostname: str = setting("relay.localhost", _hostname)
+    data_dir: str = setting("./relay-data", _str)
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    listen: tuple[Listen, ...] = setting((Listen("127.0.0.1", 2525),), _list(parse_listen, non_empty=True))
+    tls_cert: str = setting("", _str)
+    tls_key: str = setting("", _str)
+    trusted_networks: tuple[IPNetwork, ...] = setting(
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")), _list(_network)
+    )
+    max_message_size: int = setting(26_214_400, _int(1))
+    max_recipients: int = setting(100, _int(1))
+    timeout: float = setting(300.0, _positive_duration)  # idle time before the session is closed
+    shutdown_grace: float = setting(10.0, parse_duration)  # in-flight sessions get this long on SIGTERM
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str = setting("", _str)  # filled in from server.data_dir at load when empty
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    concurrency: int = setting(100, _int(1))
+    per_domain: int = setting(10, _int(1))
+    port: int = setting(25, _int(1, 65535))
+    tls: str = setting("opportunistic", _choice(*TLS_MODES))
+    helo: str = setting("", _str)  # empty: server.hostname
+    connect_timeout: float = setting(30.0, _positive_duration)
+    command_timeout: float = setting(120.0, _positive_duration)
+    retry_schedule: tuple[float, ...] = setting(
+        tuple(60.0 * m for m in (1, 5, 15, 30, 60, 120, 240, 480)), _list(_positive_duration, non_empty=True)
+    )
+    max_age: float = setting(3 * 86400.0, _positive_duration)
+    lease: float = setting(300.0, _positive_duration)
+    messages_per_connection: int = setting(100, _int(1))  # then QUIT and reconnect
+    idle_connection_timeout: float = setting(5.0, parse_duration)  # keep an idle connection this long
+
+
+def _nameserver(value: Any, key: str) -> Listen:
+    text = _str(value, key).strip()
+    if re.fullmatch(r"[0-9.]+|[0-9A-Fa-f:]+", text):
+        try:
+            ipaddress.ip_address(text)
+        except ValueError as exc:
+            raise ConfigError(key, f"not an IP address: {text!r}") from exc
+        return Listen(text, 53)
+    listen = parse_listen(text, key)
+    try:
+        ipaddress.ip_address(listen.host)
+    except ValueError as exc:
+        raise ConfigError(key, f"a nameserver must be an IP address, got {listen.host!r}") from exc
+    return listen
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    nameservers: tuple[Listen, ...] = setting((), _list(_nameserver))
+    timeout: float = setting(5.0, _positive_duration)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    domains: tuple[str, ...] = setting((), _list(_domain_pattern, non_empty=True))
+    host: str = setting("", _str)
+    port: int = setting(25, _int(1, 65535))
+    username: str = setting("", _str)
+    password: str = setting("", _str)
+    tls: str = setting("", _choice("", *TLS_MODES))  # empty: delivery.tls
+
+    def matches(self, domain: str) -> bool:
+        return "*" in self.domains or domain in self.domains
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    routes: tuple[RouteConfig, ...] = ()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.server.data_dir)
+
+    @property
+    def helo(self) -> str:
+        return self.delivery.helo or self.server.hostname
+
+    def route_for(self, domain: str) -> RouteConfig | None:
+        """The first static route naming the domain, then the first wildcard route."""
+        for route in self.routes:
+            if domain in route.domains:
+                return route
+        return next((r for r in self.routes if "*" in r.domains), None)
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "smtp": SmtpConfig,
+    "store": StoreConfig,
+    "delivery": DeliveryConfig,
+    "dns": DnsConfig,
+}
+
+
+def _build(cls: type[T], raw: Mapping[str, Any], prefix: str) -> T:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(prefix, "expected a table")
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{prefix}.{key}", "unknown key")
+    values = {name: f.metadata["parse"](raw[name], f"{prefix}.{name}") for name, f in known.items() if name in raw}
+    return cls(**values)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            name = f"RELAY_{section}_{f.name}".upper()
+            if name in environ:
+                out.setdefault(section, {})[f.name] = _env_value(environ[name])
+    return out
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, check and freeze the configuration: the file (if any), then RELAY_* overrides."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError("--config", f"no such file: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
+    return from_mapping(raw, environ)
+
+
+def from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from parsed TOML and RELAY_* overrides."""
+    raw = dict(raw)
+    for key in raw:
+        if key not in SECTIONS and key != "routes":
+            raise ConfigError(key, "unknown section")
+    for section, values in _env_overrides(environ or {}).items():
+        merged = dict(raw.get(section) or {})
+        merged.update(values)
+        raw[section] = merged
+
+    sections = {name: _build(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
+    routes_raw = raw.get("routes", [])
+    if not isinstance(routes_raw, list):
+        raise ConfigError("routes", "expected [[routes]] tables")
+    routes = tuple(_build(RouteConfig, r, f"routes[{i}]") for i, r in enumerate(routes_raw))
+    config = Config(routes=routes, **sections)
+    return _check(config)
+
+
+def _check(config: Config) -> Config:
+    smtp = config.smtp
+    if bool(smtp.tls_cert) != bool(smtp.tls_key):
+        raise ConfigError(
+            "smtp.tls_cert" if not smtp.tls_cert else "smtp.tls_key", "set both tls_cert and tls_key, or neither"
+        )
+    for key, file in (("smtp.tls_cert", smtp.tls_cert), ("smtp.tls_key", smtp.tls_key)):
+        if file and not os.access(file, os.R_OK):
+            raise ConfigError(key, f"cannot read {file}")
+    for i, route in enumerate(config.routes):
+        if not route.domains:
+            raise ConfigError(f"routes[{i}].domains", "required")
+        if not route.host:
+            raise ConfigError(f"routes[{i}].host", "required")
+        if not _is_ip(route.host):
+            _hostname(route.host, f"routes[{i}].host")
+        if bool(route.username) != bool(route.password):
+            raise ConfigError(f"routes[{i}].password", "set both username and password, or neither")
+    url = config.store.url or f"sqlite+aiosqlite:///{Path(config.server.data_dir) / 'relay.db'}"
+    if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://", "postgresql://", "sqlite://")):
+        raise ConfigError("store.url", f"expected a sqlite+aiosqlite:// or postgresql+asyncpg:// URL, got {url!r}")
+    scheme, rest = url.split("://", 1)
+    url = {"postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}.get(scheme, scheme) + "://" + rest
+    return replace(config, store=replace(config.store, url=url))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def defaults() -> Config:
+    return from_mapping({})

@@ -1,0 +1,96 @@
+"""Relay's exceptions: one small tree, so callers catch by meaning, not by library.
+
+    RelayError
+    ├── ConfigError            bad configuration; names the key
+    ├── StoreError             the log store failed; nothing of the operation was written
+    ├── NotFound               no message, user or token matches
+    ├── Conflict               the thing exists already (a user name)
+    ├── InvalidMessage         content refused at intake; carries the SMTP reply
+    └── DeliveryFailure        one delivery attempt failed; carries the SMTP reply
+        ├── TemporaryFailure   4xx, timeouts, refused connections, DNS trouble: try again later
+        └── PermanentFailure   5xx, NXDOMAIN, null MX: do not try again
+
+Library exceptions (SQLAlchemy, aiosmtplib, dnspython) are mapped to these at the one
+module that imports the library, with the cause kept (``raise ... from exc``).
+"""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """Relay failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.__doc__ or type(self).__name__)
+
+
+class ConfigError(RelayError):
+    """The configuration is invalid."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}")
+
+
+class StoreError(RelayError):
+    """The log store failed; the operation was rolled back."""
+
+
+class NotFound(RelayError):
+    """Nothing matches."""
+
+
+class Conflict(RelayError):
+    """It exists already."""
+
+
+class SmtpReplyError(RelayError):
+    """A failure that is answered with an SMTP reply."""
+
+    def __init__(self, code: int, enhanced: str, text: str) -> None:
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+        super().__init__(self.reply)
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}".rstrip()
+
+
+class InvalidMessage(SmtpReplyError):
+    """The message content was refused at intake."""
+
+
+class DeliveryFailure(SmtpReplyError):
+    """A delivery attempt failed."""
+
+    permanent = False
+
+    def __init__(
+        self,
+        code: int,
+        enhanced: str,
+        text: str,
+        *,
+        host: str | None = None,
+        ip: str | None = None,
+        port: int | None = None,
+        tls: str | None = None,
+    ) -> None:
+        super().__init__(code, enhanced, text)
+        self.host = host
+        self.ip = ip
+        self.port = port
+        self.tls = tls
+
+
+class TemporaryFailure(DeliveryFailure):
+    """The attempt failed for now; a later one may succeed."""
+
+
+class PermanentFailure(DeliveryFailure):
+    """The attempt failed for good."""
+
+    permanent = True

@@ -1,0 +1,182 @@
+"""What Relay reads and changes in a message's header section when it accepts it.
+
+Works on bytes and touches only the header section: checks it, reads Message-ID, Subject
+and X-Relay-Tag, strips X-Relay-* control headers, adds Message-ID and Date when missing and
+prepends a Received header. The body passes through unchanged. Bad input raises
+``InvalidMessage`` with the SMTP reply to give.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.header import decode_header, make_header
+from email.utils import format_datetime
+
+from relay.errors import InvalidMessage
+
+MAX_TAGS = 20
+MAX_TAG_LENGTH = 100
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+_MSGID = re.compile(r"<?\s*([^<>\s]{1,900})\s*>?")
+_UNSAFE_HELO = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TRACK_VALUES = {"none", "opens", "clicks"}
+_CONTROL_HEADERS = (b"x-relay-tag", b"x-relay-track")  # read by Relay, never sent on
+
+
+def _reject(text: str) -> InvalidMessage:
+    return InvalidMessage(554, "5.6.0", text)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    raw: bytes  # the message as it will be stored and sent
+    message_id: str  # without <>
+    subject: str
+    tags: tuple[str, ...]
+    track: frozenset[str] | None  # from X-Relay-Track; None when the header is absent
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """Who handed the message over, for the Received header."""
+
+    queue_id: str
+    hostname: str
+    helo: str
+    client_ip: str
+    protocol: str  # SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
+    tls: str | None  # e.g. "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384"
+    recipients: tuple[str, ...]
+    at: datetime
+
+
+def prepare(raw: bytes, arrival: Arrival) -> Prepared:
+    if b"\0" in raw:
+        raise _reject("Message contains NUL characters")
+    if raw.startswith(b"\r\n"):
+        header, rest = b"", raw
+    else:
+        end = raw.find(b"\r\n\r\n")
+        if end < 0:
+            header, rest = raw, b""
+            if not header.endswith(b"\r\n"):
+                header += b"\r\n"
+        else:
+            header, rest = raw[: end + 2], raw[end + 2 :]
+
+    fields = _fields(header)
+    message_id, subject, tags, track = _read_fields(fields)
+    strip = any(n.lower() in _CONTROL_HEADERS for n, _ in fields)
+    unique_tags = tuple(dict.fromkeys(tags))
+    if len(unique_tags) > MAX_TAGS:
+        raise _reject(f"Too many X-Relay-Tag values (at most {MAX_TAGS})")
+
+    added: list[bytes] = []
+    if message_id is None:
+        message_id = f"{arrival.queue_id}@{arrival.hostname}"
+        added.append(f"Message-ID: <{message_id}>\r\n".encode())
+    if not any(n.lower() == b"date" for n, _ in fields):
+        added.append(f"Date: {format_datetime(arrival.at)}\r\n".encode())
+    if strip:
+        header = b"".join(n + b":" + v for n, v in fields if n.lower() not in _CONTROL_HEADERS)
+    out = b"".join((_received(arrival), header, *added, rest))
+    return Prepared(out, message_id, subject, unique_tags, None if track is None else frozenset(track))
+
+
+def _read_fields(fields: list[tuple[bytes, bytes]]) -> tuple[str | None, str, list[str], set[str] | None]:
+    message_id: str | None = None
+    subject = ""
+    tags: list[str] = []
+    track: set[str] | None = None
+    for name, value in fields:
+        lname = name.lower()
+        if lname == b"message-id":
+            if message_id is not None:
+                raise _reject("More than one Message-ID header")
+            m = _MSGID.fullmatch(_unfold(value).strip())
+            if not m:
+                raise _reject("Malformed Message-ID header")
+            message_id = m.group(1)
+        elif lname == b"subject" and not subject:
+            subject = _decode_subject(value)
+        elif lname == b"x-relay-tag":
+            tags.extend(_tags(value))
+        elif lname == b"x-relay-track":
+            track = (track or set()) | _track(value)
+    return message_id, subject, tags, track
+
+
+def _fields(header: bytes) -> list[tuple[bytes, bytes]]:
+    """Split the header section into (name, raw value incl. folding and CRLF)."""
+    if not header:
+        return []
+    if b"\r" in header.replace(b"\r\n", b"") or b"\n" in header.replace(b"\r\n", b""):
+        raise _reject("Malformed header section: bare CR or LF")
+    fields: list[tuple[bytes, bytes]] = []
+    for number, line in enumerate(header[:-2].split(b"\r\n"), 1):
+        if line[:1] in (b" ", b"\t"):
+            if not fields:
+                raise _reject("Malformed header section: continuation line first")
+            name, value = fields[-1]
+            fields[-1] = (name, value + line + b"\r\n")
+            continue
+        name, colon, value = line.partition(b":")
+        name = name.rstrip(b" \t")
+        if not colon or not _FIELD_NAME.fullmatch(name):
+            raise _reject(f"Malformed header field on line {number}")
+        fields.append((name, value + b"\r\n"))
+    return fields
+
+
+def _unfold(value: bytes) -> str:
+    return value.replace(b"\r\n", b"").decode("utf-8", errors="replace")
+
+
+def _decode_subject(value: bytes) -> str:
+    text = _unfold(value).strip()
+    with contextlib.suppress(ValueError, LookupError, UnicodeError):
+        text = str(make_header(decode_header(text)))
+    return _CONTROL.sub(" ", text)[:998]
+
+
+def _tags(value: bytes) -> list[str]:
+    try:
+        text = value.replace(b"\r\n", b"").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _reject("Invalid X-Relay-Tag: not UTF-8") from exc
+    out = []
+    for part in text.split(","):
+        tag = part.strip()
+        if not tag:
+            continue
+        if len(tag) > MAX_TAG_LENGTH or _CONTROL.search(tag):
+            raise _reject(f"Invalid X-Relay-Tag: at most {MAX_TAG_LENGTH} printable characters each")
+        out.append(tag)
+    return out
+
+
+def _track(value: bytes) -> set[str]:
+    words = {w.strip().lower() for w in _unfold(value).split(",") if w.strip()}
+    if not words or not words <= _TRACK_VALUES or ("none" in words and len(words) > 1):
+        raise _reject("Invalid X-Relay-Track: expected none, opens, clicks or opens,clicks")
+    return words - {"none"}
+
+
+def _received(a: Arrival) -> bytes:
+    helo = _UNSAFE_HELO.sub("", a.helo)[:255] or "unknown"
+    parts = [f"Received: from {helo} ([{a.client_ip}])\r\n"]
+    if a.tls:
+        parts.append(f"\t(using {a.tls})\r\n")
+    parts.append(f"\tby {a.hostname} (Relay) with {a.protocol} id {a.queue_id}")
+    if len(a.recipients) == 1:
+        parts.append(f"\r\n\tfor <{a.recipients[0]}>")
+    parts.append(f"; {format_datetime(a.at)}\r\n")
+    return "".join(parts).encode("utf-8", errors="replace")
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,43 @@
+"""Log records carry the ids of what they are about.
+
+Code that works on a message sets ``context.set("queue_id=... rcpt=...")`` (or uses
+``with_ids``); every record emitted meanwhile, from any module, shows those ids.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+context: contextvars.ContextVar[str] = contextvars.ContextVar("relay_log_ids", default="")
+
+
+@contextmanager
+def with_ids(**ids: object) -> Iterator[None]:
+    token = context.set(" ".join(f"{k}={v}" for k, v in ids.items() if v is not None))
+    try:
+        yield
+    finally:
+        context.reset(token)
+
+
+class _IdsFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        ids = context.get()
+        record.ids = f" [{ids}]" if ids else ""
+        return True
+
+
+def setup(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_IdsFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s%(ids)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -1,0 +1,766 @@
+"""The log store: the queue and the append-only event log, behind named operations.
+
+Only this module speaks SQL (SQLAlchemy 2 Core, no ORM). The same operations run on
+SQLite (aiosqlite, WAL, synchronous=FULL) and PostgreSQL (asyncpg).
+
+Writes go through one writer task per process. Operations that arrive while a commit is
+in progress are applied together in the next transaction (group commit), each kind as one
+executemany; every caller still waits for the commit that holds its own operation. When a
+shared transaction fails, its operations are retried one by one so that only the bad one
+fails. SQLAlchemy errors become ``StoreError`` here and nowhere else.
+
+Times are seconds since the epoch (UTC) in float columns named ``*_at``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import groupby
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from relay.errors import Conflict, NotFound, RelayError, StoreError
+from relay.model import (
+    ACTIVE_STATES,
+    CANCELLED,
+    DEFERRED,
+    FINAL_STATES,
+    QUEUED,
+    SENDING,
+    Claimed,
+    EventView,
+    MessageView,
+    NewMessage,
+    Outcome,
+    QueueSummary,
+    RecipientView,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# -- schema (the migrations in relay/migrations create exactly this)
+
+metadata = sa.MetaData()
+_BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite wants INTEGER for rowid aliases
+_Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),  # the queue id (ULID)
+    sa.Column("message_id", sa.Text, nullable=False),  # the Message-ID header, without <>
+    sa.Column("mail_from", sa.Text, nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("tags", _Json, nullable=False),
+    sa.Column("username", sa.Text),
+    sa.Column("client_ip", sa.Text, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Index("ix_messages_message_id", "message_id"),
+    sa.Index("ix_messages_received_at", "received_at"),
+)
+
+bodies = sa.Table(
+    "bodies",
+    metadata,
+    sa.Column("message_id", sa.String(32), sa.ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+message_tags = sa.Table(
+    "message_tags",
+    metadata,
+    sa.Column("message_id", sa.String(32), sa.ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("tag", sa.Text, primary_key=True),
+    sa.Index("ix_message_tags_tag", "tag"),
+)
+
+recipients = sa.Table(
+    "recipients",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("message_id", sa.String(32), sa.ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("address", sa.Text, nullable=False),
+    sa.Column("domain", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float),  # due time; the lease expiry while sending; NULL when final
+    sa.Column("lease_owner", sa.Text),
+    sa.Column("last_response", sa.Text),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Index("ix_recipients_message_id", "message_id"),
+    sa.Index("ix_recipients_next_attempt_at", "next_attempt_at"),
+    sa.Index("ix_recipients_status", "status"),
+    sa.Index("ix_recipients_address_lower", sa.func.lower(sa.text("address"))),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("message_id", sa.String(32), sa.ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("recipient", sa.Text),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("type", sa.String(16), nullable=False),
+    sa.Column("details", _Json, nullable=False),
+    sa.Index("ix_events_message_id", "message_id"),
+    sa.Index("ix_events_type_at", "type", "at"),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("password_hash", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+
+# -- write operations: each kind knows how to apply many of itself in one transaction
+
+
+class _Op:
+    async def run(self, conn: AsyncConnection) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    async def run_many(cls, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
+        return [await op.run(conn) for op in ops]
+
+
+@dataclass(slots=True)
+class _Call(_Op):
+    """A one-off write: a function of the connection."""
+
+    fn: Callable[[AsyncConnection], Awaitable[Any]]
+
+    async def run(self, conn: AsyncConnection) -> Any:
+        return await self.fn(conn)
+
+
+@dataclass(slots=True)
+class _Enqueue(_Op):
+    msg: NewMessage
+
+    @classmethod
+    async def run_many(cls, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
+        msg_rows: list[dict[str, Any]] = []
+        body_rows: list[dict[str, Any]] = []
+        tag_rows: list[dict[str, Any]] = []
+        rcpt_rows: list[dict[str, Any]] = []
+        event_rows: list[dict[str, Any]] = []
+        for op in ops:
+            assert isinstance(op, _Enqueue)
+            m = op.msg
+            msg_rows.append(
+                {
+                    "id": m.id,
+                    "message_id": m.message_id,
+                    "mail_from": m.mail_from,
+                    "subject": m.subject,
+                    "size": m.size,
+                    "tags": list(m.tags),
+                    "username": m.user,
+                    "client_ip": m.client_ip,
+                    "received_at": m.received_at,
+                }
+            )
+            body_rows.append({"message_id": m.id, "data": m.raw})
+            tag_rows.extend({"message_id": m.id, "tag": t} for t in m.tags)
+            rcpt_rows.extend(
+                {
+                    "message_id": m.id,
+                    "address": a,
+                    "domain": a.rpartition("@")[2].lower(),
+                    "status": QUEUED,
+                    "attempts": 0,
+                    "next_attempt_at": m.received_at,
+                    "updated_at": m.received_at,
+                }
+                for a in m.recipients
+            )
+            event_rows.append(
+                {
+                    "message_id": m.id,
+                    "recipient": None,
+                    "at": m.received_at,
+                    "type": "received",
+                    "details": dict(m.details),
+                }
+            )
+        await conn.execute(messages.insert(), msg_rows)
+        await conn.execute(bodies.insert(), body_rows)
+        if tag_rows:
+            await conn.execute(message_tags.insert(), tag_rows)
+        await conn.execute(recipients.insert(), rcpt_rows)
+        await conn.execute(events.insert(), event_rows)
+        return [None] * len(ops)
+
+
+_record_stmt = (
+    recipients.update()
+    .where(recipients.c.id == sa.bindparam("rid"), recipients.c.lease_owner == sa.bindparam("owner"))
+    .values(
+        status=sa.bindparam("status"),
+        attempts=sa.bindparam("attempts"),
+        next_attempt_at=sa.bindparam("next_at"),
+        last_response=sa.bindparam("response"),
+        lease_owner=None,
+        updated_at=sa.bindparam("at"),
+    )
+)
+
+
+@dataclass(slots=True)
+class _Record(_Op):
+    owner: str
+    outcomes: Sequence[Outcome]
+
+    @classmethod
+    async def run_many(cls, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
+        updates, event_rows = [], []
+        for op in ops:
+            assert isinstance(op, _Record)
+            for o in op.outcomes:
+                updates.append(
+                    {
+                        "rid": o.recipient_id,
+                        "owner": op.owner,
+                        "status": o.status,
+                        "attempts": o.attempts,
+                        "next_at": o.next_attempt_at,
+                        "response": o.last_response,
+                        "at": o.at,
+                    }
+                )
+                event_rows.append(
+                    {
+                        "message_id": o.message_id,
+                        "recipient": o.address,
+                        "at": o.at,
+                        "type": o.event,
+                        "details": dict(o.details),
+                    }
+                )
+        if updates:
+            await conn.execute(_record_stmt, updates)
+            await conn.execute(events.insert(), event_rows)
+        return [None] * len(ops)
+
+
+class _Writer:
+    """One task that applies queued write operations in shared transactions."""
+
+    max_batch: ClassVar[int] = 512
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._pending: list[tuple[_Op, asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, op: _Op) -> Any:
+        if self._closing:
+            raise StoreError("the store is closed")
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="logstore-writer")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, fut))
+        self._wake.set()
+        return await fut
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            try:
+                await self._commit(batch)
+            except BaseException as exc:  # cancelled mid-commit: nobody may wait forever
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(StoreError("the store is shutting down"))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                log.exception("writer failed")
+
+    async def _commit(self, batch: list[tuple[_Op, asyncio.Future[Any]]]) -> None:
+        try:
+            async with self._engine.begin() as conn:
+                results: list[Any] = []
+                for kind, group in groupby((op for op, _ in batch), key=type):
+                    results.extend(await _run_many(kind, conn, list(group)))
+        except Exception as exc:
+            if len(batch) > 1:
+                log.warning("shared transaction of %d operations failed (%s); retrying each alone", len(batch), exc)
+                for item in batch:
+                    await self._commit([item])
+                return
+            fut = batch[0][1]
+            if not fut.done():
+                fut.set_exception(_map_error(exc))
+            return
+        for (_, fut), result in zip(batch, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)
+
+
+async def _run_many(kind: type[_Op], conn: AsyncConnection, ops: list[_Op]) -> list[Any]:
+    return await kind.run_many(conn, ops)
+
+
+def _map_error(exc: Exception) -> Exception:
+    if isinstance(exc, RelayError):
+        return exc
+    if isinstance(exc, SQLAlchemyError | OSError):
+        err = StoreError(f"store operation failed: {type(exc).__name__}")
+        err.__cause__ = exc
+        return err
+    return exc
+
+
+# -- the store
+
+
+@dataclass(slots=True)
+class _BodyCache:
+    """Bodies of recently accepted messages, so delivery rarely reads them back."""
+
+    max_bytes: int = 64 * 1024 * 1024
+    size: int = 0
+    items: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
+
+    def put(self, key: str, data: bytes) -> None:
+        self.items[key] = data
+        self.size += len(data)
+        while self.size > self.max_bytes and self.items:
+            _, old = self.items.popitem(last=False)
+            self.size -= len(old)
+
+    def get(self, key: str) -> bytes | None:
+        return self.items.get(key)
+
+    def drop(self, key: str) -> None:
+        data = self.items.pop(key, None)
+        if data is not None:
+            self.size -= len(data)
+
+
+class LogStore:
+    """Named operations on the queue and the log. Create with ``await LogStore.open(url)``."""
+
+    def __init__(self, url: str, write_engine: AsyncEngine, read_engine: AsyncEngine) -> None:
+        self.url = url
+        self._write_engine = write_engine
+        self._read_engine = read_engine
+        self._writer = _Writer(write_engine)
+        self._bodies = _BodyCache()
+        self.is_postgres = write_engine.dialect.name == "postgresql"
+        self.on_enqueued: list[Callable[[NewMessage], None]] = []
+
+    @classmethod
+    async def open(cls, url: str) -> LogStore:
+        try:
+            parsed = make_url(url)
+            if parsed.get_backend_name() == "sqlite":
+                if parsed.database and parsed.database != ":memory:":
+                    Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                write = create_async_engine(url, pool_size=1, max_overflow=0)
+                read = create_async_engine(url, pool_size=4, max_overflow=4)
+                _sqlite_setup(write, begin="BEGIN IMMEDIATE")
+                _sqlite_setup(read, begin="BEGIN")
+            else:
+                write = create_async_engine(url, pool_size=4, max_overflow=8, pool_pre_ping=True)
+                read = write
+        except (SQLAlchemyError, OSError, ValueError) as exc:
+            raise StoreError(f"cannot open the store: {exc}") from exc
+        return cls(url, write, read)
+
+    async def close(self) -> None:
+        await self._writer.close()
+        await self._write_engine.dispose()
+        if self._read_engine is not self._write_engine:
+            await self._read_engine.dispose()
+
+    async def _write(self, op: _Op) -> Any:
+        return await self._writer.submit(op)
+
+    async def _read(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        try:
+            async with self._read_engine.connect() as conn:
+                return await fn(conn)
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreError(f"store read failed: {type(exc).__name__}") from exc
+
+    # -- schema
+
+    async def upgrade(self) -> None:
+        """Bring the schema to the newest migration (``relay db upgrade``)."""
+        from relay.migrations import upgrade_sync
+
+        try:
+            async with self._write_engine.begin() as conn:
+                await conn.run_sync(upgrade_sync)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"migration failed: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._read(lambda conn: conn.execute(sa.text("SELECT 1")))
+
+    # -- intake
+
+    async def enqueue(self, msg: NewMessage) -> None:
+        """Store the message, its body, tags, a queued row per recipient and a "received"
+        event in one transaction. Returns once that transaction has committed."""
+        await self._write(_Enqueue(msg))
+        self._bodies.put(msg.id, msg.raw)
+        for callback in self.on_enqueued:
+            callback(msg)
+
+    # -- delivery
+
+    async def claim_due(self, owner: str, limit: int, lease: float, now: float | None = None) -> list[Claimed]:
+        """Lease up to ``limit`` due recipients to ``owner`` until now + lease, oldest due first.
+        A recipient whose lease has run out is due again."""
+        now = time.time() if now is None else now
+
+        async def claim(conn: AsyncConnection) -> list[Claimed]:
+            due = (
+                sa.select(recipients.c.id)
+                .where(recipients.c.next_attempt_at <= now)
+                .order_by(recipients.c.next_attempt_at)
+                .limit(limit)
+            )
+            if self.is_postgres:
+                due = due.with_for_update(skip_locked=True)
+            stmt = (
+                recipients.update()
+                .where(recipients.c.id.in_(due.scalar_subquery()))
+                .values(status=SENDING, lease_owner=owner, next_attempt_at=now + lease, updated_at=now)
+                .returning(
+                    recipients.c.id,
+                    recipients.c.message_id,
+                    recipients.c.address,
+                    recipients.c.domain,
+                    recipients.c.attempts,
+                )
+            )
+            rows = (await conn.execute(stmt)).all()
+            if not rows:
+                return []
+            ids = {r.message_id for r in rows}
+            meta = {
+                m.id: m
+                for m in await conn.execute(
+                    sa.select(messages.c.id, messages.c.mail_from, messages.c.received_at).where(messages.c.id.in_(ids))
+                )
+            }
+            claimed = [
+                Claimed(
+                    r.id,
+                    r.message_id,
+                    r.address,
+                    r.domain,
+                    r.attempts,
+                    meta[r.message_id].mail_from,
+                    meta[r.message_id].received_at,
+                )
+                for r in rows
+            ]
+            claimed.sort(key=lambda c: (c.message_id, c.recipient_id))
+            return claimed
+
+        result: list[Claimed] = await self._write(_Call(claim))
+        return result
+
+    async def record(self, owner: str, outcomes: Sequence[Outcome]) -> None:
+        """Write what attempts decided: the recipients' new states and one event each.
+        Recipients no longer leased to ``owner`` keep their state; the events are kept."""
+        await self._write(_Record(owner, outcomes))
+        for o in outcomes:
+            if o.next_attempt_at is None:
+                self._forget_body_if_done(o.message_id)
+
+    def _forget_body_if_done(self, message_id: str) -> None:
+        # The cache is an optimisation; a later attempt reads the body back from the store.
+        self._bodies.drop(message_id)
+
+    async def release(self, owner: str, recipient_ids: Iterable[int], now: float | None = None) -> int:
+        """Give leased recipients back untouched, due at once (graceful shutdown)."""
+        ids = list(recipient_ids)
+        if not ids:
+            return 0
+        now = time.time() if now is None else now
+
+        async def release(conn: AsyncConnection) -> int:
+            stmt = (
+                recipients.update()
+                .where(recipients.c.id.in_(ids), recipients.c.lease_owner == owner, recipients.c.status == SENDING)
+                .values(
+                    status=sa.case((recipients.c.attempts == 0, QUEUED), else_=DEFERRED),
+                    next_attempt_at=now,
+                    lease_owner=None,
+                    updated_at=now,
+                )
+            )
+            return (await conn.execute(stmt)).rowcount
+
+        count: int = await self._write(_Call(release))
+        return count
+
+    async def load_bodies(self, message_ids: Iterable[str]) -> dict[str, bytes]:
+        wanted = set(message_ids)
+        found = {k: v for k in wanted if (v := self._bodies.get(k)) is not None}
+        missing = wanted - found.keys()
+        if missing:
+
+            async def load(conn: AsyncConnection) -> dict[str, bytes]:
+                rows = await conn.execute(
+                    sa.select(bodies.c.message_id, bodies.c.data).where(bodies.c.message_id.in_(missing))
+                )
+                return {r.message_id: bytes(r.data) for r in rows}
+
+            found.update(await self._read(load))
+        return found
+
+    async def next_due_at(self) -> float | None:
+        async def due(conn: AsyncConnection) -> float | None:
+            value = await conn.scalar(sa.select(sa.func.min(recipients.c.next_attempt_at)))
+            return None if value is None else float(value)
+
+        return await self._read(due)
+
+    # -- queue control
+
+    async def retry(
+        self,
+        message_id: str | None,
+        *,
+        states: Sequence[str] = (QUEUED, DEFERRED),
+        by: str = "cli",
+        reason: str = "",
+        now: float | None = None,
+    ) -> int:
+        """Make the message's recipients in ``states`` due now (all messages when id is None);
+        log a "retried" event for each. Raises NotFound for an unknown message id."""
+        now = time.time() if now is None else now
+
+        async def retry(conn: AsyncConnection) -> int:
+            cond: list[sa.ColumnElement[bool]] = [recipients.c.status.in_(states)]
+            if message_id is not None:
+                await _must_exist(conn, message_id)
+                cond.append(recipients.c.message_id == message_id)
+            rows = (
+                await conn.execute(
+                    recipients.update()
+                    .where(*cond)
+                    .values(
+                        status=sa.case((recipients.c.attempts == 0, QUEUED), else_=DEFERRED),
+                        next_attempt_at=now,
+                        updated_at=now,
+                    )
+                    .returning(recipients.c.message_id, recipients.c.address, recipients.c.status)
+                )
+            ).all()
+            if rows:
+                await conn.execute(
+                    events.insert(),
+                    [
+                        {"message_id": r.message_id, "recipient": r.address, "at": now, "type": "retried",
+                         "details": {"by": by, "reason": reason}}
+                        for r in rows
+                    ],
+                )  # fmt: skip
+            return len(rows)
+
+        count: int = await self._write(_Call(retry))
+        return count
+
+    async def cancel(self, message_id: str, *, by: str = "cli", reason: str = "", now: float | None = None) -> int:
+        """Cancel the message's recipients that are not final yet; log "cancelled" for each."""
+        now = time.time() if now is None else now
+
+        async def cancel(conn: AsyncConnection) -> int:
+            await _must_exist(conn, message_id)
+            rows = (
+                await conn.execute(
+                    recipients.update()
+                    .where(recipients.c.message_id == message_id, recipients.c.status.in_(ACTIVE_STATES))
+                    .values(status=CANCELLED, next_attempt_at=None, lease_owner=None, updated_at=now,
+                            last_response="cancelled by " + by)
+                    .returning(recipients.c.address)
+                )
+            ).all()  # fmt: skip
+            if rows:
+                await conn.execute(
+                    events.insert(),
+                    [{"message_id": message_id, "recipient": r.address, "at": now, "type": "cancelled",
+                      "details": {"by": by, "reason": reason}} for r in rows],
+                )  # fmt: skip
+            return len(rows)
+
+        count: int = await self._write(_Call(cancel))
+        self._bodies.drop(message_id)
+        return count
+
+    async def queue_summary(self) -> QueueSummary:
+        async def summary(conn: AsyncConnection) -> QueueSummary:
+            counts = dict.fromkeys((*ACTIVE_STATES, *FINAL_STATES), 0)
+            for status, n in await conn.execute(
+                sa.select(recipients.c.status, sa.func.count()).group_by(recipients.c.status)
+            ):
+                counts[status] = n
+            oldest = await conn.scalar(
+                sa.select(sa.func.min(messages.c.received_at)).where(
+                    messages.c.id.in_(
+                        sa.select(recipients.c.message_id).where(recipients.c.next_attempt_at.is_not(None))
+                    )
+                )
+            )
+            return QueueSummary(counts, None if oldest is None else float(oldest))
+
+        return await self._read(summary)
+
+    # -- lookups
+
+    async def lookup(self, query: str, limit: int = 20) -> list[MessageView]:
+        """Messages matching a queue id, a Message-ID (with or without <>) or a recipient
+        address, newest first."""
+        query = query.strip()
+        bare = query.removeprefix("<").removesuffix(">").strip()
+
+        async def find(conn: AsyncConnection) -> list[MessageView]:
+            ids = [r[0] for r in await conn.execute(sa.select(messages.c.id).where(messages.c.id == query.upper()))]
+            if not ids:
+                by_mid = sa.select(messages.c.id, messages.c.received_at).where(messages.c.message_id == bare)
+                stmts = [by_mid]
+                if not query.startswith("<"):
+                    by_rcpt = (
+                        sa.select(messages.c.id, messages.c.received_at)
+                        .join(recipients, recipients.c.message_id == messages.c.id)
+                        .where(sa.func.lower(recipients.c.address) == bare.lower())
+                    )
+                    stmts.append(by_rcpt)
+                union = sa.union(*stmts).subquery() if len(stmts) > 1 else stmts[0].subquery()
+                rows = await conn.execute(sa.select(union.c.id).order_by(union.c.received_at.desc()).limit(limit))
+                ids = [r[0] for r in rows]
+            return await _views(conn, ids)
+
+        return await self._read(find)
+
+    async def get_message(self, queue_id: str) -> MessageView | None:
+        views = await self._read(lambda conn: _views(conn, [queue_id]))
+        return views[0] if views else None
+
+    # -- users
+
+    async def add_user(self, name: str, password_hash: str) -> None:
+        async def add(conn: AsyncConnection) -> None:
+            if await conn.scalar(sa.select(users.c.name).where(users.c.name == name)) is not None:
+                raise Conflict(f"user {name!r} exists already")
+            await conn.execute(users.insert().values(name=name, password_hash=password_hash, created_at=time.time()))
+
+        await self._write(_Call(add))
+
+    async def remove_user(self, name: str) -> None:
+        async def remove(conn: AsyncConnection) -> None:
+            if (await conn.execute(users.delete().where(users.c.name == name))).rowcount == 0:
+                raise NotFound(f"no user {name!r}")
+
+        await self._write(_Call(remove))
+
+    async def list_users(self) -> list[tuple[str, float]]:
+        async def names(conn: AsyncConnection) -> list[tuple[str, float]]:
+            rows = await conn.execute(sa.select(users.c.name, users.c.created_at).order_by(users.c.name))
+            return [(r.name, float(r.created_at)) for r in rows]
+
+        return await self._read(names)
+
+    async def password_hash(self, name: str) -> str | None:
+        async def get(conn: AsyncConnection) -> str | None:
+            value = await conn.scalar(sa.select(users.c.password_hash).where(users.c.name == name))
+            return None if value is None else str(value)
+
+        return await self._read(get)
+
+
+async def _must_exist(conn: AsyncConnection, message_id: str) -> None:
+    if await conn.scalar(sa.select(messages.c.id).where(messages.c.id == message_id)) is None:
+        raise NotFound(f"no message {message_id}")
+
+
+async def _views(conn: AsyncConnection, ids: Sequence[str]) -> list[MessageView]:
+    if not ids:
+        return []
+    msgs = {r.id: r for r in await conn.execute(sa.select(messages).where(messages.c.id.in_(ids)))}
+    rcpts: dict[str, list[RecipientView]] = {}
+    for r in await conn.execute(
+        sa.select(recipients).where(recipients.c.message_id.in_(ids)).order_by(recipients.c.id)
+    ):
+        rcpts.setdefault(r.message_id, []).append(
+            RecipientView(r.address, r.status, r.attempts, r.next_attempt_at, r.last_response)
+        )
+    evs: dict[str, list[EventView]] = {}
+    for e in await conn.execute(
+        sa.select(events).where(events.c.message_id.in_(ids)).order_by(events.c.at, events.c.id)
+    ):
+        details = e.details if isinstance(e.details, dict) else json.loads(e.details)
+        evs.setdefault(e.message_id, []).append(EventView(e.at, e.type, e.recipient, details))
+    return [
+        MessageView(
+            id=m.id,
+            message_id=m.message_id,
+            mail_from=m.mail_from,
+            subject=m.subject,
+            size=m.size,
+            tags=tuple(m.tags or ()),
+            user=m.username,
+            client_ip=m.client_ip,
+            received_at=m.received_at,
+            recipients=tuple(rcpts.get(m.id, ())),
+            events=tuple(evs.get(m.id, ())),
+        )
+        for i in ids
+        if (m := msgs.get(i)) is not None
+    ]
+
+
+def _sqlite_setup(engine: AsyncEngine, *, begin: str) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
+        cur = dbapi_conn.cursor()
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=10000", "foreign_keys=ON"):
+            cur.execute(f"PRAGMA {pragma}")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql(begin)

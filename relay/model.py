@@ -1,0 +1,155 @@
+"""Plain records that cross module boundaries: what intake stores, what delivery claims,
+what an attempt decided, and what a lookup shows. No I/O here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+# Recipient states. A recipient is due when next_attempt_at <= now; terminal ones have none.
+QUEUED: Final = "queued"
+DEFERRED: Final = "deferred"
+SENDING: Final = "sending"
+DELIVERED: Final = "delivered"
+BOUNCED: Final = "bounced"
+EXPIRED: Final = "expired"
+SUPPRESSED: Final = "suppressed"
+CANCELLED: Final = "cancelled"
+ACTIVE_STATES: Final = (QUEUED, DEFERRED, SENDING)
+FINAL_STATES: Final = (DELIVERED, BOUNCED, EXPIRED, SUPPRESSED, CANCELLED)
+
+# Event types: fixed names, so later features add types rather than rename them.
+EVENT_TYPES: Final = (
+    "received", "delivered", "deferred", "bounced", "expired", "suppressed",
+    "cancelled", "opened", "clicked", "complained", "retried",
+)  # fmt: skip
+EventType = Literal[
+    "received", "delivered", "deferred", "bounced", "expired", "suppressed",
+    "cancelled", "opened", "clicked", "complained", "retried",
+]  # fmt: skip
+
+
+def iso(ts: float | None) -> str | None:
+    """Seconds since the epoch -> ISO-8601 UTC with milliseconds, e.g. 2026-11-23T12:00:00.123Z."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message accepted at intake, ready to be stored in one transaction."""
+
+    id: str
+    message_id: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    subject: str
+    tags: tuple[str, ...]
+    user: str | None
+    client_ip: str
+    received_at: float
+    raw: bytes
+    details: Mapping[str, Any] = field(default_factory=dict)  # for the "received" event
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A recipient leased to one delivery worker."""
+
+    recipient_id: int
+    message_id: str  # the queue id
+    address: str
+    domain: str
+    attempts: int  # attempts made before this one
+    mail_from: str
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt decided for one recipient; the store writes it as given."""
+
+    recipient_id: int
+    message_id: str
+    address: str
+    status: str  # delivered | deferred | bounced | expired | ...
+    attempts: int
+    next_attempt_at: float | None
+    last_response: str
+    event: EventType
+    details: Mapping[str, Any]
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientView:
+    address: str
+    status: str
+    attempts: int
+    next_attempt_at: float | None
+    last_response: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "status": self.status,
+            "attempts": self.attempts,
+            "next_attempt_at": iso(self.next_attempt_at),
+            "last_response": self.last_response,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class EventView:
+    at: float
+    type: str
+    recipient: str | None
+    details: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.details, "at": iso(self.at), "type": self.type, "recipient": self.recipient}
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    """A message as support sees it: envelope, recipients' states and the timeline."""
+
+    id: str
+    message_id: str
+    mail_from: str
+    subject: str
+    size: int
+    tags: tuple[str, ...]
+    user: str | None
+    client_ip: str
+    received_at: float
+    recipients: tuple[RecipientView, ...]
+    events: tuple[EventView, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "message_id": self.message_id,
+            "mail_from": self.mail_from,
+            "subject": self.subject,
+            "size": self.size,
+            "tags": list(self.tags),
+            "user": self.user,
+            "client_ip": self.client_ip,
+            "received_at": iso(self.received_at),
+            "recipients": [r.to_json() for r in self.recipients],
+            "events": [e.to_json() for e in self.events],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSummary:
+    counts: Mapping[str, int]  # every state, zero included
+    oldest_queued_at: float | None  # received_at of the oldest message still active

@@ -1,0 +1,437 @@
+"""SMTP intake on aiosmtpd: AUTH, relay policy and limits, then ``LogStore.enqueue``.
+
+The only module that imports aiosmtpd. Every reply carries an enhanced status code
+(RFC 2034); aiosmtpd's own texts are mapped to ours in ``RelaySMTP.push`` and no internal
+detail reaches a client: an unexpected error is ``451 4.3.0``, logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import socket
+import ssl
+import time
+from base64 import b64decode
+from binascii import Error as Base64Error
+from collections.abc import Sequence
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from ulid import ULID
+
+from relay import intake
+from relay.auth import Authenticator
+from relay.config import Config, IPNetwork, Listen
+from relay.errors import InvalidMessage, StoreError
+from relay.logs import with_ids
+from relay.logstore import LogStore
+from relay.model import NewMessage
+
+log = logging.getLogger(__name__)
+
+REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
+REPLY_TLS_FIRST = "538 5.7.11 Encryption required for requested authentication mechanism"
+REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+REPLY_BAD_SENDER = "501 5.1.3 Bad sender address syntax"
+REPLY_BAD_RCPT = "501 5.1.3 Bad recipient address syntax"
+REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+REPLY_STORE_FAILED = "451 4.3.0 Temporary failure storing the message, try again later"
+REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
+REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, closing transmission channel"
+
+# Default enhanced codes (RFC 3463) for replies that come without one.
+_ENHANCED = {
+    221: "2.0.0", 235: "2.7.0", 250: "2.0.0", 252: "2.0.0",
+    421: "4.3.2", 451: "4.3.0", 452: "4.3.1", 454: "4.7.0",
+    500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
+    530: "5.7.0", 535: "5.7.8", 538: "5.7.11", 550: "5.0.0", 552: "5.3.4",
+    553: "5.1.3", 554: "5.7.0", 555: "5.5.4",
+}  # fmt: skip
+# aiosmtpd texts we word differently.
+_REWRITE = {
+    "552 Error: Too much mail data": REPLY_TOO_BIG,
+    "552 Error: message size exceeds fixed maximum message size": REPLY_TOO_BIG,
+    "500 Error: strict ASCII mode": "500 5.6.7 Non-ASCII data requires SMTPUTF8",
+    "501 Error: SMTPUTF8 disabled": "501 5.6.7 SMTPUTF8 disabled",
+    "553 5.1.3 Error: malformed address": "553 5.1.3 Malformed address",
+}
+_REPLY = re.compile(r"^(\d{3})([ -])(?:([245]\.\d{1,3}\.\d{1,3})(?: |$))?(.*)$", re.DOTALL)
+_NO_ENHANCED = {220, 334, 354}
+
+# RFC 5321 reverse-path / forward-path with optional parameters; a source route is ignored.
+_PATH = re.compile(r'^<(?:@[^:<>\s]+:)?((?:"(?:[^"\\\r\n]|\\.)*"|[^\s<>@"]+)@[^\s<>@]+)>(?:\s+(.*))?$')
+_BARE_PATH = re.compile(r"^([^\s<>@]+@[^\s<>@]+)(?:\s+(.*))?$")
+_LOCAL = re.compile(r"^[^\s@<>()\[\],;:\\\"\x00-\x1f\x7f]+$|^\"(?:[^\"\\\x00-\x1f]|\\.)*\"$")
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9\-\u0080-\U0010ffff]{1,63}(?<!-)$")
+
+
+def valid_address(address: str) -> bool:
+    """RFC 5321 mailbox syntax, kept practical: local@domain, with the usual length limits."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or len(address.encode()) > 254 or len(local.encode()) > 64:
+        return False
+    if not _LOCAL.match(local) or local.startswith(".") or local.endswith(".") or ".." in local:
+        return False
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1].removeprefix("IPv6:")
+        try:
+            ipaddress.ip_address(literal)
+        except ValueError:
+            return False
+        return True
+    return len(domain) <= 253 and all(_LABEL.match(label) for label in domain.split("."))
+
+
+def client_ip(session: Session) -> str:
+    peer = session.peer
+    host = peer[0] if isinstance(peer, tuple) else str(peer)
+    return host.removeprefix("::ffff:") if host.startswith("::ffff:") and "." in host else host
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's protocol with Relay's replies, AUTH rule and session bookkeeping."""
+
+    def __init__(self, handler: RelayHandler, *, sessions: set[RelaySMTP], **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._sessions = sessions
+        self._raw_replies = False
+        self.trusted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first and self.session is not None:
+            self._sessions.add(self)
+            handler: RelayHandler = self.event_handler
+            self.trusted = handler.is_trusted(client_ip(self.session))
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._sessions.discard(self)
+        super().connection_lost(error)
+
+    @property
+    def busy(self) -> bool:
+        """In a mail transaction (between MAIL and the reply to DATA)."""
+        return bool(self.envelope is not None and self.envelope.mail_from)
+
+    @property
+    def tls_info(self) -> str | None:
+        if self._tls_protocol is None or self.transport is None:
+            return None
+        obj = self.transport.get_extra_info("ssl_object")
+        if obj is None:
+            return None
+        cipher = obj.cipher()
+        return f"{obj.version()} with cipher {cipher[0]}" if cipher else str(obj.version())
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Address and parameters of a MAIL/RCPT argument; (None, None) when malformed."""
+        arg = arg.strip()
+        if not arg:
+            return "", ""
+        m = _PATH.match(arg) or _BARE_PATH.match(arg)
+        if m is None:
+            return None, None
+        return m.group(1), m.group(2) or ""
+
+    async def push(self, status: str | bytes) -> None:
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        if not self._raw_replies:
+            text = enhance(text)
+        await super().push(text)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._raw_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._raw_replies = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._raw_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._raw_replies = False
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self.session is not None and self.session.extended_smtp and not self._tls_protocol and not self.trusted:
+            await self.push(REPLY_TLS_FIRST)
+            return
+        await super().smtp_AUTH(arg)
+
+    def close_now(self, reply: str | None = None) -> None:
+        transport = self.transport
+        if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+            return
+        if reply is not None:
+            transport.write(reply.encode() + b"\r\n")
+        transport.close()
+
+
+def enhance(text: str) -> str:
+    """Give a reply its enhanced status code, and aiosmtpd's texts Relay's wording."""
+    text = _REWRITE.get(text, text)
+    m = _REPLY.match(text)
+    if not m:
+        return text
+    code, sep, enhanced, rest = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+    if enhanced or code in _NO_ENHANCED:
+        return text
+    default = _ENHANCED.get(code)
+    if default is None:
+        return text
+    rest = rest.removeprefix("Error: ")
+    return f"{code}{sep}{default} {rest}".rstrip()
+
+
+class RelayHandler:
+    """aiosmtpd hooks: who may relay, what is accepted, and storing it."""
+
+    def __init__(self, config: Config, store: LogStore, authenticator: Authenticator) -> None:
+        self.config = config
+        self.store = store
+        self.authenticator = authenticator
+        self._trusted: tuple[IPNetwork, ...] = config.smtp.trusted_networks
+
+    def is_trusted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._trusted)
+
+    async def handle_EHLO(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        lines = [r[4:] for r in responses[1:] if r[4:] != "HELP"]
+        lines = [
+            "PIPELINING",
+            *(("AUTH PLAIN LOGIN" if x.startswith("AUTH ") else x) for x in lines),
+            "ENHANCEDSTATUSCODES",
+        ]
+        lines.insert(0, responses[0][4:])
+        return [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
+
+    async def handle_MAIL(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if not (session.authenticated or server.trusted):
+            return REPLY_AUTH_REQUIRED
+        if not valid_address(address):
+            return REPLY_BAD_SENDER
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if not valid_address(address):
+            return REPLY_BAD_RCPT
+        local, _, domain = address.rpartition("@")
+        address = f"{local}@{domain.lower()}"
+        if address.lower() in (a.lower() for a in envelope.rcpt_tos):
+            return "250 2.1.5 Ok"  # a duplicate is delivered once
+        if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
+            return REPLY_TOO_MANY_RCPTS
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        queue_id = str(ULID())
+        with with_ids(queue_id=queue_id):
+            return await self._accept(server, session, envelope, queue_id)
+
+    async def _accept(self, server: RelaySMTP, session: Session, envelope: Envelope, queue_id: str) -> str:
+        ip = client_ip(session)
+        user = session.auth_data if session.authenticated else None
+        tls = server.tls_info
+        protocol = ("ESMTP" if session.extended_smtp else "SMTP") + ("S" if tls else "") + ("A" if user else "")
+        received_at = time.time()
+        arrival = intake.Arrival(
+            queue_id=queue_id,
+            hostname=self.config.server.hostname,
+            helo=session.host_name or "unknown",
+            client_ip=ip,
+            protocol=protocol,
+            tls=tls,
+            recipients=tuple(envelope.rcpt_tos),
+            at=intake.now_utc(),
+        )
+        content = envelope.content
+        assert isinstance(content, bytes)
+        try:
+            prepared = intake.prepare(content, arrival)
+        except InvalidMessage as exc:
+            log.info("refused message from %s: %s", ip, exc.reply)
+            return exc.reply
+        msg = NewMessage(
+            id=queue_id,
+            message_id=prepared.message_id,
+            mail_from=envelope.mail_from or "",
+            recipients=tuple(envelope.rcpt_tos),
+            subject=prepared.subject,
+            tags=prepared.tags,
+            user=user,
+            client_ip=ip,
+            received_at=received_at,
+            raw=prepared.raw,
+            details={"client_ip": ip, "helo": arrival.helo, "protocol": protocol, "tls": tls, "user": user,
+                     "size": len(prepared.raw), "recipients": len(envelope.rcpt_tos)},
+        )  # fmt: skip
+        try:
+            await self.store.enqueue(msg)
+        except StoreError:
+            log.exception("could not store message from %s", ip)
+            return REPLY_STORE_FAILED
+        log.info(
+            "accepted from=<%s> rcpts=%d size=%d client=%s user=%s",
+            msg.mail_from,
+            len(msg.recipients),
+            msg.size,
+            ip,
+            user,
+        )
+        return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("unexpected error in SMTP session", exc_info=error)
+        return REPLY_INTERNAL
+
+    # AUTH mechanisms: aiosmtpd calls these instead of its built-in ones.
+
+    async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = b64decode(args[1].encode(), validate=True)
+            except (Base64Error, ValueError):
+                await server.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Malformed AUTH PLAIN response")
+            return AuthResult(success=False, handled=True)
+        return await self._verify(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await server.challenge_auth("Username:")
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                login = b64decode(args[1].encode(), validate=True)
+            except (Base64Error, ValueError):
+                await server.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._verify(server, login, password)
+
+    async def _verify(self, server: RelaySMTP, login: bytes, password: bytes) -> AuthResult:
+        assert server.session is not None
+        try:
+            user, secret = login.decode(), password.decode()
+        except UnicodeDecodeError:
+            user, secret = "", ""
+        if await self.authenticator.check(user, secret, client_ip(server.session)):
+            log.info("authenticated %r from %s", user, client_ip(server.session))
+            return AuthResult(success=True, auth_data=user)
+        return AuthResult(success=False, handled=False)
+
+
+class SmtpServer:
+    """The SMTP listeners and their sessions: start, then shutdown(grace)."""
+
+    def __init__(self, config: Config, store: LogStore, authenticator: Authenticator) -> None:
+        self.config = config
+        self.handler = RelayHandler(config, store, authenticator)
+        self.sessions: set[RelaySMTP] = set()
+        self._servers: list[asyncio.Server] = []
+        self._tls = _tls_context(config) if config.smtp.tls_enabled else None
+
+    def _factory(self) -> RelaySMTP:
+        smtp = self.config.smtp
+        return RelaySMTP(
+            self.handler,
+            sessions=self.sessions,
+            hostname=self.config.server.hostname,
+            ident="ESMTP Relay",
+            data_size_limit=smtp.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=self._tls,
+            auth_require_tls=False,
+            timeout=smtp.timeout,
+        )
+
+    async def start(self, sockets: Sequence[socket.socket] | None = None) -> list[Listen]:
+        """Listen on ``sockets`` if given, else on ``[smtp] listen``. Returns the bound addresses."""
+        loop = asyncio.get_running_loop()
+        if sockets is None:
+            sockets = [bind(listen) for listen in self.config.smtp.listen]
+        for sock in sockets:
+            self._servers.append(await loop.create_server(self._factory, sock=sock))
+        return [bound_address(sock) for sock in sockets]
+
+    def stop_listening(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop listening; close idle sessions with 421; give sessions in a transaction up to
+        ``grace`` seconds to finish it, then close them too."""
+        self.stop_listening()
+        deadline = time.monotonic() + grace
+        while self.sessions:
+            for session in list(self.sessions):
+                if not session.busy:
+                    session.close_now(REPLY_SHUTDOWN)
+                    self.sessions.discard(session)
+            if not self.sessions or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        for session in list(self.sessions):
+            log.warning("closing a session still in a transaction after %.0fs", grace)
+            session.close_now(REPLY_SHUTDOWN)
+        self.sessions.clear()
+        for server in self._servers:
+            await server.wait_closed()
+
+
+def bind(listen: Listen, *, reuse_port: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((listen.host, listen.port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def bound_address(sock: socket.socket) -> Listen:
+    host, port = sock.getsockname()[:2]
+    return Listen(host, port)
+
+
+def _tls_context(config: Config) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(config.smtp.tls_cert, config.smtp.tls_key)
+    return ctx

@@ -1,0 +1,248 @@
+"""Test helpers: configs, an in-process Relay, SMTP clients, and polling with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import ssl
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosmtplib
+import pytest
+
+from relay import config as cfgmod
+from relay.server import Relay
+
+T = TypeVar("T")
+POSTGRES_URL = os.environ.get("RELAY_TEST_POSTGRES_URL", "")
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def make_config(tmp_path: Path, **sections: Any) -> cfgmod.Config:
+    raw: dict[str, Any] = {
+        "server": {"hostname": "relay.test", "data_dir": str(tmp_path / "data")},
+        "smtp": {"listen": ["127.0.0.1:0"], "shutdown_grace": "2s"},
+    }
+    return cfgmod.from_mapping(deep_merge(raw, sections))
+
+
+@asynccontextmanager
+async def running_relay(config: cfgmod.Config) -> AsyncIterator[Relay]:
+    relay = Relay(config)
+    await relay.startup()
+    try:
+        yield relay
+    finally:
+        await relay.shutdown()
+
+
+def smtp_port(relay: Relay) -> int:
+    return relay.smtp_addresses[0].port
+
+
+@asynccontextmanager
+async def smtp_client(
+    relay: Relay, *, source: str = "127.0.0.1", tls: ssl.SSLContext | None = None, ehlo: bool = True
+) -> AsyncIterator[aiosmtplib.SMTP]:
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1",
+        port=smtp_port(relay),
+        start_tls=False,
+        local_hostname="client.test",
+        source_address=(source, 0),
+        tls_context=tls,
+        timeout=10,
+    )
+    await client.connect()
+    try:
+        if ehlo:
+            await client.ehlo()
+        if tls is not None:
+            await client.starttls(tls_context=tls)
+            await client.ehlo()
+        yield client
+    finally:
+        if client.is_connected:
+            try:
+                await client.quit()
+            except aiosmtplib.SMTPException:
+                client.close()
+
+
+async def command(client: aiosmtplib.SMTP, line: str) -> tuple[int, str]:
+    """Send one raw command line; return the reply code and text."""
+    verb, _, arg = line.partition(" ")
+    reply = await client.execute_command(verb.encode(), *([arg.encode()] if arg else []))
+    return reply.code, reply.message
+
+
+async def send(client: aiosmtplib.SMTP, mail_from: str, rcpts: list[str], data: bytes) -> tuple[int, str]:
+    """MAIL, RCPT each, DATA; return the final reply (the first failure, if any)."""
+    for line in (f"MAIL FROM:<{mail_from}>", *(f"RCPT TO:<{r}>" for r in rcpts)):
+        code, text = await command(client, line)
+        if code >= 400:
+            return code, text
+    try:
+        reply = await client.data(data)
+    except aiosmtplib.SMTPResponseException as exc:
+        return exc.code, exc.message
+    return reply.code, reply.message
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[T | None] | T | None], timeout: float = 10.0, interval: float = 0.02
+) -> T:
+    """Poll until check() returns something truthy; fail after the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+def queue_id_of(reply_text: str) -> str:
+    assert "queued as " in reply_text, reply_text
+    return reply_text.rsplit("queued as ", 1)[1].strip()
+
+
+async def raw_smtp(relay: Relay, payload: bytes, replies: int) -> list[str]:
+    """Write bytes as they are (no line-ending fixes) after the greeting; read `replies` replies."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", smtp_port(relay))
+    try:
+        await reader.readline()
+        writer.write(payload)
+        await writer.drain()
+        out: list[str] = []
+        while len(out) < replies:
+            line = (await asyncio.wait_for(reader.readline(), 10)).decode().rstrip("\r\n")
+            if not line:
+                break
+            if line[3:4] != "-":
+                out.append(line)
+        return out
+    finally:
+        writer.close()
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+class ServeProcess:
+    """`relay serve` as a subprocess; learns its ports from its log."""
+
+    def __init__(self, config_path: Path, *args: str) -> None:
+        self.config_path = config_path
+        self.args = args
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ports: dict[str, int] = {}
+        self.log: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 20.0) -> ServeProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", "serve", "--config", str(self.config_path), *self.args,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        ready = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.get_running_loop().create_task(self._read(ready))
+        await asyncio.wait_for(ready, timeout)
+        return self
+
+    async def _read(self, ready: asyncio.Future[None]) -> None:
+        assert self.proc is not None
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            text = line.decode(errors="replace").rstrip()
+            self.log.append(text)
+            m = re.search(r"(\w+) listening on (\S+):(\d+)", text)
+            if m:
+                self.ports.setdefault(m.group(1), int(m.group(3)))
+            if "relay ready" in text and not ready.done():
+                ready.set_result(None)
+        if not ready.done():
+            ready.set_exception(RuntimeError("relay serve exited early:\n" + "\n".join(self.log[-30:])))
+
+    @property
+    def smtp_port(self) -> int:
+        return self.ports["smtp"]
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+
+    def terminate(self) -> None:
+        assert self.proc is not None
+        self.proc.terminate()
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self._reader is not None:
+            await self._reader
+        return code
+
+
+async def relay_cli(*args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@asynccontextmanager
+async def pg_database() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database, dropped afterwards. Skips without RELAY_TEST_POSTGRES_URL,
+    except under CI=true, where PostgreSQL is required."""
+    if not POSTGRES_URL:
+        if os.environ.get("CI") == "true":
+            pytest.fail("RELAY_TEST_POSTGRES_URL is not set, and CI=true requires PostgreSQL")
+        pytest.skip("RELAY_TEST_POSTGRES_URL is not set")
+    import asyncpg
+
+    admin = POSTGRES_URL.replace("postgresql+asyncpg://", "postgresql://")
+    name = f"relay_test_{uuid.uuid4().hex[:12]}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(admin)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        await run(f'CREATE DATABASE "{name}"')
+    except (OSError, asyncpg.PostgresError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL at {admin} is not usable: {exc}")
+        pytest.skip(f"PostgreSQL at {admin} is not usable: {exc}")
+    base = admin.rsplit("/", 1)[0]
+    try:
+        yield f"postgresql+asyncpg://{base.removeprefix('postgresql://')}/{name}"
+    finally:
+        await run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
