@@ -169,12 +169,16 @@ def _describe(kind: str, d: dict[str, Any]) -> str:
         if d.get("tls"):
             parts.append(str(d["tls"]))
         return ", ".join(p for p in parts if p)
-    if "reply" in d or "host" in d:
-        where = f"{d.get('host') or '-'} [{d.get('ip') or '-'}]:{d.get('port') or '-'}"
+    if "attempt" in d:
+        where = f"{d.get('mx_host') or '-'} [{d.get('ip') or '-'}]:{d.get('port') or '-'}"
         code = " ".join(str(x) for x in (d.get("code"), d.get("enhanced_code")) if x)
-        tls = d.get("tls") or "no TLS"
-        took = f"{d.get('duration_ms')} ms"
-        return f"attempt {d.get('attempt')} via {where} ({tls}, {took}): {code} {d.get('reply', '')}".rstrip()
+        tls = "no TLS" if d.get("tls") in (None, "none") else d["tls"]
+        text = f"attempt {d['attempt']} via {where} ({tls}, {d.get('duration_ms')} ms): {code} {d.get('reply', '')}"
+        lines = [text.rstrip()]
+        lines += [f"(tried first: {t})" for t in d.get("tried", ())]
+        if d.get("next_attempt_at"):
+            lines.append(f"next attempt {d['next_attempt_at']}")
+        return "\n        ".join(lines)
     return ", ".join(f"{k}={v}" for k, v in d.items() if v not in (None, ""))
 
 

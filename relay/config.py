@@ -201,6 +201,7 @@ class DeliveryConfig:
     lease: float = setting(300.0, _positive_duration)
     messages_per_connection: int = setting(100, _int(1))  # then QUIT and reconnect
     idle_connection_timeout: float = setting(5.0, parse_duration)  # keep an idle connection this long
+    shutdown_grace: float = setting(10.0, parse_duration)  # on SIGTERM, attempts in flight get this long
 
 
 def _nameserver(value: Any, key: str) -> Listen:

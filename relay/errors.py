@@ -48,15 +48,15 @@ class Conflict(RelayError):
 class SmtpReplyError(RelayError):
     """A failure that is answered with an SMTP reply."""
 
-    def __init__(self, code: int, enhanced: str, text: str) -> None:
-        self.code = code
+    def __init__(self, code: int | None, enhanced: str | None, text: str) -> None:
+        self.code = code  # None when no SMTP server answered (DNS, connection)
         self.enhanced = enhanced
         self.text = text
         super().__init__(self.reply)
 
     @property
     def reply(self) -> str:
-        return f"{self.code} {self.enhanced} {self.text}".rstrip()
+        return " ".join(str(p) for p in (self.code, self.enhanced, self.text) if p)
 
 
 class InvalidMessage(SmtpReplyError):
@@ -70,8 +70,8 @@ class DeliveryFailure(SmtpReplyError):
 
     def __init__(
         self,
-        code: int,
-        enhanced: str,
+        code: int | None,
+        enhanced: str | None,
         text: str,
         *,
         host: str | None = None,

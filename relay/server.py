@@ -18,8 +18,11 @@ from typing import Any
 
 from relay.auth import Authenticator
 from relay.config import Config, Listen
+from relay.delivery import DeliveryEngine
 from relay.logstore import LogStore
+from relay.mx import MxResolver
 from relay.smtp_in import SmtpServer
+from relay.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +34,20 @@ class Relay:
         self.config = config
         self.store: LogStore | None = None
         self.smtp: SmtpServer | None = None
+        self.delivery: DeliveryEngine | None = None
         self.smtp_addresses: list[Listen] = []
         self.failed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def startup(self, *, smtp_sockets: Sequence[socket.socket] | None = None, upgrade: bool = True) -> None:
+    async def startup(
+        self, *, smtp_sockets: Sequence[socket.socket] | None = None, upgrade: bool = True, deliver: bool = True
+    ) -> None:
         self.store = store = await LogStore.open(self.config.store.url)
         if upgrade:
             await store.upgrade()
+        if deliver:
+            self.delivery = DeliveryEngine(self.config, store, Transport(self.config, MxResolver(self.config.dns)))
+            self.spawn(self.delivery.run(), "delivery")
         self.smtp = SmtpServer(self.config, store, Authenticator(store.password_hash))
         self.smtp_addresses = await self.smtp.start(smtp_sockets)
         for address in self.smtp_addresses:
@@ -61,6 +70,8 @@ class Relay:
         log.info("shutting down")
         if self.smtp is not None:
             await self.smtp.shutdown(self.config.smtp.shutdown_grace)
+        if self.delivery is not None:
+            await self.delivery.shutdown(self.config.delivery.shutdown_grace)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -43,9 +43,10 @@ def make_config(tmp_path: Path, **sections: Any) -> cfgmod.Config:
 
 
 @asynccontextmanager
-async def running_relay(config: cfgmod.Config) -> AsyncIterator[Relay]:
+async def running_relay(config: cfgmod.Config, *, deliver: bool = False) -> AsyncIterator[Relay]:
+    """An in-process Relay; intake-only unless deliver=True (then it delivers for real)."""
     relay = Relay(config)
-    await relay.startup()
+    await relay.startup(deliver=deliver)
     try:
         yield relay
     finally:

@@ -1,0 +1,133 @@
+"""Delivery in a real `relay serve` process: kill -9 mid-delivery, and the queue commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiosmtplib
+from helpers import ServeProcess, queue_id_of, relay_cli, wait_for, write_config
+from peers import Zone, dns_server, sinks
+
+from relay.logstore import LogStore
+from relay.model import ACTIVE_STATES
+
+
+def _config(tmp_path: Path, zone: Zone, port: int, extra: str = "") -> Path:
+    return write_config(
+        tmp_path / "relay.toml",
+        f"""
+[server]
+hostname = "relay.test"
+data_dir = "{tmp_path / "data"}"
+[smtp]
+listen = ["127.0.0.1:0"]
+[delivery]
+port = {port}
+lease = "2s"
+retry_schedule = ["200ms"]
+connect_timeout = "2s"
+command_timeout = "5s"
+shutdown_grace = "1s"
+{extra}
+[dns]
+nameservers = ["127.0.0.1:{zone.port}"]
+timeout = "1s"
+""",  # type: ignore[attr-defined]
+    )
+
+
+async def _send(port: int, rcpt: str) -> str:
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
+    await client.connect()
+    try:
+        _, text = await client.sendmail("app@example.com", [rcpt], f"Subject: to {rcpt}\r\n\r\nhi\r\n".encode())
+        return queue_id_of(text)
+    finally:
+        client.close()
+
+
+async def test_kill_9_during_delivery_loses_nothing(tmp_path: Path) -> None:
+    with dns_server() as zone:
+        async with sinks("127.0.0.2") as (sink,):
+            sink.behaviour.data_delay = 0.2
+            zone.mx("example.com", (10, "mx.example.com"))
+            zone.a("mx.example.com", "127.0.0.2")
+            cfg = _config(tmp_path, zone, sink.port)
+            server = await ServeProcess(cfg).start()
+            rcpts = [f"user{i}@example.com" for i in range(30)]
+            await asyncio.gather(*(_send(server.smtp_port, r) for r in rcpts))
+            await wait_for(lambda: len(sink.messages) >= 3)
+            server.kill()  # transactions are in flight now
+            await server.wait()
+
+            server = await ServeProcess(cfg).start()
+            store = await LogStore.open(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'relay.db'}")
+            try:
+
+                async def all_final() -> bool:
+                    summary = await store.queue_summary()
+                    return sum(summary.counts[s] for s in ACTIVE_STATES) == 0
+
+                await wait_for(all_final, timeout=60)
+                summary = await store.queue_summary()
+                assert summary.counts["delivered"] == 30
+                for rcpt in rcpts:
+                    (msg,) = await store.lookup(rcpt)
+                    assert msg.recipients[0].status == "delivered"
+            finally:
+                await store.close()
+                server.terminate()
+                assert await server.wait() == 0
+    assert set(sink.rcpts) == set(rcpts)  # each at least once; a few twice is SMTP's at-least-once
+
+
+async def test_queue_commands(tmp_path: Path) -> None:
+    with dns_server() as zone:
+        zone.mx("example.net", (10, "dead.example.net"))
+        zone.a("dead.example.net", "127.0.0.9")  # refuses connections: recipients defer
+        cfg = _config(tmp_path, zone, 2525, extra='max_age = "3d"\nretry_schedule = ["1h"]')
+        text = cfg.read_text().replace('retry_schedule = ["200ms"]\n', "", 1)
+        cfg.write_text(text)
+        server = await ServeProcess(cfg).start()
+        try:
+            qid = await _send(server.smtp_port, "a@example.net")
+            qid2 = await _send(server.smtp_port, "b@example.net")
+
+            async def both_deferred() -> bool:
+                code, out, _ = await relay_cli("queue", "--config", str(cfg))
+                return code == 0 and "deferred    2" in out
+
+            await wait_for(both_deferred, timeout=30)
+            code, out, _ = await relay_cli("queue", "--config", str(cfg))
+            assert "oldest queued message:" in out
+
+            code, out, _ = await relay_cli("queue", "retry", qid, "--config", str(cfg))
+            assert (code, out.strip()) == (0, "1 recipient(s) due now")
+            code, out, _ = await relay_cli("queue", "delete", qid2, "--config", str(cfg))
+            assert (code, out.strip()) == (0, "1 recipient(s) cancelled")
+            code, out, err = await relay_cli("queue", "delete", "01NOSUCHMESSAGE000000000000", "--config", str(cfg))
+            assert code == 1
+            assert "no message" in err
+
+            async def retried_and_deferred_again() -> bool:
+                _code, out, _ = await relay_cli("log", qid, "--json", "--config", str(cfg))
+                events = [e["type"] for e in json.loads(out)["messages"][0]["events"]]
+                return events.count("deferred") >= 2 and "retried" in events
+
+            await wait_for(retried_and_deferred_again, timeout=30)
+            _, out, _ = await relay_cli("log", qid2, "--json", "--config", str(cfg))
+            msg = json.loads(out)["messages"][0]
+            assert msg["recipients"][0]["status"] == "cancelled"
+            assert msg["events"][-1]["type"] == "cancelled"
+
+            code, out, _ = await relay_cli("queue", "retry", "--all", "--config", str(cfg))
+            assert code == 0
+            assert out.strip() == "1 recipient(s) due now"
+            code, out, _ = await relay_cli("log", qid, "--config", str(cfg))
+            assert "retried" in out
+            assert "attempt 1 via dead.example.net [127.0.0.9]" in out
+        finally:
+            server.terminate()
+            assert await server.wait() == 0
