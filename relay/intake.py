@@ -57,7 +57,7 @@ class Arrival:
 def prepare(raw: bytes, arrival: Arrival) -> Prepared:
     if b"\0" in raw:
         raise _reject("Message contains NUL characters")
-    if raw.startswith(b"\r\n"):
+    if not raw or raw.startswith(b"\r\n"):
         header, rest = b"", raw
     else:
         end = raw.find(b"\r\n\r\n")

@@ -8,6 +8,7 @@ detail reaches a client: an unexpected error is ``451 4.3.0``, logged with its t
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import re
@@ -58,6 +59,7 @@ _REWRITE = {
     "501 Error: SMTPUTF8 disabled": "501 5.6.7 SMTPUTF8 disabled",
     "553 5.1.3 Error: malformed address": "553 5.1.3 Malformed address",
 }
+_LONG_LINE = re.compile(rb"[^\n]{1001}")  # a line over 1000 octets plus LF (RFC 5321 4.5.3.1.6)
 _REPLY = re.compile(r"^(\d{3})([ -])(?:([245]\.\d{1,3}\.\d{1,3})(?: |$))?(.*)$", re.DOTALL)
 _NO_ENHANCED = {220, 334, 354}
 
@@ -91,11 +93,63 @@ def client_ip(session: Session) -> str:
     return host.removeprefix("::ffff:") if host.startswith("::ffff:") and "." in host else host
 
 
-class RelaySMTP(SMTP):
-    """aiosmtpd's protocol with Relay's replies, AUTH rule and session bookkeeping."""
+class SessionTemplate:
+    """What aiosmtpd's SMTP.__init__ computes by introspection on every connection, computed
+    once per server: the handler's hooks and AUTH mechanisms, and the SMTP verbs."""
 
-    def __init__(self, handler: RelayHandler, *, sessions: set[RelaySMTP], **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+    def __init__(self, handler: RelayHandler, **options: Any) -> None:
+        probe = SMTP(handler, loop=asyncio.get_running_loop(), **options)  # aiosmtpd's own view, once
+        self.handler = handler
+        self.options = options
+        self.auth_methods = probe._auth_methods
+        self.handle_hooks = probe._handle_hooks
+        self.ehlo_hook_ver = probe._ehlo_hook_ver
+        self.verbs = tuple(name for name in dir(RelaySMTP) if name.startswith("smtp_"))
+        self.auth_require_tls = probe._auth_require_tls
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's protocol with Relay's replies, AUTH rule, session bookkeeping, and a faster
+    start (``SessionTemplate``) and DATA reader (``smtp_DATA``) for the hot path."""
+
+    def __init__(self, template: SessionTemplate, *, sessions: set[RelaySMTP]) -> None:
+        # The attributes SMTP.__init__ sets (aiosmtpd 1.4), without its per-connection introspection.
+        o = template.options
+        self.loop = asyncio.get_running_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=self.loop,
+        )
+        self.__ident__ = o["ident"]
+        self.event_handler = template.handler
+        self.data_size_limit = o["data_size_limit"]
+        self.enable_SMTPUTF8 = o["enable_SMTPUTF8"]
+        self._decode_data = False
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self.hostname = o["hostname"]
+        self.tls_context = o["tls_context"]
+        self.require_starttls = False
+        self._timeout_duration = o["timeout"]
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = template.auth_require_tls
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = None
+        self._auth_required = False
+        self._auth_methods = template.auth_methods
+        self._handle_hooks = template.handle_hooks
+        self._ehlo_hook_ver = template.ehlo_hook_ver
+        self._smtp_methods = {name[5:]: getattr(self, name) for name in template.verbs}
+        self._enforce_call_limit = False
         self._sessions = sessions
         self._raw_replies = False
         self.trusted = False
@@ -162,6 +216,56 @@ class RelaySMTP(SMTP):
             await self.push(REPLY_TLS_FIRST)
             return
         await super().smtp_AUTH(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, reading the content in chunks instead of line by line."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content, problem = await self._read_content()
+        if problem is not None:
+            self.envelope = self._create_envelope()
+            await self.push(problem)
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self.envelope = self._create_envelope()
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_content(self) -> tuple[bytes, str | None]:
+        """Read up to the lone dot; undo dot-stuffing; check size and line length.
+        Returns (content, None) or (b"", the reply that refuses it)."""
+        reader = self._reader
+        limit = self.data_size_limit
+        buf = bytearray(b"\r\n")  # as if after a line end, so an empty message is found too
+        discarded = 0  # bytes dropped once the message is known to be too big
+        scan = 0
+        while (end := buf.find(b"\r\n.\r\n", scan)) < 0:
+            if limit and discarded + len(buf) > limit + 6:
+                discarded += len(buf) - 4
+                del buf[:-4]  # the end marker may start in what is kept
+            scan = max(len(buf) - 4, 0)
+            chunk = await reader.read(1 << 16)
+            if not chunk:
+                raise ConnectionResetError("connection closed during DATA")
+            buf += chunk
+        # Whatever came after the dot (pipelined commands) goes back to the command loop.
+        reader._buffer[:0] = buf[end + 5 :]  # type: ignore[attr-defined]  # noqa: SLF001
+        if discarded or (limit and end > limit):
+            return b"", REPLY_TOO_BIG
+        content = bytes(buf[2 : end + 2])
+        if _LONG_LINE.search(content):
+            return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
+        if content.startswith(b"."):
+            content = content[1:]
+        return content.replace(b"\r\n.", b"\r\n"), None
 
     def close_now(self, reply: str | None = None) -> None:
         transport = self.transport
@@ -360,12 +464,18 @@ class SmtpServer:
         self.sessions: set[RelaySMTP] = set()
         self._servers: list[asyncio.Server] = []
         self._tls = _tls_context(config) if config.smtp.tls_enabled else None
+        self._template: SessionTemplate | None = None
 
     def _factory(self) -> RelaySMTP:
+        assert self._template is not None
+        return RelaySMTP(self._template, sessions=self.sessions)
+
+    async def start(self, sockets: Sequence[socket.socket] | None = None) -> list[Listen]:
+        """Listen on ``sockets`` if given, else on ``[smtp] listen``. Returns the bound addresses."""
+        loop = asyncio.get_running_loop()
         smtp = self.config.smtp
-        return RelaySMTP(
+        self._template = SessionTemplate(
             self.handler,
-            sessions=self.sessions,
             hostname=self.config.server.hostname,
             ident="ESMTP Relay",
             data_size_limit=smtp.max_message_size,
@@ -375,10 +485,6 @@ class SmtpServer:
             auth_require_tls=False,
             timeout=smtp.timeout,
         )
-
-    async def start(self, sockets: Sequence[socket.socket] | None = None) -> list[Listen]:
-        """Listen on ``sockets`` if given, else on ``[smtp] listen``. Returns the bound addresses."""
-        loop = asyncio.get_running_loop()
         if sockets is None:
             sockets = [bind(listen) for listen in self.config.smtp.listen]
         for sock in sockets:

@@ -374,3 +374,48 @@ async def test_sigterm_style_shutdown_closes_idle_sessions(tmp_path: Path) -> No
         await relay.shutdown()
         with pytest.raises(aiosmtplib.SMTPException):
             await client.noop()
+
+
+async def test_pipelined_transactions_and_dot_stuffing(relay: Relay) -> None:
+    assert relay.store is not None
+    one = b"Subject: one\r\n\r\n..leading dot\r\n.\r\n"
+    two = b"Subject: two\r\n\r\nbody\r\n.\r\n"
+    payload = (
+        b"EHLO client.test\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n" + one
+        + b"MAIL FROM:<a@example.com>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n" + two + b"QUIT\r\n"
+    )  # fmt: skip
+    replies = await raw_smtp(relay, payload, 10)
+    queued = [r for r in replies if r.startswith("250 2.0.0 Ok: queued as ")]
+    assert len(queued) == 2
+    assert replies[-1].startswith("221")
+    first = queued[0].rsplit(" ", 1)[1]
+    body = (await relay.store.load_bodies([first]))[first]
+    assert body.endswith(b"\r\n\r\n.leading dot\r\n")
+
+
+async def test_end_of_data_split_across_packets(relay: Relay) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.smtp_addresses[0].port)
+    try:
+        await reader.readline()
+        writer.write(b"HELO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        for _ in range(4):
+            await reader.readline()
+        for piece in (b"Subject: x\r\n\r\nbody\r", b"\n.", b"\r", b"\n"):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        reply = (await asyncio.wait_for(reader.readline(), 5)).decode()
+        assert reply.startswith("250 2.0.0 Ok: queued as ")
+    finally:
+        writer.close()
+
+
+async def test_empty_message_is_accepted_with_headers_added(relay: Relay) -> None:
+    assert relay.store is not None
+    replies = await raw_smtp(
+        relay, b"HELO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n.\r\n", 5
+    )
+    qid = replies[-1].rsplit(" ", 1)[1]
+    body = (await relay.store.load_bodies([qid]))[qid]
+    assert body.startswith(b"Received: ")
+    assert b"Message-ID: <" in body
