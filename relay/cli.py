@@ -93,6 +93,12 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         from relay import server
 
         logs.setup()
+        if args.processes < 1:
+            _fail("--processes must be at least 1", 2)
+        if args.processes > 1:
+            from relay import workers
+
+            return workers.serve(cfg, args.processes)
         return server.run(lambda: server.serve(cfg))
     logs.setup(logging.WARNING)
     commands: dict[str, Callable[[Any, argparse.Namespace], Awaitable[int]]] = {

@@ -14,7 +14,6 @@ holds is released (due at once) for the next run or another node.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -96,6 +95,8 @@ class DeliveryEngine:
         self._jobs: set[asyncio.Task[None]] = set()
         self._held: set[int] = set()  # recipient ids leased to this process
         self._domain_slots: dict[str, asyncio.Semaphore] = {}
+        self._backlog = False  # the last claim was cut short by free slots
+        self._next_retry = float("inf")  # the earliest retry this process scheduled
         store.on_enqueued.append(lambda _msg: self._wake.set())
 
     def wake(self) -> None:
@@ -105,31 +106,38 @@ class DeliveryEngine:
         """The dispatcher; runs until shutdown()."""
         log.info("delivery running as %s (concurrency %d, %d per domain)", self.owner,
                  self.config.delivery.concurrency, self.config.delivery.per_domain)  # fmt: skip
+        polled = True  # at start, look for what is due already
         while not self._stopping:
             self._wake.clear()
             self.transport.sweep()
             try:
-                if await self._dispatch():
+                if await self._dispatch(check_first=polled):
                     continue
-                idle = await self._idle_time()
             except StoreError as exc:
                 log.warning("delivery paused: %s", exc)  # a store that comes back resumes delivery
-                idle = self.poll_interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), idle)
+            polled = False
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._idle_time())
+            except TimeoutError:
+                polled = True
 
-    async def _idle_time(self) -> float:
-        if len(self._jobs) >= self.config.delivery.concurrency:
-            return self.poll_interval  # a finishing job wakes us sooner
-        due = await self.store.next_due_at()
-        if due is None:
-            return self.poll_interval
-        return min(max(due - time.time(), 0.0), self.poll_interval)
+    def _idle_time(self) -> float:
+        """Until our own next retry is due, at most the poll interval (retries scheduled by
+        other processes or `relay queue retry` are found by polling)."""
+        now = time.time()
+        if self._next_retry <= now:
+            self._next_retry = float("inf")
+            return 0.0
+        return min(self._next_retry - now, self.poll_interval)
 
-    async def _dispatch(self) -> bool:
-        """Claim what free slots allow and start it; True when anything was started."""
+    async def _dispatch(self, *, check_first: bool = False) -> bool:
+        """Claim what free slots allow and start it. True when the claim was full, so more
+        may be due right now."""
         free = self.config.delivery.concurrency - len(self._jobs)
         if free <= 0 or self._stopping:
+            self._backlog = True  # a finishing job wakes the dispatcher
+            return False
+        if check_first and not await self.store.anything_due():
             return False
         claimed = await self.store.claim_due(self.owner, limit=free, lease=self.config.delivery.lease)
         fresh = [c for c in claimed if c.recipient_id not in self._held]  # re-claims only renewed our lease
@@ -138,11 +146,13 @@ class DeliveryEngine:
             task = asyncio.get_running_loop().create_task(self._run(job), name=f"deliver-{job.message_id}")
             self._jobs.add(task)
             task.add_done_callback(self._job_done)
-        return bool(fresh)
+        self._backlog = len(claimed) >= free
+        return self._backlog
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._jobs.discard(task)
-        self._wake.set()
+        if self._backlog:
+            self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery job failed", exc_info=task.exception())
 
@@ -154,6 +164,9 @@ class DeliveryEngine:
                 outcomes = self._outcomes(job, result, duration_ms, time.time())
                 await self.store.record(self.owner, outcomes)
                 self._held.difference_update(c.recipient_id for c in job.recipients)
+                for o in outcomes:
+                    if o.next_attempt_at is not None:
+                        self._next_retry = min(self._next_retry, o.next_attempt_at)
                 for o in outcomes:
                     log.info("to=<%s> status=%s attempt=%d relay=%s reply=%s", o.address, o.status, o.attempts,
                              _relay_name(result), o.last_response)  # fmt: skip

@@ -9,6 +9,7 @@ prepends a Received header. The body passes through unchanged. Bad input raises
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ _MSGID = re.compile(r"<?\s*([^<>\s]{1,900})\s*>?")
 _UNSAFE_HELO = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TRACK_VALUES = {"none", "opens", "clicks"}
+_CRLF = re.compile(rb"\r\n|\r|\n")
 _CONTROL_HEADERS = (b"x-relay-tag", b"x-relay-track")  # read by Relay, never sent on
 
 
@@ -51,7 +53,7 @@ class Arrival:
     protocol: str  # SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA
     tls: str | None  # e.g. "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384"
     recipients: tuple[str, ...]
-    at: datetime
+    at: float  # seconds since the epoch
 
 
 def prepare(raw: bytes, arrival: Arrival) -> Prepared:
@@ -80,9 +82,11 @@ def prepare(raw: bytes, arrival: Arrival) -> Prepared:
         message_id = f"{arrival.queue_id}@{arrival.hostname}"
         added.append(f"Message-ID: <{message_id}>\r\n".encode())
     if not any(n.lower() == b"date" for n, _ in fields):
-        added.append(f"Date: {format_datetime(arrival.at)}\r\n".encode())
+        added.append(f"Date: {rfc5322_date(arrival.at)}\r\n".encode())
     if strip:
         header = b"".join(n + b":" + v for n, v in fields if n.lower() not in _CONTROL_HEADERS)
+    if rest.count(b"\n") != rest.count(b"\r\n") or rest.count(b"\r") != rest.count(b"\r\n"):
+        rest = _CRLF.sub(b"\r\n", rest)  # bare LF or CR in the body: store canonical CRLF line ends
     out = b"".join((_received(arrival), header, *added, rest))
     return Prepared(out, message_id, subject, unique_tags, None if track is None else frozenset(track))
 
@@ -174,9 +178,15 @@ def _received(a: Arrival) -> bytes:
     parts.append(f"\tby {a.hostname} (Relay) with {a.protocol} id {a.queue_id}")
     if len(a.recipients) == 1:
         parts.append(f"\r\n\tfor <{a.recipients[0]}>")
-    parts.append(f"; {format_datetime(a.at)}\r\n")
+    parts.append(f"; {rfc5322_date(a.at)}\r\n")
     return "".join(parts).encode("utf-8", errors="replace")
 
 
-def now_utc() -> datetime:
-    return datetime.now(UTC)
+@functools.lru_cache(maxsize=4)
+def _date_of_second(second: int) -> str:
+    return format_datetime(datetime.fromtimestamp(second, UTC))
+
+
+def rfc5322_date(ts: float) -> str:
+    """e.g. "Mon, 23 Nov 2026 12:00:00 +0000"; computed once a second."""
+    return _date_of_second(int(ts))

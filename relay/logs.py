@@ -32,6 +32,12 @@ class _IdsFilter(logging.Filter):
 
 
 def setup(level: int = logging.INFO) -> None:
+    # Records do not need the caller's file and line, thread or process: skip the work
+    # (the "Optimization" section of the logging documentation).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_IdsFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s%(ids)s"))

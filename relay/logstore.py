@@ -1,7 +1,8 @@
 """The log store: the queue and the append-only event log, behind named operations.
 
-Only this module speaks SQL (SQLAlchemy 2 Core, no ORM). The same operations run on
-SQLite (aiosqlite, WAL, synchronous=FULL) and PostgreSQL (asyncpg).
+Only this module speaks SQL (SQLAlchemy 2 Core, no ORM). The same operations, plain
+functions of a connection, run on SQLite (WAL, synchronous=FULL; in dedicated threads) and
+PostgreSQL (asyncpg); see ``_Engines``.
 
 Writes go through one writer task per process. Operations that arrive while a commit is
 in progress are applied together in the next transaction (group commit), each kind as one
@@ -15,11 +16,14 @@ Times are seconds since the epoch (UTC) in float columns named ``*_at``.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -28,9 +32,9 @@ from typing import Any, ClassVar, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from relay.errors import Conflict, NotFound, RelayError, StoreError
 from relay.model import (
@@ -135,22 +139,22 @@ users = sa.Table(
 
 
 class _Op:
-    async def run(self, conn: AsyncConnection) -> Any:
+    def run(self, conn: Connection) -> Any:
         raise NotImplementedError
 
     @classmethod
-    async def run_many(cls, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
-        return [await op.run(conn) for op in ops]
+    def run_many(cls, conn: Connection, ops: Sequence[_Op]) -> list[Any]:
+        return [op.run(conn) for op in ops]
 
 
 @dataclass(slots=True)
 class _Call(_Op):
     """A one-off write: a function of the connection."""
 
-    fn: Callable[[AsyncConnection], Awaitable[Any]]
+    fn: Callable[[Connection], Any]
 
-    async def run(self, conn: AsyncConnection) -> Any:
-        return await self.fn(conn)
+    def run(self, conn: Connection) -> Any:
+        return self.fn(conn)
 
 
 @dataclass(slots=True)
@@ -158,7 +162,7 @@ class _Enqueue(_Op):
     msg: NewMessage
 
     @classmethod
-    async def run_many(cls, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
+    def run_many(cls, conn: Connection, ops: Sequence[_Op]) -> list[Any]:
         msg_rows: list[dict[str, Any]] = []
         body_rows: list[dict[str, Any]] = []
         tag_rows: list[dict[str, Any]] = []
@@ -203,12 +207,12 @@ class _Enqueue(_Op):
                     "details": dict(m.details),
                 }
             )
-        await conn.execute(messages.insert(), msg_rows)
-        await conn.execute(bodies.insert(), body_rows)
+        conn.execute(messages.insert(), msg_rows)
+        conn.execute(bodies.insert(), body_rows)
         if tag_rows:
-            await conn.execute(message_tags.insert(), tag_rows)
-        await conn.execute(recipients.insert(), rcpt_rows)
-        await conn.execute(events.insert(), event_rows)
+            conn.execute(message_tags.insert(), tag_rows)
+        conn.execute(recipients.insert(), rcpt_rows)
+        conn.execute(events.insert(), event_rows)
         return [None] * len(ops)
 
 
@@ -232,7 +236,7 @@ class _Record(_Op):
     outcomes: Sequence[Outcome]
 
     @classmethod
-    async def run_many(cls, conn: AsyncConnection, ops: Sequence[_Op]) -> list[Any]:
+    def run_many(cls, conn: Connection, ops: Sequence[_Op]) -> list[Any]:
         updates, event_rows = [], []
         for op in ops:
             assert isinstance(op, _Record)
@@ -258,9 +262,90 @@ class _Record(_Op):
                     }
                 )
         if updates:
-            await conn.execute(_record_stmt, updates)
-            await conn.execute(events.insert(), event_rows)
+            conn.execute(_record_stmt, updates)
+            conn.execute(events.insert(), event_rows)
         return [None] * len(ops)
+
+
+class _Engines:
+    """Where SQL runs. SQLite: SQLAlchemy's sync engine in dedicated threads, one thread hop
+    per transaction (a writer thread, and reader threads); this costs a quarter of the CPU of
+    a hop per statement through aiosqlite. PostgreSQL: the asyncpg engine, with the same sync
+    operations run through ``AsyncConnection.run_sync``."""
+
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
+        self._async: AsyncEngine | None = None
+        self._write_sync: sa.Engine | None = None
+        self._read_sync: sa.Engine | None = None
+        self._write_thread: ThreadPoolExecutor | None = None
+        self._read_threads: ThreadPoolExecutor | None = None
+        self._write_lock: int | None = None
+        if self.dialect == "sqlite":
+            database = parsed.database or ""
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+                # Writers in several processes (`serve --processes`, the CLI) queue on this lock:
+                # the kernel hands it over at once, where SQLite's busy handler sleeps 1, 2, 5 ms...
+                self._write_lock = os.open(f"{database}-writelock", os.O_CREAT | os.O_RDWR, 0o600)
+            sync_url = parsed.set(drivername="sqlite+pysqlite")
+            args = {"check_same_thread": False}
+            self._write_sync = sa.create_engine(sync_url, pool_size=1, max_overflow=0, connect_args=args)
+            self._read_sync = sa.create_engine(sync_url, pool_size=2, max_overflow=2, connect_args=args)
+            _sqlite_setup(self._write_sync, begin="BEGIN IMMEDIATE")
+            _sqlite_setup(self._read_sync, begin="BEGIN")
+            self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="relay-store-write")
+            self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="relay-store-read")
+        else:
+            self._async = create_async_engine(url, pool_size=4, max_overflow=8, pool_pre_ping=True)
+
+    async def write(self, fn: Callable[[Connection], T]) -> T:
+        """Run fn in one write transaction; commit when it returns."""
+        if self._async is not None:
+            async with self._async.begin() as conn:
+                return await conn.run_sync(fn)
+        assert self._write_sync is not None
+        engine, lock = self._write_sync, self._write_lock
+
+        def transaction() -> T:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with engine.begin() as conn:
+                    return fn(conn)
+            finally:
+                if lock is not None:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+
+        return await asyncio.get_running_loop().run_in_executor(self._write_thread, transaction)
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        """Run fn in a read-only snapshot."""
+        if self._async is not None:
+            async with self._async.connect() as conn:
+                return await conn.run_sync(fn)
+        assert self._read_sync is not None
+        engine = self._read_sync
+
+        def snapshot() -> T:
+            with engine.connect() as conn:
+                return fn(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._read_threads, snapshot)
+
+    async def dispose(self) -> None:
+        if self._async is not None:
+            await self._async.dispose()
+            return
+        loop = asyncio.get_running_loop()
+        for engine, pool in ((self._write_sync, self._write_thread), (self._read_sync, self._read_threads)):
+            if engine is not None and pool is not None:
+                await loop.run_in_executor(pool, engine.dispose)
+                pool.shutdown(wait=True)
+        if self._write_lock is not None:
+            os.close(self._write_lock)
+            self._write_lock = None
 
 
 class _Writer:
@@ -268,8 +353,8 @@ class _Writer:
 
     max_batch: ClassVar[int] = 512
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+    def __init__(self, engines: _Engines) -> None:
+        self._engines = engines
         self._pending: list[tuple[_Op, asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -312,11 +397,17 @@ class _Writer:
                 log.exception("writer failed")
 
     async def _commit(self, batch: list[tuple[_Op, asyncio.Future[Any]]]) -> None:
+        ops = [op for op, _ in batch]
+
+        def apply(conn: Connection) -> list[Any]:
+            results: list[Any] = []
+            for _, group in groupby(ops, key=type):
+                same = list(group)
+                results.extend(type(same[0]).run_many(conn, same))
+            return results
+
         try:
-            async with self._engine.begin() as conn:
-                results: list[Any] = []
-                for kind, group in groupby((op for op, _ in batch), key=type):
-                    results.extend(await _run_many(kind, conn, list(group)))
+            results = await self._engines.write(apply)
         except Exception as exc:
             if len(batch) > 1:
                 log.warning("shared transaction of %d operations failed (%s); retrying each alone", len(batch), exc)
@@ -330,10 +421,6 @@ class _Writer:
         for (_, fut), result in zip(batch, results, strict=True):
             if not fut.done():
                 fut.set_result(result)
-
-
-async def _run_many(kind: type[_Op], conn: AsyncConnection, ops: list[_Op]) -> list[Any]:
-    return await kind.run_many(conn, ops)
 
 
 def _map_error(exc: Exception) -> Exception:
@@ -376,46 +463,32 @@ class _BodyCache:
 class LogStore:
     """Named operations on the queue and the log. Create with ``await LogStore.open(url)``."""
 
-    def __init__(self, url: str, write_engine: AsyncEngine, read_engine: AsyncEngine) -> None:
+    def __init__(self, url: str, engines: _Engines) -> None:
         self.url = url
-        self._write_engine = write_engine
-        self._read_engine = read_engine
-        self._writer = _Writer(write_engine)
+        self._engines = engines
+        self._writer = _Writer(engines)
         self._bodies = _BodyCache()
-        self.is_postgres = write_engine.dialect.name == "postgresql"
+        self.is_postgres = engines.dialect == "postgresql"
         self.on_enqueued: list[Callable[[NewMessage], None]] = []
 
     @classmethod
     async def open(cls, url: str) -> LogStore:
         try:
-            parsed = make_url(url)
-            if parsed.get_backend_name() == "sqlite":
-                if parsed.database and parsed.database != ":memory:":
-                    Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-                write = create_async_engine(url, pool_size=1, max_overflow=0)
-                read = create_async_engine(url, pool_size=4, max_overflow=4)
-                _sqlite_setup(write, begin="BEGIN IMMEDIATE")
-                _sqlite_setup(read, begin="BEGIN")
-            else:
-                write = create_async_engine(url, pool_size=4, max_overflow=8, pool_pre_ping=True)
-                read = write
-        except (SQLAlchemyError, OSError, ValueError) as exc:
+            engines = _Engines(url)
+        except (SQLAlchemyError, OSError, ValueError, ImportError) as exc:
             raise StoreError(f"cannot open the store: {exc}") from exc
-        return cls(url, write, read)
+        return cls(url, engines)
 
     async def close(self) -> None:
         await self._writer.close()
-        await self._write_engine.dispose()
-        if self._read_engine is not self._write_engine:
-            await self._read_engine.dispose()
+        await self._engines.dispose()
 
     async def _write(self, op: _Op) -> Any:
         return await self._writer.submit(op)
 
-    async def _read(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def _read(self, fn: Callable[[Connection], T]) -> T:
         try:
-            async with self._read_engine.connect() as conn:
-                return await fn(conn)
+            return await self._engines.read(fn)
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"store read failed: {type(exc).__name__}") from exc
 
@@ -426,8 +499,7 @@ class LogStore:
         from relay.migrations import upgrade_sync
 
         try:
-            async with self._write_engine.begin() as conn:
-                await conn.run_sync(upgrade_sync)
+            await self._engines.write(upgrade_sync)
         except SQLAlchemyError as exc:
             raise StoreError(f"migration failed: {exc}") from exc
 
@@ -451,7 +523,7 @@ class LogStore:
         A recipient whose lease has run out is due again."""
         now = time.time() if now is None else now
 
-        async def claim(conn: AsyncConnection) -> list[Claimed]:
+        def claim(conn: Connection) -> list[Claimed]:
             due = (
                 sa.select(recipients.c.id)
                 .where(recipients.c.next_attempt_at <= now)
@@ -472,13 +544,13 @@ class LogStore:
                     recipients.c.attempts,
                 )
             )
-            rows = (await conn.execute(stmt)).all()
+            rows = (conn.execute(stmt)).all()
             if not rows:
                 return []
             ids = {r.message_id for r in rows}
             meta = {
                 m.id: m
-                for m in await conn.execute(
+                for m in conn.execute(
                     sa.select(messages.c.id, messages.c.mail_from, messages.c.received_at).where(messages.c.id.in_(ids))
                 )
             }
@@ -519,7 +591,7 @@ class LogStore:
             return 0
         now = time.time() if now is None else now
 
-        async def release(conn: AsyncConnection) -> int:
+        def release(conn: Connection) -> int:
             stmt = (
                 recipients.update()
                 .where(recipients.c.id.in_(ids), recipients.c.lease_owner == owner, recipients.c.status == SENDING)
@@ -530,7 +602,7 @@ class LogStore:
                     updated_at=now,
                 )
             )
-            return (await conn.execute(stmt)).rowcount
+            return (conn.execute(stmt)).rowcount
 
         count: int = await self._write(_Call(release))
         return count
@@ -541,8 +613,8 @@ class LogStore:
         missing = wanted - found.keys()
         if missing:
 
-            async def load(conn: AsyncConnection) -> dict[str, bytes]:
-                rows = await conn.execute(
+            def load(conn: Connection) -> dict[str, bytes]:
+                rows = conn.execute(
                     sa.select(bodies.c.message_id, bodies.c.data).where(bodies.c.message_id.in_(missing))
                 )
                 return {r.message_id: bytes(r.data) for r in rows}
@@ -550,9 +622,19 @@ class LogStore:
             found.update(await self._read(load))
         return found
 
+    async def anything_due(self, now: float | None = None) -> bool:
+        """A cheap read: is any recipient due (or its lease run out)?"""
+        now = time.time() if now is None else now
+
+        def due(conn: Connection) -> bool:
+            stmt = sa.select(recipients.c.id).where(recipients.c.next_attempt_at <= now).limit(1)
+            return (conn.scalar(stmt)) is not None
+
+        return await self._read(due)
+
     async def next_due_at(self) -> float | None:
-        async def due(conn: AsyncConnection) -> float | None:
-            value = await conn.scalar(sa.select(sa.func.min(recipients.c.next_attempt_at)))
+        def due(conn: Connection) -> float | None:
+            value = conn.scalar(sa.select(sa.func.min(recipients.c.next_attempt_at)))
             return None if value is None else float(value)
 
         return await self._read(due)
@@ -572,13 +654,13 @@ class LogStore:
         log a "retried" event for each. Raises NotFound for an unknown message id."""
         now = time.time() if now is None else now
 
-        async def retry(conn: AsyncConnection) -> int:
+        def retry(conn: Connection) -> int:
             cond: list[sa.ColumnElement[bool]] = [recipients.c.status.in_(states)]
             if message_id is not None:
-                await _must_exist(conn, message_id)
+                _must_exist(conn, message_id)
                 cond.append(recipients.c.message_id == message_id)
             rows = (
-                await conn.execute(
+                conn.execute(
                     recipients.update()
                     .where(*cond)
                     .values(
@@ -590,7 +672,7 @@ class LogStore:
                 )
             ).all()
             if rows:
-                await conn.execute(
+                conn.execute(
                     events.insert(),
                     [
                         {"message_id": r.message_id, "recipient": r.address, "at": now, "type": "retried",
@@ -607,10 +689,10 @@ class LogStore:
         """Cancel the message's recipients that are not final yet; log "cancelled" for each."""
         now = time.time() if now is None else now
 
-        async def cancel(conn: AsyncConnection) -> int:
-            await _must_exist(conn, message_id)
+        def cancel(conn: Connection) -> int:
+            _must_exist(conn, message_id)
             rows = (
-                await conn.execute(
+                conn.execute(
                     recipients.update()
                     .where(recipients.c.message_id == message_id, recipients.c.status.in_(ACTIVE_STATES))
                     .values(status=CANCELLED, next_attempt_at=None, lease_owner=None, updated_at=now,
@@ -619,7 +701,7 @@ class LogStore:
                 )
             ).all()  # fmt: skip
             if rows:
-                await conn.execute(
+                conn.execute(
                     events.insert(),
                     [{"message_id": message_id, "recipient": r.address, "at": now, "type": "cancelled",
                       "details": {"by": by, "reason": reason}} for r in rows],
@@ -631,13 +713,13 @@ class LogStore:
         return count
 
     async def queue_summary(self) -> QueueSummary:
-        async def summary(conn: AsyncConnection) -> QueueSummary:
+        def summary(conn: Connection) -> QueueSummary:
             counts = dict.fromkeys((*ACTIVE_STATES, *FINAL_STATES), 0)
-            for status, n in await conn.execute(
+            for status, n in conn.execute(
                 sa.select(recipients.c.status, sa.func.count()).group_by(recipients.c.status)
             ):
                 counts[status] = n
-            oldest = await conn.scalar(
+            oldest = conn.scalar(
                 sa.select(sa.func.min(messages.c.received_at)).where(
                     messages.c.id.in_(
                         sa.select(recipients.c.message_id).where(recipients.c.next_attempt_at.is_not(None))
@@ -656,8 +738,8 @@ class LogStore:
         query = query.strip()
         bare = query.removeprefix("<").removesuffix(">").strip()
 
-        async def find(conn: AsyncConnection) -> list[MessageView]:
-            ids = [r[0] for r in await conn.execute(sa.select(messages.c.id).where(messages.c.id == query.upper()))]
+        def find(conn: Connection) -> list[MessageView]:
+            ids = [r[0] for r in conn.execute(sa.select(messages.c.id).where(messages.c.id == query.upper()))]
             if not ids:
                 by_mid = sa.select(messages.c.id, messages.c.received_at).where(messages.c.message_id == bare)
                 stmts = [by_mid]
@@ -669,9 +751,9 @@ class LogStore:
                     )
                     stmts.append(by_rcpt)
                 union = sa.union(*stmts).subquery() if len(stmts) > 1 else stmts[0].subquery()
-                rows = await conn.execute(sa.select(union.c.id).order_by(union.c.received_at.desc()).limit(limit))
+                rows = conn.execute(sa.select(union.c.id).order_by(union.c.received_at.desc()).limit(limit))
                 ids = [r[0] for r in rows]
-            return await _views(conn, ids)
+            return _views(conn, ids)
 
         return await self._read(find)
 
@@ -682,55 +764,51 @@ class LogStore:
     # -- users
 
     async def add_user(self, name: str, password_hash: str) -> None:
-        async def add(conn: AsyncConnection) -> None:
-            if await conn.scalar(sa.select(users.c.name).where(users.c.name == name)) is not None:
+        def add(conn: Connection) -> None:
+            if conn.scalar(sa.select(users.c.name).where(users.c.name == name)) is not None:
                 raise Conflict(f"user {name!r} exists already")
-            await conn.execute(users.insert().values(name=name, password_hash=password_hash, created_at=time.time()))
+            conn.execute(users.insert().values(name=name, password_hash=password_hash, created_at=time.time()))
 
         await self._write(_Call(add))
 
     async def remove_user(self, name: str) -> None:
-        async def remove(conn: AsyncConnection) -> None:
-            if (await conn.execute(users.delete().where(users.c.name == name))).rowcount == 0:
+        def remove(conn: Connection) -> None:
+            if (conn.execute(users.delete().where(users.c.name == name))).rowcount == 0:
                 raise NotFound(f"no user {name!r}")
 
         await self._write(_Call(remove))
 
     async def list_users(self) -> list[tuple[str, float]]:
-        async def names(conn: AsyncConnection) -> list[tuple[str, float]]:
-            rows = await conn.execute(sa.select(users.c.name, users.c.created_at).order_by(users.c.name))
+        def names(conn: Connection) -> list[tuple[str, float]]:
+            rows = conn.execute(sa.select(users.c.name, users.c.created_at).order_by(users.c.name))
             return [(r.name, float(r.created_at)) for r in rows]
 
         return await self._read(names)
 
     async def password_hash(self, name: str) -> str | None:
-        async def get(conn: AsyncConnection) -> str | None:
-            value = await conn.scalar(sa.select(users.c.password_hash).where(users.c.name == name))
+        def get(conn: Connection) -> str | None:
+            value = conn.scalar(sa.select(users.c.password_hash).where(users.c.name == name))
             return None if value is None else str(value)
 
         return await self._read(get)
 
 
-async def _must_exist(conn: AsyncConnection, message_id: str) -> None:
-    if await conn.scalar(sa.select(messages.c.id).where(messages.c.id == message_id)) is None:
+def _must_exist(conn: Connection, message_id: str) -> None:
+    if conn.scalar(sa.select(messages.c.id).where(messages.c.id == message_id)) is None:
         raise NotFound(f"no message {message_id}")
 
 
-async def _views(conn: AsyncConnection, ids: Sequence[str]) -> list[MessageView]:
+def _views(conn: Connection, ids: Sequence[str]) -> list[MessageView]:
     if not ids:
         return []
-    msgs = {r.id: r for r in await conn.execute(sa.select(messages).where(messages.c.id.in_(ids)))}
+    msgs = {r.id: r for r in conn.execute(sa.select(messages).where(messages.c.id.in_(ids)))}
     rcpts: dict[str, list[RecipientView]] = {}
-    for r in await conn.execute(
-        sa.select(recipients).where(recipients.c.message_id.in_(ids)).order_by(recipients.c.id)
-    ):
+    for r in conn.execute(sa.select(recipients).where(recipients.c.message_id.in_(ids)).order_by(recipients.c.id)):
         rcpts.setdefault(r.message_id, []).append(
             RecipientView(r.address, r.status, r.attempts, r.next_attempt_at, r.last_response)
         )
     evs: dict[str, list[EventView]] = {}
-    for e in await conn.execute(
-        sa.select(events).where(events.c.message_id.in_(ids)).order_by(events.c.at, events.c.id)
-    ):
+    for e in conn.execute(sa.select(events).where(events.c.message_id.in_(ids)).order_by(events.c.at, events.c.id)):
         details = e.details if isinstance(e.details, dict) else json.loads(e.details)
         evs.setdefault(e.message_id, []).append(EventView(e.at, e.type, e.recipient, details))
     return [
@@ -752,8 +830,8 @@ async def _views(conn: AsyncConnection, ids: Sequence[str]) -> list[MessageView]
     ]
 
 
-def _sqlite_setup(engine: AsyncEngine, *, begin: str) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _sqlite_setup(engine: sa.Engine, *, begin: str) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
         cur = dbapi_conn.cursor()
@@ -761,6 +839,6 @@ def _sqlite_setup(engine: AsyncEngine, *, begin: str) -> None:
             cur.execute(f"PRAGMA {pragma}")
         cur.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql(begin)

@@ -40,7 +40,12 @@ class Relay:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def startup(
-        self, *, smtp_sockets: Sequence[socket.socket] | None = None, upgrade: bool = True, deliver: bool = True
+        self,
+        *,
+        smtp_sockets: Sequence[socket.socket] | None = None,
+        upgrade: bool = True,
+        deliver: bool = True,
+        announce: bool = True,
     ) -> None:
         self.store = store = await LogStore.open(self.config.store.url)
         if upgrade:
@@ -50,7 +55,7 @@ class Relay:
             self.spawn(self.delivery.run(), "delivery")
         self.smtp = SmtpServer(self.config, store, Authenticator(store.password_hash))
         self.smtp_addresses = await self.smtp.start(smtp_sockets)
-        for address in self.smtp_addresses:
+        for address in self.smtp_addresses if announce else ():
             log.info("smtp listening on %s", address)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
@@ -81,8 +86,11 @@ class Relay:
         log.info("stopped")
 
 
-async def serve(config: Config, *, smtp_sockets: Sequence[socket.socket] | None = None) -> int:
-    """Run until SIGTERM/SIGINT; return the exit code."""
+async def serve(
+    config: Config, *, smtp_sockets: Sequence[socket.socket] | None = None, upgrade: bool = True, quiet: bool = False
+) -> int:
+    """Run until SIGTERM/SIGINT; return the exit code. ``quiet``: a worker of ``--processes``,
+    whose parent announces the listeners and readiness."""
     relay = Relay(config)
     stop = asyncio.Event()
     main = asyncio.current_task()
@@ -100,8 +108,9 @@ async def serve(config: Config, *, smtp_sockets: Sequence[socket.socket] | None 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        await relay.startup(smtp_sockets=smtp_sockets)
-        log.info("relay ready")
+        await relay.startup(smtp_sockets=smtp_sockets, upgrade=upgrade, announce=not quiet)
+        if not quiet:
+            log.info("relay ready")
         waiters = [loop.create_task(stop.wait()), loop.create_task(relay.failed.wait())]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters:

@@ -59,7 +59,6 @@ _REWRITE = {
     "501 Error: SMTPUTF8 disabled": "501 5.6.7 SMTPUTF8 disabled",
     "553 5.1.3 Error: malformed address": "553 5.1.3 Malformed address",
 }
-_LONG_LINE = re.compile(rb"[^\n]{1001}")  # a line over 1000 octets plus LF (RFC 5321 4.5.3.1.6)
 _REPLY = re.compile(r"^(\d{3})([ -])(?:([245]\.\d{1,3}\.\d{1,3})(?: |$))?(.*)$", re.DOTALL)
 _NO_ENHANCED = {220, 334, 354}
 
@@ -257,11 +256,11 @@ class RelaySMTP(SMTP):
                 raise ConnectionResetError("connection closed during DATA")
             buf += chunk
         # Whatever came after the dot (pipelined commands) goes back to the command loop.
-        reader._buffer[:0] = buf[end + 5 :]  # type: ignore[attr-defined]  # noqa: SLF001
+        reader._buffer[:0] = buf[end + 5 :]  # type: ignore[attr-defined]
         if discarded or (limit and end > limit):
             return b"", REPLY_TOO_BIG
         content = bytes(buf[2 : end + 2])
-        if _LONG_LINE.search(content):
+        if len(content) > 1000 and max(map(len, content.split(b"\n"))) > 1000:
             return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
         if content.startswith(b"."):
             content = content[1:]
@@ -366,7 +365,7 @@ class RelayHandler:
             protocol=protocol,
             tls=tls,
             recipients=tuple(envelope.rcpt_tos),
-            at=intake.now_utc(),
+            at=received_at,
         )
         content = envelope.content
         assert isinstance(content, bytes)

@@ -131,3 +131,27 @@ async def test_queue_commands(tmp_path: Path) -> None:
         finally:
             server.terminate()
             assert await server.wait() == 0
+
+
+async def test_several_processes_share_the_listener_and_the_store(tmp_path: Path) -> None:
+    with dns_server() as zone:
+        async with sinks("127.0.0.2") as (sink,):
+            zone.mx("example.com", (10, "mx.example.com"))
+            zone.a("mx.example.com", "127.0.0.2")
+            cfg = _config(tmp_path, zone, sink.port)
+            server = await ServeProcess(cfg, "--processes", "2").start()
+            try:
+                rcpts = [f"user{i}@example.com" for i in range(40)]
+                await asyncio.gather(*(_send(server.smtp_port, r) for r in rcpts))
+                await wait_for(lambda: len(sink.messages) >= 40, timeout=30)
+                assert sorted(sink.rcpts) == sorted(rcpts)
+                workers = {
+                    line.split("delivery running as ")[1].split()[0]
+                    for line in server.log
+                    if "delivery running as" in line
+                }
+                assert len(workers) == 2
+            finally:
+                server.terminate()
+                assert await server.wait() == 0
+    assert any("stopped" in line for line in server.log)

@@ -65,8 +65,7 @@ def outcome(
 
 @pytest.mark.filterwarnings("ignore:.*expression-based index:UserWarning", "ignore:.*expression-based index")
 async def test_schema_matches_the_migrations(store: LogStore) -> None:
-    async with store._write_engine.connect() as conn:
-        diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata))
+    diff = await store._engines.read(lambda c: compare_metadata(MigrationContext.configure(c), metadata))
     assert diff == []
 
 
@@ -182,5 +181,4 @@ async def test_a_failed_write_leaves_nothing(store: LogStore) -> None:
         await store.enqueue(message("01D1", ("other@example.com",)))  # duplicate queue id
     (m,) = await store.lookup("01D1")
     assert [r.address for r in m.recipients] == ["jane@example.com"]
-    async with store._read_engine.connect() as conn:
-        assert await conn.scalar(sa.text("SELECT count(*) FROM recipients")) == 1
+    assert await store._engines.read(lambda c: c.scalar(sa.text("SELECT count(*) FROM recipients"))) == 1

@@ -315,11 +315,12 @@ async def test_store_failure_gives_451_and_stores_nothing(relay: Relay) -> None:
     assert relay.store is not None
     # A real failure inside the real transaction: the recipient insert aborts after the
     # message row was written, so only a rollback leaves nothing behind.
-    async with relay.store._write_engine.begin() as conn:
-        await conn.exec_driver_sql(
+    await relay.store._engines.write(
+        lambda conn: conn.exec_driver_sql(
             "CREATE TRIGGER fail_rcpt BEFORE INSERT ON recipients WHEN NEW.address = 'fail@example.com' "
             "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
         )
+    )
     async with smtp_client(relay) as client:
         code, text = await send(client, "app@example.com", ["ok@example.com", "fail@example.com"], SIMPLE)
         assert (code, text) == (451, "4.3.0 Temporary failure storing the message, try again later")
@@ -332,11 +333,12 @@ async def test_store_failure_gives_451_and_stores_nothing(relay: Relay) -> None:
 
 async def test_one_bad_message_does_not_fail_others_in_the_same_commit(relay: Relay) -> None:
     assert relay.store is not None
-    async with relay.store._write_engine.begin() as conn:
-        await conn.exec_driver_sql(
+    await relay.store._engines.write(
+        lambda conn: conn.exec_driver_sql(
             "CREATE TRIGGER fail_rcpt BEFORE INSERT ON recipients WHEN NEW.address = 'fail@example.com' "
             "BEGIN SELECT RAISE(ABORT, 'boom'); END"
         )
+    )
 
     async def one(rcpt: str) -> int:
         async with smtp_client(relay) as client:

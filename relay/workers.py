@@ -1,0 +1,94 @@
+"""``relay serve --processes N``: N worker processes sharing the listening sockets.
+
+The parent applies migrations, binds the listeners, forks the workers and supervises them.
+Each worker is a whole Relay (intake, delivery) on the shared store; the kernel hands each
+new connection to one of them. SIGTERM/SIGINT to the parent is passed on to the workers,
+which shut down gracefully. A worker that dies unexpectedly stops the others, and the
+parent exits 1 so that the service manager can restart the whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+from relay import server
+from relay.config import Config
+from relay.logstore import LogStore
+from relay.smtp_in import bind, bound_address
+
+log = logging.getLogger(__name__)
+
+
+def serve(config: Config, processes: int) -> int:
+    async def upgrade() -> int:
+        store = await LogStore.open(config.store.url)
+        try:
+            await store.upgrade()
+        finally:
+            await store.close()
+        return 0
+
+    asyncio.run(upgrade())
+    sockets = [bind(listen) for listen in config.smtp.listen]
+    for sock in sockets:
+        log.info("smtp listening on %s", bound_address(sock))
+
+    children: dict[int, int] = {}
+    for index in range(processes):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = server.run(lambda: server.serve(config, smtp_sockets=sockets, upgrade=False, quiet=True))
+            os._exit(code)
+        children[pid] = index
+    for sock in sockets:
+        sock.close()
+    log.info("started %d worker processes: %s", processes, ", ".join(map(str, children)))
+    log.info("relay ready")
+    return _supervise(children)
+
+
+def _supervise(children: dict[int, int]) -> int:
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            for pid in children:
+                _kill(pid, signal.SIGKILL)
+            return
+        stopping = True
+        log.info("received %s; stopping workers", signal.Signals(signum).name)
+        for pid in children:
+            _kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid, None)
+        exit_code = os.waitstatus_to_exitcode(status)
+        if not stopping:
+            log.critical("worker %s (pid %d) exited with %d; stopping the others", index, pid, exit_code)
+            stopping = True
+            code = 1
+            for other in children:
+                _kill(other, signal.SIGTERM)
+        elif exit_code != 0:
+            code = 1
+    log.info("stopped")
+    return code
+
+
+def _kill(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
