@@ -23,12 +23,25 @@ run: $(VENV)/.run
 	$(BIN)/relay serve
 
 lint: $(VENV)/.test
-	$(BIN)/ruff check relay tests
-	$(BIN)/ruff format --check relay tests
+	$(BIN)/ruff check relay tests bench
+	$(BIN)/ruff format --check relay tests bench
 	$(BIN)/mypy relay
 
 test: lint
 	$(BIN)/pytest
+
+$(VENV)/.bench: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	touch $(VENV)/.run $(VENV)/.test $@
+
+# The full benchmark: installs Postfix (Debian package) as the reference peer, ~20 minutes.
+bench: $(VENV)/.bench
+	$(BIN)/python bench/bench.py
+
+bench-smoke: $(VENV)/.test
+	$(BIN)/python bench/bench.py --smoke --out bench/work/smoke
 
 clean:
 	rm -rf $(VENV) relay-data .pytest_cache .mypy_cache .ruff_cache

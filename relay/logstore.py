@@ -46,11 +46,13 @@ from relay.model import (
     SENDING,
     Claimed,
     EventView,
+    Imported,
     MessageView,
     NewMessage,
     Outcome,
     QueueSummary,
     RecipientView,
+    StatsRow,
 )
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,7 @@ class _Call(_Op):
 @dataclass(slots=True)
 class _Enqueue(_Op):
     msg: NewMessage
+    announce: bool = True  # the "received" event; bulk import brings its own events
 
     @classmethod
     def run_many(cls, conn: Connection, ops: Sequence[_Op]) -> list[Any]:
@@ -198,21 +201,16 @@ class _Enqueue(_Op):
                 }
                 for a in m.recipients
             )
-            event_rows.append(
-                {
-                    "message_id": m.id,
-                    "recipient": None,
-                    "at": m.received_at,
-                    "type": "received",
-                    "details": dict(m.details),
-                }
-            )
+            if op.announce:
+                received = {"message_id": m.id, "recipient": None, "at": m.received_at, "type": "received"}
+                event_rows.append({**received, "details": dict(m.details)})
         conn.execute(messages.insert(), msg_rows)
         conn.execute(bodies.insert(), body_rows)
         if tag_rows:
             conn.execute(message_tags.insert(), tag_rows)
         conn.execute(recipients.insert(), rcpt_rows)
-        conn.execute(events.insert(), event_rows)
+        if event_rows:
+            conn.execute(events.insert(), event_rows)
         return [None] * len(ops)
 
 
@@ -225,6 +223,19 @@ _record_stmt = (
         next_attempt_at=sa.bindparam("next_at"),
         last_response=sa.bindparam("response"),
         lease_owner=None,
+        updated_at=sa.bindparam("at"),
+    )
+)
+
+
+_import_stmt = (
+    recipients.update()
+    .where(recipients.c.id == sa.bindparam("rid"))
+    .values(
+        status=sa.bindparam("status"),
+        attempts=sa.bindparam("attempts"),
+        next_attempt_at=sa.bindparam("next_at"),
+        last_response=sa.bindparam("response"),
         updated_at=sa.bindparam("at"),
     )
 )
@@ -440,7 +451,7 @@ def _map_error(exc: Exception) -> Exception:
 class _BodyCache:
     """Bodies of recently accepted messages, so delivery rarely reads them back."""
 
-    max_bytes: int = 64 * 1024 * 1024
+    max_bytes: int = 16 * 1024 * 1024
     size: int = 0
     items: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
 
@@ -730,6 +741,50 @@ class LogStore:
 
         return await self._read(summary)
 
+    # -- bulk import
+
+    async def bulk_import(self, items: Sequence[Imported]) -> None:
+        """Write messages with their recipients' states and events as given, in one
+        transaction and a handful of statements: for migrations and benchmark seeding."""
+
+        def load(conn: Connection) -> None:
+            _Enqueue.run_many(conn, [_Enqueue(i.message, announce=False) for i in items])
+            by_id = {i.message.id: i for i in items}
+            ids = list(by_id)
+            rows = conn.execute(
+                sa.select(recipients.c.id, recipients.c.message_id).where(recipients.c.message_id.in_(ids))
+            ).all()
+            updates = [
+                {"rid": r.id, "status": i.status, "attempts": i.attempts, "next_at": i.next_attempt_at,
+                 "response": i.last_response, "at": i.message.received_at}
+                for r in rows
+                if (i := by_id[r.message_id])
+            ]  # fmt: skip
+            if updates:
+                conn.execute(_import_stmt, updates)
+            event_rows = [
+                {"message_id": i.message.id, "recipient": ev.recipient, "at": ev.at, "type": ev.type,
+                 "details": dict(ev.details)}
+                for i in items
+                for ev in i.events
+            ]  # fmt: skip
+            if event_rows:
+                conn.execute(events.insert(), event_rows)
+
+        await self._engines.write(load)
+
+    # -- reporting
+
+    async def stats(self, since: float, until: float, group_by: str) -> list[StatsRow]:
+        """Per tag, recipient domain or user: what happened between since and until."""
+        if group_by not in ("tag", "domain", "user"):
+            raise ValueError(f"cannot group by {group_by!r}")
+
+        def report(conn: Connection) -> list[StatsRow]:
+            return _stats(conn, since, until, group_by)
+
+        return await self._read(report)
+
     # -- lookups
 
     async def lookup(self, query: str, limit: int = 20) -> list[MessageView]:
@@ -828,6 +883,69 @@ def _views(conn: Connection, ids: Sequence[str]) -> list[MessageView]:
         for i in ids
         if (m := msgs.get(i)) is not None
     ]
+
+
+_FINAL_EVENTS = ("delivered", "deferred", "bounced", "expired")
+
+
+def _stats(conn: Connection, since: float, until: float, group_by: str) -> list[StatsRow]:
+    m, r, e, t = messages, recipients, events, message_tags
+    window_events = e.c.at.between(since, until)
+    if group_by == "domain":
+        group = r.c.domain
+        received = sa.select(group, sa.func.count()).select_from(r.join(m, m.c.id == r.c.message_id))
+        received = received.where(m.c.received_at.between(since, until))
+        by_event = e.join(r, (r.c.message_id == e.c.message_id) & (r.c.address == e.c.recipient))
+        with_message = by_event.join(m, m.c.id == e.c.message_id)
+    else:
+        group = t.c.tag if group_by == "tag" else m.c.username
+        base = m.outerjoin(t, t.c.message_id == m.c.id) if group_by == "tag" else m
+        received = sa.select(group, sa.func.count()).select_from(base).where(m.c.received_at.between(since, until))
+        with_message = e.join(base, m.c.id == e.c.message_id)
+        by_event = with_message
+
+    rows: dict[str | None, dict[str, Any]] = {}
+
+    def row(key: str | None) -> dict[str, Any]:
+        return rows.setdefault(key, {"received": 0, "latencies": [], "opened": [0, 0], "clicked": [0, 0],
+                                     **dict.fromkeys(_FINAL_EVENTS, 0)})  # fmt: skip
+
+    for key, n in conn.execute(received.group_by(group)):
+        row(key)["received"] = n
+    counted = sa.select(group, e.c.type, sa.func.count()).select_from(by_event)
+    counted = counted.where(window_events, e.c.type.in_(_FINAL_EVENTS)).group_by(group, e.c.type)
+    for key, kind, n in conn.execute(counted):
+        row(key)[kind] = n
+    machine = e.c.details["machine"].as_boolean()
+    who = e.c.message_id + "/" + sa.func.coalesce(e.c.recipient, "")
+    engaged = sa.select(group, e.c.type, sa.func.coalesce(machine, sa.false()), sa.func.count(sa.distinct(who)))
+    engaged = engaged.select_from(by_event).where(window_events, e.c.type.in_(("opened", "clicked")))
+    engaged = engaged.group_by(group, e.c.type, sa.func.coalesce(machine, sa.false()))
+    for key, kind, is_machine, n in conn.execute(engaged):
+        row(key)[kind][1 if is_machine else 0] += n
+    waits = sa.select(group, e.c.at - m.c.received_at).select_from(with_message)
+    for key, seconds in conn.execute(waits.where(window_events, e.c.type == "delivered")):
+        row(key)["latencies"].append(float(seconds))
+    out = []
+    for key, v in sorted(rows.items(), key=lambda kv: (kv[0] is None, kv[0] or "")):
+        lat = sorted(v["latencies"])
+        out.append(
+            StatsRow(
+                group=key, received=v["received"], delivered=v["delivered"], deferred=v["deferred"],
+                bounced=v["bounced"], expired=v["expired"], unique_opens=v["opened"][0],
+                unique_opens_machine=v["opened"][1], unique_clicks=v["clicked"][0],
+                unique_clicks_machine=v["clicked"][1], latency_p50=_percentile(lat, 0.50),
+                latency_p95=_percentile(lat, 0.95),
+            )
+        )  # fmt: skip
+    return out
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return round(ordered[index], 3)
 
 
 def _sqlite_setup(engine: sa.Engine, *, begin: str) -> None:

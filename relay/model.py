@@ -153,3 +153,55 @@ class MessageView:
 class QueueSummary:
     counts: Mapping[str, int]  # every state, zero included
     oldest_queued_at: float | None  # received_at of the oldest message still active
+
+
+@dataclass(frozen=True, slots=True)
+class HistoricEvent:
+    at: float
+    type: EventType
+    recipient: str | None
+    details: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Imported:
+    """A message with its recipients' states and events, for bulk import (migrations,
+    benchmarks): written as given, no delivery decisions."""
+
+    message: NewMessage
+    status: str
+    attempts: int
+    next_attempt_at: float | None
+    last_response: str | None
+    events: tuple[HistoricEvent, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRow:
+    """One group of ``LogStore.stats``: counts of what happened in the window."""
+
+    group: str | None
+    received: int
+    delivered: int
+    deferred: int
+    bounced: int
+    expired: int
+    unique_opens: int  # recipients who opened, human opens only
+    unique_opens_machine: int  # recipients with machine opens (proxies, scanners)
+    unique_clicks: int
+    unique_clicks_machine: int
+    latency_p50: float | None  # seconds from received to delivered
+    latency_p95: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "group": self.group,
+            "received": self.received,
+            "delivered": self.delivered,
+            "deferred": self.deferred,
+            "bounced": self.bounced,
+            "expired": self.expired,
+            "unique_opens": {"human": self.unique_opens, "machine": self.unique_opens_machine},
+            "unique_clicks": {"human": self.unique_clicks, "machine": self.unique_clicks_machine},
+            "delivery_latency_seconds": {"p50": self.latency_p50, "p95": self.latency_p95},
+        }

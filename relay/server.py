@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -109,6 +110,11 @@ async def serve(
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         await relay.startup(smtp_sockets=smtp_sockets, upgrade=upgrade, announce=not quiet)
+        # Start-up objects (modules, compiled SQL, config) never die: keep them out of the
+        # collector's way, and collect young objects less often (a p99 latency measure).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         if not quiet:
             log.info("relay ready")
         waiters = [loop.create_task(stop.wait()), loop.create_task(relay.failed.wait())]

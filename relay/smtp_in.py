@@ -27,6 +27,7 @@ from relay import intake
 from relay.auth import Authenticator
 from relay.config import Config, IPNetwork, Listen
 from relay.errors import InvalidMessage, StoreError
+from relay.listeners import bind, bound_address
 from relay.logs import with_ids
 from relay.logstore import LogStore
 from relay.model import NewMessage
@@ -513,27 +514,6 @@ class SmtpServer:
         self.sessions.clear()
         for server in self._servers:
             await server.wait_closed()
-
-
-def bind(listen: Listen, *, reuse_port: bool = False) -> socket.socket:
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((listen.host, listen.port))
-    except OSError:
-        sock.close()
-        raise
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
-def bound_address(sock: socket.socket) -> Listen:
-    host, port = sock.getsockname()[:2]
-    return Listen(host, port)
 
 
 def _tls_context(config: Config) -> ssl.SSLContext:

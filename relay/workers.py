@@ -1,6 +1,7 @@
 """``relay serve --processes N``: N worker processes sharing the listening sockets.
 
-The parent applies migrations, binds the listeners, forks the workers and supervises them.
+The parent binds the listeners, has a short-lived child apply migrations, forks the workers
+and supervises them; it never imports the heavy modules itself, so it stays small.
 Each worker is a whole Relay (intake, delivery) on the shared store; the kernel hands each
 new connection to one of them. SIGTERM/SIGINT to the parent is passed on to the workers,
 which shut down gracefully. A worker that dies unexpectedly stops the others, and the
@@ -9,21 +10,24 @@ parent exits 1 so that the service manager can restart the whole.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import signal
+import socket
+from collections.abc import Callable
 
-from relay import server
 from relay.config import Config
-from relay.logstore import LogStore
-from relay.smtp_in import bind, bound_address
+from relay.listeners import bind, bound_address
 
 log = logging.getLogger(__name__)
 
 
-def serve(config: Config, processes: int) -> int:
+def _upgrade(config: Config) -> int:
+    import asyncio
+
+    from relay.logstore import LogStore
+
     async def upgrade() -> int:
         store = await LogStore.open(config.store.url)
         try:
@@ -32,7 +36,34 @@ def serve(config: Config, processes: int) -> int:
             await store.close()
         return 0
 
-    asyncio.run(upgrade())
+    return asyncio.run(upgrade())
+
+
+def _worker(config: Config, sockets: list[socket.socket]) -> int:
+    from relay import server
+
+    return server.run(lambda: server.serve(config, smtp_sockets=sockets, upgrade=False, quiet=True))
+
+
+def _in_child(fn: Callable[[], int]) -> int:
+    """Run fn in a forked child; return its exit code."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = fn()
+        except BaseException:
+            log.exception("failed")
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def serve(config: Config, processes: int) -> int:
+    if _in_child(lambda: _upgrade(config)) != 0:
+        log.critical("database migration failed")
+        return 1
     sockets = [bind(listen) for listen in config.smtp.listen]
     for sock in sockets:
         log.info("smtp listening on %s", bound_address(sock))
@@ -43,8 +74,11 @@ def serve(config: Config, processes: int) -> int:
         if pid == 0:  # the worker
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = server.run(lambda: server.serve(config, smtp_sockets=sockets, upgrade=False, quiet=True))
-            os._exit(code)
+            code = 1
+            try:
+                code = _worker(config, list(sockets))
+            finally:
+                os._exit(code)
         children[pid] = index
     for sock in sockets:
         sock.close()

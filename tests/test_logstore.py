@@ -16,7 +16,7 @@ from helpers import pg_database
 
 from relay.errors import Conflict, NotFound
 from relay.logstore import LogStore, metadata
-from relay.model import NewMessage, Outcome
+from relay.model import HistoricEvent, Imported, NewMessage, Outcome
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -182,3 +182,49 @@ async def test_a_failed_write_leaves_nothing(store: LogStore) -> None:
     (m,) = await store.lookup("01D1")
     assert [r.address for r in m.recipients] == ["jane@example.com"]
     assert await store._engines.read(lambda c: c.scalar(sa.text("SELECT count(*) FROM recipients"))) == 1
+
+
+async def test_bulk_import_and_stats(store: LogStore) -> None:
+    day = 86400.0
+    t0 = 1_800_000_000.0
+    items = []
+    for i in range(12):
+        tag = "reset" if i % 2 else "welcome"
+        at = t0 + i * 60
+        msg = message(
+            f"01B{i:04d}",
+            (f"u{i}@{'a' if i % 3 else 'b'}.example",),
+            at=at,
+            tags=(tag,),
+            user="app" if i < 6 else "shop",
+        )
+        status = "delivered" if i < 9 else "bounced"
+        evs = [
+            HistoricEvent(at, "received", None, {}),
+            HistoricEvent(at + 2 + i, status, msg.recipients[0], {"code": 250}),
+        ]
+        if i in (1, 3):
+            evs.append(HistoricEvent(at + 100, "opened", msg.recipients[0], {"machine": False}))
+            evs.append(HistoricEvent(at + 101, "opened", msg.recipients[0], {"machine": False}))  # still one unique
+        if i == 5:
+            evs.append(HistoricEvent(at + 3, "opened", msg.recipients[0], {"machine": True}))
+            evs.append(HistoricEvent(at + 200, "clicked", msg.recipients[0], {"machine": False, "url": "https://x"}))
+        items.append(Imported(msg, status, 1, None, "250 ok", tuple(evs)))
+    await store.bulk_import(items)
+    (m,) = await store.lookup("01B0003")
+    assert m.recipients[0].status == "delivered"
+    assert [e.type for e in m.events] == ["received", "delivered", "opened", "opened"]
+
+    by_tag = {r.group: r for r in await store.stats(t0, t0 + day, "tag")}
+    assert set(by_tag) == {"reset", "welcome"}
+    reset = by_tag["reset"]
+    assert (reset.received, reset.delivered, reset.bounced) == (6, 4, 2)
+    assert (reset.unique_opens, reset.unique_opens_machine, reset.unique_clicks) == (2, 1, 1)
+    assert reset.latency_p50 is not None
+    assert by_tag["welcome"].unique_opens == 0
+
+    by_user = {r.group: r.received for r in await store.stats(t0, t0 + day, "user")}
+    assert by_user == {"app": 6, "shop": 6}
+    by_domain = {r.group: (r.received, r.delivered + r.bounced) for r in await store.stats(t0, t0 + day, "domain")}
+    assert by_domain == {"a.example": (8, 8), "b.example": (4, 4)}
+    assert await store.stats(t0 + day, t0 + 2 * day, "tag") == []
