@@ -371,6 +371,8 @@ hostname = "relay.bench.test"
 data_dir = "{data_dir}"
 [smtp]
 listen = ["127.0.0.1:{port}"]
+[http]
+listen = "127.0.0.1:0"
 [delivery]
 port = {sink_port}
 per_domain = 50

@@ -90,15 +90,15 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     from relay import logs
 
     if args.command == "serve":
-        from relay import server
-
         logs.setup()
         if args.processes < 1:
             _fail("--processes must be at least 1", 2)
         if args.processes > 1:
-            from relay import workers
+            from relay import workers  # before anything imports prometheus_client: see relay.metrics
 
             return workers.serve(cfg, args.processes)
+        from relay import server
+
         return server.run(lambda: server.serve(cfg))
     logs.setup(logging.WARNING)
     commands: dict[str, Callable[[Any, argparse.Namespace], Awaitable[int]]] = {

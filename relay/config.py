@@ -239,6 +239,37 @@ class RouteConfig:
         return "*" in self.domains or domain in self.domains
 
 
+HTTP_DEFAULT = Listen("127.0.0.1", 8025)
+
+
+def _token(value: Any, key: str) -> str:
+    text = _str(value, key)
+    if len(text) < 16:
+        raise ConfigError(key, "an API token needs at least 16 characters")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: Listen = setting(HTTP_DEFAULT, parse_listen)
+    api_tokens: tuple[str, ...] = setting((), _list(_token))
+
+
+def _secret(value: Any, key: str) -> str:
+    text = _str(value, key)
+    if text and len(text) < 16:
+        raise ConfigError(key, "a tracking secret needs at least 16 characters")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingConfig:
+    base_url: str = setting("http://127.0.0.1:8025", _url)  # public URL the pixel and links point at
+    secret: str = setting("", _secret)  # HMAC key; generated into data_dir when empty
+    opens: bool = setting(True, _bool)
+    clicks: bool = setting(True, _bool)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -246,6 +277,8 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     routes: tuple[RouteConfig, ...] = ()
 
     @property
@@ -270,6 +303,8 @@ SECTIONS: dict[str, type[Any]] = {
     "store": StoreConfig,
     "delivery": DeliveryConfig,
     "dns": DnsConfig,
+    "http": HttpConfig,
+    "tracking": TrackingConfig,
 }
 
 

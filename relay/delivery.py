@@ -20,14 +20,15 @@ import secrets
 import socket
 import time
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
+from relay import metrics
 from relay.config import Config
 from relay.errors import StoreError
 from relay.logs import with_ids
 from relay.logstore import LogStore
 from relay.model import BOUNCED, DEFERRED, DELIVERED, EXPIRED, Claimed, EventType, Outcome, iso
+from relay.tracking import Tracker
 from relay.transport import Hop, Reply, Result, Transport
 
 log = logging.getLogger(__name__)
@@ -71,22 +72,29 @@ class Job:
     received_at: float
     domain: str
     recipients: tuple[Claimed, ...]
+    track: str = ""  # tracked: exactly one recipient
 
 
 def group(claimed: Sequence[Claimed]) -> list[Job]:
-    jobs: dict[tuple[str, str], list[Claimed]] = {}
+    """A message's recipients per domain in one transaction; a tracked message is rewritten
+    per recipient, so each of its recipients gets a transaction of its own."""
+    jobs: dict[tuple[str, str, int], list[Claimed]] = {}
     for c in claimed:
-        jobs.setdefault((c.message_id, c.domain), []).append(c)
-    return [Job(mid, rs[0].mail_from, rs[0].received_at, domain, tuple(rs)) for (mid, domain), rs in jobs.items()]
+        jobs.setdefault((c.message_id, c.domain, c.recipient_id if c.track else 0), []).append(c)
+    return [
+        Job(mid, rs[0].mail_from, rs[0].received_at, domain, tuple(rs), rs[0].track)
+        for (mid, domain, _), rs in jobs.items()
+    ]
 
 
 class DeliveryEngine:
     poll_interval = 1.0  # seconds between looks for retries that came due
 
-    def __init__(self, config: Config, store: LogStore, transport: Transport) -> None:
+    def __init__(self, config: Config, store: LogStore, transport: Transport, tracker: Tracker | None = None) -> None:
         self.config = config
         self.store = store
         self.transport = transport
+        self.tracker = tracker
         d = config.delivery
         self.policy = RetryPolicy(d.retry_schedule, d.max_age)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -158,18 +166,18 @@ class DeliveryEngine:
 
     async def _run(self, job: Job) -> None:
         with with_ids(queue_id=job.message_id, domain=job.domain):
-            async with AsyncExitStack() as stack:
-                await stack.enter_async_context(self._slot(job.domain))
+            async with self._slot(job.domain):
                 result, duration_ms = await self._attempt(job)
                 outcomes = self._outcomes(job, result, duration_ms, time.time())
                 await self.store.record(self.owner, outcomes)
                 self._held.difference_update(c.recipient_id for c in job.recipients)
-                for o in outcomes:
-                    if o.next_attempt_at is not None:
-                        self._next_retry = min(self._next_retry, o.next_attempt_at)
-                for o in outcomes:
-                    log.info("to=<%s> status=%s attempt=%d relay=%s reply=%s", o.address, o.status, o.attempts,
-                             _relay_name(result), o.last_response)  # fmt: skip
+            metrics.ATTEMPT_SECONDS.observe(duration_ms / 1000)
+            for o in outcomes:
+                if o.next_attempt_at is not None:
+                    self._next_retry = min(self._next_retry, o.next_attempt_at)
+                metrics.attempt(o.status, o.at - job.received_at)
+                log.info("to=<%s> status=%s attempt=%d relay=%s reply=%s", o.address, o.status, o.attempts,
+                         _relay_name(result), o.last_response)  # fmt: skip
 
     def _slot(self, domain: str) -> asyncio.Semaphore:
         slot = self._domain_slots.get(domain)
@@ -185,6 +193,8 @@ class DeliveryEngine:
             missing = Reply(None, "5.3.0", "message body missing from the store")
             result = Result(dict.fromkeys(addresses, missing), Hop())
         else:
+            if job.track and self.tracker is not None:
+                body = self.tracker.rewrite(body, job.recipients[0].recipient_id, job.track)
             budget = self.config.delivery.lease * 0.8  # finish (or give up) well before the lease runs out
             try:
                 async with asyncio.timeout(budget):

@@ -45,6 +45,7 @@ from relay.model import (
     QUEUED,
     SENDING,
     Claimed,
+    EventType,
     EventView,
     Imported,
     MessageView,
@@ -53,6 +54,7 @@ from relay.model import (
     QueueSummary,
     RecipientView,
     StatsRow,
+    TrackTarget,
 )
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ messages = sa.Table(
     sa.Column("username", sa.Text),
     sa.Column("client_ip", sa.Text, nullable=False),
     sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("track", sa.String(16), nullable=False, server_default=""),
     sa.Index("ix_messages_message_id", "message_id"),
     sa.Index("ix_messages_received_at", "received_at"),
 )
@@ -128,6 +131,14 @@ events = sa.Table(
     sa.Index("ix_events_type_at", "type", "at"),
 )
 
+links = sa.Table(
+    "links",
+    metadata,
+    sa.Column("message_id", sa.String(32), sa.ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("ordinal", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("url", sa.Text, nullable=False),
+)
+
 users = sa.Table(
     "users",
     metadata,
@@ -171,6 +182,7 @@ class _Enqueue(_Op):
         tag_rows: list[dict[str, Any]] = []
         rcpt_rows: list[dict[str, Any]] = []
         event_rows: list[dict[str, Any]] = []
+        link_rows: list[dict[str, Any]] = []
         for op in ops:
             assert isinstance(op, _Enqueue)
             m = op.msg
@@ -185,9 +197,11 @@ class _Enqueue(_Op):
                     "username": m.user,
                     "client_ip": m.client_ip,
                     "received_at": m.received_at,
+                    "track": m.track,
                 }
             )
             body_rows.append({"message_id": m.id, "data": m.raw})
+            link_rows.extend({"message_id": m.id, "ordinal": i, "url": url} for i, url in enumerate(m.links))
             tag_rows.extend({"message_id": m.id, "tag": t} for t in m.tags)
             rcpt_rows.extend(
                 {
@@ -208,6 +222,8 @@ class _Enqueue(_Op):
         conn.execute(bodies.insert(), body_rows)
         if tag_rows:
             conn.execute(message_tags.insert(), tag_rows)
+        if link_rows:
+            conn.execute(links.insert(), link_rows)
         conn.execute(recipients.insert(), rcpt_rows)
         if event_rows:
             conn.execute(events.insert(), event_rows)
@@ -562,7 +578,9 @@ class LogStore:
             meta = {
                 m.id: m
                 for m in conn.execute(
-                    sa.select(messages.c.id, messages.c.mail_from, messages.c.received_at).where(messages.c.id.in_(ids))
+                    sa.select(messages.c.id, messages.c.mail_from, messages.c.received_at, messages.c.track).where(
+                        messages.c.id.in_(ids)
+                    )
                 )
             }
             claimed = [
@@ -574,6 +592,7 @@ class LogStore:
                     r.attempts,
                     meta[r.message_id].mail_from,
                     meta[r.message_id].received_at,
+                    meta[r.message_id].track,
                 )
                 for r in rows
             ]
@@ -723,12 +742,16 @@ class LogStore:
         self._bodies.drop(message_id)
         return count
 
-    async def queue_summary(self) -> QueueSummary:
+    async def queue_summary(self, *, active_only: bool = False) -> QueueSummary:
+        """Recipients per state (only the queue's states when active_only: cheap at any size)
+        and when the oldest message still in the queue arrived."""
+
         def summary(conn: Connection) -> QueueSummary:
-            counts = dict.fromkeys((*ACTIVE_STATES, *FINAL_STATES), 0)
-            for status, n in conn.execute(
-                sa.select(recipients.c.status, sa.func.count()).group_by(recipients.c.status)
-            ):
+            counts = dict.fromkeys(ACTIVE_STATES if active_only else (*ACTIVE_STATES, *FINAL_STATES), 0)
+            by_status = sa.select(recipients.c.status, sa.func.count()).group_by(recipients.c.status)
+            if active_only:
+                by_status = by_status.where(recipients.c.status.in_(ACTIVE_STATES))
+            for status, n in conn.execute(by_status):
                 counts[status] = n
             oldest = conn.scalar(
                 sa.select(sa.func.min(messages.c.received_at)).where(
@@ -740,6 +763,51 @@ class LogStore:
             return QueueSummary(counts, None if oldest is None else float(oldest))
 
         return await self._read(summary)
+
+    # -- tracking
+
+    async def tracking_target(self, recipient_id: int, ordinal: int | None) -> TrackTarget | None:
+        """The recipient a token names (and the link, for clicks); None when either is unknown."""
+
+        def find(conn: Connection) -> TrackTarget | None:
+            r = conn.execute(
+                sa.select(recipients.c.message_id, recipients.c.address, recipients.c.status, recipients.c.updated_at)
+                .where(recipients.c.id == recipient_id)
+            ).first()  # fmt: skip
+            if r is None:
+                return None
+            url = None
+            if ordinal is not None:
+                url = conn.scalar(
+                    sa.select(links.c.url).where(links.c.message_id == r.message_id, links.c.ordinal == ordinal)
+                )
+                if url is None:
+                    return None
+            delivered_at = float(r.updated_at) if r.status == "delivered" else None
+            return TrackTarget(r.message_id, r.address, delivered_at, url)
+
+        return await self._read(find)
+
+    async def record_engagement(self, message_id: str, address: str, kind: EventType, details: dict[str, Any]) -> bool:
+        """Append an opened/clicked event; True when it is the recipient's first of its kind."""
+        at = time.time()
+
+        def record(conn: Connection) -> bool:
+            seen = conn.scalar(
+                sa.select(events.c.id)
+                .where(events.c.message_id == message_id, events.c.recipient == address, events.c.type == kind)
+                .limit(1)
+            )  # fmt: skip
+            first = seen is None
+            conn.execute(
+                events.insert().values(
+                    message_id=message_id, recipient=address, at=at, type=kind, details={**details, "first": first}
+                )
+            )
+            return first
+
+        first: bool = await self._write(_Call(record))
+        return first
 
     # -- bulk import
 
@@ -809,6 +877,56 @@ class LogStore:
                 rows = conn.execute(sa.select(union.c.id).order_by(union.c.received_at.desc()).limit(limit))
                 ids = [r[0] for r in rows]
             return _views(conn, ids)
+
+        return await self._read(find)
+
+    async def search(
+        self,
+        *,
+        queue_id: str | None = None,
+        message_id: str | None = None,
+        recipient: str | None = None,
+        tag: str | None = None,
+        status: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 20,
+        after: tuple[float, str] | None = None,
+    ) -> tuple[list[MessageView], tuple[float, str] | None]:
+        """Messages matching every filter given, newest first, a page at a time: pass the
+        returned (received_at, id) as ``after`` for the next page (None: no more)."""
+        m = messages
+        conds: list[sa.ColumnElement[bool]] = []
+        if queue_id is not None:
+            conds.append(m.c.id == queue_id.upper())
+        if message_id is not None:
+            conds.append(m.c.message_id == message_id.strip().removeprefix("<").removesuffix(">").strip())
+        if recipient is not None:
+            rcpt = sa.select(recipients.c.message_id).where(sa.func.lower(recipients.c.address) == recipient.lower())
+            conds.append(m.c.id.in_(rcpt))
+        if status is not None:
+            conds.append(m.c.id.in_(sa.select(recipients.c.message_id).where(recipients.c.status == status)))
+        if tag is not None:
+            conds.append(m.c.id.in_(sa.select(message_tags.c.message_id).where(message_tags.c.tag == tag)))
+        if since is not None:
+            conds.append(m.c.received_at >= since)
+        if until is not None:
+            conds.append(m.c.received_at < until)
+        if after is not None:
+            at, last = after
+            conds.append(sa.or_(m.c.received_at < at, sa.and_(m.c.received_at == at, m.c.id < last)))
+        query = (
+            sa.select(m.c.id, m.c.received_at)
+            .where(*conds)
+            .order_by(m.c.received_at.desc(), m.c.id.desc())
+            .limit(limit + 1)
+        )
+
+        def find(conn: Connection) -> tuple[list[MessageView], tuple[float, str] | None]:
+            rows = conn.execute(query).all()
+            page = rows[:limit]
+            more = (float(page[-1].received_at), str(page[-1].id)) if len(rows) > limit else None
+            return _views(conn, [r.id for r in page]), more
 
         return await self._read(find)
 

@@ -53,6 +53,8 @@ class NewMessage:
     received_at: float
     raw: bytes
     details: Mapping[str, Any] = field(default_factory=dict)  # for the "received" event
+    track: str = ""  # "", "opens", "clicks" or "opens,clicks"
+    links: tuple[str, ...] = ()  # trackable URLs of its HTML, in order (a click token names the position)
 
     @property
     def size(self) -> int:
@@ -70,6 +72,17 @@ class Claimed:
     attempts: int  # attempts made before this one
     mail_from: str
     received_at: float
+    track: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TrackTarget:
+    """What a tracking token points at."""
+
+    message_id: str
+    address: str
+    delivered_at: float | None
+    url: str | None  # for clicks
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,14 +12,20 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import secrets
 import signal
 import socket
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from relay import tracking
 from relay.auth import Authenticator
 from relay.config import Config, Listen
 from relay.delivery import DeliveryEngine
+from relay.http import HttpContext, HttpServer, create_app
+from relay.listeners import bind, bound_address
 from relay.logstore import LogStore
 from relay.mx import MxResolver
 from relay.smtp_in import SmtpServer
@@ -36,7 +42,10 @@ class Relay:
         self.store: LogStore | None = None
         self.smtp: SmtpServer | None = None
         self.delivery: DeliveryEngine | None = None
+        self.http: HttpServer | None = None
         self.smtp_addresses: list[Listen] = []
+        self.http_address: Listen | None = None
+        self._delivery_task: asyncio.Task[Any] | None = None
         self.failed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -44,6 +53,7 @@ class Relay:
         self,
         *,
         smtp_sockets: Sequence[socket.socket] | None = None,
+        http_sockets: Sequence[socket.socket] | None = None,
         upgrade: bool = True,
         deliver: bool = True,
         announce: bool = True,
@@ -51,13 +61,35 @@ class Relay:
         self.store = store = await LogStore.open(self.config.store.url)
         if upgrade:
             await store.upgrade()
+        signer = tracking.TokenSigner(tracking_secret(self.config))
         if deliver:
-            self.delivery = DeliveryEngine(self.config, store, Transport(self.config, MxResolver(self.config.dns)))
-            self.spawn(self.delivery.run(), "delivery")
+            tracker = tracking.Tracker(self.config.tracking.base_url, signer)
+            transport = Transport(self.config, MxResolver(self.config.dns))
+            self.delivery = DeliveryEngine(self.config, store, transport, tracker)
+            self._delivery_task = self.spawn(self.delivery.run(), "delivery")
         self.smtp = SmtpServer(self.config, store, Authenticator(store.password_hash))
         self.smtp_addresses = await self.smtp.start(smtp_sockets)
-        for address in self.smtp_addresses if announce else ():
-            log.info("smtp listening on %s", address)
+        http_socks = list(http_sockets) if http_sockets is not None else [bind(self.config.http.listen)]
+        context = HttpContext(self.config, store, signer, self._not_ready, self._wake_delivery)
+        self.http = HttpServer(create_app(context))
+        await self.http.start(http_socks)
+        self.http_address = bound_address(http_socks[0])
+        if announce:
+            for address in self.smtp_addresses:
+                log.info("smtp listening on %s", address)
+            log.info("http listening on %s", self.http_address)
+
+    def _not_ready(self) -> list[str]:
+        problems = []
+        if self.smtp is None or not self.smtp.listening:
+            problems.append("smtp not listening")
+        if self._delivery_task is not None and self._delivery_task.done():
+            problems.append("delivery stopped")
+        return problems
+
+    def _wake_delivery(self) -> None:
+        if self.delivery is not None:
+            self.delivery.wake()
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run a background task that must not die: if it crashes, the process stops."""
@@ -78,6 +110,8 @@ class Relay:
             await self.smtp.shutdown(self.config.smtp.shutdown_grace)
         if self.delivery is not None:
             await self.delivery.shutdown(self.config.delivery.shutdown_grace)
+        if self.http is not None:
+            await self.http.shutdown()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -88,7 +122,12 @@ class Relay:
 
 
 async def serve(
-    config: Config, *, smtp_sockets: Sequence[socket.socket] | None = None, upgrade: bool = True, quiet: bool = False
+    config: Config,
+    *,
+    smtp_sockets: Sequence[socket.socket] | None = None,
+    http_sockets: Sequence[socket.socket] | None = None,
+    upgrade: bool = True,
+    quiet: bool = False,
 ) -> int:
     """Run until SIGTERM/SIGINT; return the exit code. ``quiet``: a worker of ``--processes``,
     whose parent announces the listeners and readiness."""
@@ -97,19 +136,26 @@ async def serve(
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
 
+    first_signal = 0.0
+
     def on_signal(signum: int) -> None:
+        nonlocal first_signal
         if stop.is_set():
-            log.warning("second signal: exiting now")
-            if main is not None:
-                main.cancel()
+            # The same stop can arrive twice at once (the service manager signals the whole
+            # process group, and the --processes parent passes it on): only a later one forces.
+            if time.monotonic() - first_signal > 1.0:
+                log.warning("second signal: exiting now")
+                if main is not None:
+                    main.cancel()
             return
+        first_signal = time.monotonic()
         log.info("received %s", signal.Signals(signum).name)
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        await relay.startup(smtp_sockets=smtp_sockets, upgrade=upgrade, announce=not quiet)
+        await relay.startup(smtp_sockets=smtp_sockets, http_sockets=http_sockets, upgrade=upgrade, announce=not quiet)
         # Start-up objects (modules, compiled SQL, config) never die: keep them out of the
         # collector's way, and collect young objects less often (a p99 latency measure).
         gc.collect()
@@ -127,6 +173,28 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
+
+
+def tracking_secret(config: Config) -> bytes:
+    """[tracking] secret, or the one generated into data_dir on first start."""
+    if config.tracking.secret:
+        return config.tracking.secret.encode()
+    path = config.data_dir / "tracking.secret"
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+        log.info("generated a tracking secret in %s", path)
+    for _ in range(50):  # another process may be writing it right now
+        text = path.read_text().strip()
+        if text:
+            return text.encode()
+        time.sleep(0.01)
+    raise RuntimeError(f"{path} is empty")
 
 
 def run(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:

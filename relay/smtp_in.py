@@ -23,7 +23,7 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from ulid import ULID
 
-from relay import intake
+from relay import intake, metrics, tracking
 from relay.auth import Authenticator
 from relay.config import Config, IPNetwork, Listen
 from relay.errors import InvalidMessage, StoreError
@@ -152,6 +152,7 @@ class RelaySMTP(SMTP):
         self._enforce_call_limit = False
         self._sessions = sessions
         self._raw_replies = False
+        self._counted = False
         self.trusted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -159,10 +160,15 @@ class RelaySMTP(SMTP):
         super().connection_made(transport)
         if first and self.session is not None:
             self._sessions.add(self)
+            self._counted = True
+            metrics.SESSIONS.inc()
             handler: RelayHandler = self.event_handler
             self.trusted = handler.is_trusted(client_ip(self.session))
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            metrics.SESSIONS.dec()
         self._sessions.discard(self)
         super().connection_lost(error)
 
@@ -195,6 +201,10 @@ class RelaySMTP(SMTP):
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
         if not self._raw_replies:
             text = enhance(text)
+            if text[:1] in ("4", "5"):
+                parts = text.split(" ", 2)
+                enhanced = parts[1] if len(parts) > 1 and parts[1][:1].isdigit() else None
+                metrics.REJECTIONS.labels(metrics.rejection_reason(int(text[:3]), enhanced, text)).inc()
         await super().push(text)
 
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -375,6 +385,12 @@ class RelayHandler:
         except InvalidMessage as exc:
             log.info("refused message from %s: %s", ip, exc.reply)
             return exc.reply
+        track = tracking.tracking_choice(prepared.track, self.config.tracking.opens, self.config.tracking.clicks)
+        links: tuple[str, ...] = ()
+        if track and tracking.has_html(prepared.raw):
+            links = tuple(tracking.trackable_links(prepared.raw)) if "clicks" in track else ()
+        else:
+            track = ""
         msg = NewMessage(
             id=queue_id,
             message_id=prepared.message_id,
@@ -388,12 +404,15 @@ class RelayHandler:
             raw=prepared.raw,
             details={"client_ip": ip, "helo": arrival.helo, "protocol": protocol, "tls": tls, "user": user,
                      "size": len(prepared.raw), "recipients": len(envelope.rcpt_tos)},
+            track=track,
+            links=links,
         )  # fmt: skip
         try:
             await self.store.enqueue(msg)
         except StoreError:
             log.exception("could not store message from %s", ip)
             return REPLY_STORE_FAILED
+        metrics.RECEIVED.inc()
         log.info(
             "accepted from=<%s> rcpts=%d size=%d client=%s user=%s",
             msg.mail_from,
@@ -490,6 +509,10 @@ class SmtpServer:
         for sock in sockets:
             self._servers.append(await loop.create_server(self._factory, sock=sock))
         return [bound_address(sock) for sock in sockets]
+
+    @property
+    def listening(self) -> bool:
+        return bool(self._servers) and all(server.is_serving() for server in self._servers)
 
     def stop_listening(self) -> None:
         for server in self._servers:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable
 
 from relay.config import Config
@@ -39,10 +41,10 @@ def _upgrade(config: Config) -> int:
     return asyncio.run(upgrade())
 
 
-def _worker(config: Config, sockets: list[socket.socket]) -> int:
+def _worker(config: Config, smtp: list[socket.socket], http: list[socket.socket]) -> int:
     from relay import server
 
-    return server.run(lambda: server.serve(config, smtp_sockets=sockets, upgrade=False, quiet=True))
+    return server.run(lambda: server.serve(config, smtp_sockets=smtp, http_sockets=http, upgrade=False, quiet=True))
 
 
 def _in_child(fn: Callable[[], int]) -> int:
@@ -65,8 +67,15 @@ def serve(config: Config, processes: int) -> int:
         log.critical("database migration failed")
         return 1
     sockets = [bind(listen) for listen in config.smtp.listen]
+    http = [bind(config.http.listen)]
     for sock in sockets:
         log.info("smtp listening on %s", bound_address(sock))
+    log.info("http listening on %s", bound_address(http[0]))
+    # Workers write their metrics here; /metrics in any of them merges all (prometheus_client).
+    metrics_dir = config.data_dir / f"metrics-{os.getpid()}"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 
     children: dict[int, int] = {}
     for index in range(processes):
@@ -76,27 +85,33 @@ def serve(config: Config, processes: int) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 1
             try:
-                code = _worker(config, list(sockets))
+                code = _worker(config, list(sockets), list(http))
             finally:
                 os._exit(code)
         children[pid] = index
-    for sock in sockets:
+    for sock in (*sockets, *http):
         sock.close()
     log.info("started %d worker processes: %s", processes, ", ".join(map(str, children)))
     log.info("relay ready")
-    return _supervise(children)
+    try:
+        return _supervise(children)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _supervise(children: dict[int, int]) -> int:
     stopping = False
+    first_signal = 0.0
 
     def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, first_signal
         if stopping:
-            for pid in children:
-                _kill(pid, signal.SIGKILL)
+            if time.monotonic() - first_signal > 1.0:  # a later signal, not the same stop twice
+                for pid in children:
+                    _kill(pid, signal.SIGKILL)
             return
         stopping = True
+        first_signal = time.monotonic()
         log.info("received %s; stopping workers", signal.Signals(signum).name)
         for pid in children:
             _kill(pid, signal.SIGTERM)

@@ -38,6 +38,7 @@ def make_config(tmp_path: Path, **sections: Any) -> cfgmod.Config:
     raw: dict[str, Any] = {
         "server": {"hostname": "relay.test", "data_dir": str(tmp_path / "data")},
         "smtp": {"listen": ["127.0.0.1:0"], "shutdown_grace": "2s"},
+        "http": {"listen": "127.0.0.1:0"},
     }
     return cfgmod.from_mapping(deep_merge(raw, sections))
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import aiosmtplib
+import httpx
 from helpers import ServeProcess, queue_id_of, relay_cli, wait_for, write_config
 from peers import Zone, dns_server, sinks
 
@@ -21,6 +22,8 @@ def _config(tmp_path: Path, zone: Zone, port: int, extra: str = "") -> Path:
 [server]
 hostname = "relay.test"
 data_dir = "{tmp_path / "data"}"
+[http]
+listen = "127.0.0.1:0"
 [smtp]
 listen = ["127.0.0.1:0"]
 [delivery]
@@ -151,6 +154,15 @@ async def test_several_processes_share_the_listener_and_the_store(tmp_path: Path
                     if "delivery running as" in line
                 }
                 assert len(workers) == 2
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports['http']}") as http:
+
+                    async def counted() -> str | None:
+                        text = (await http.get("/metrics")).text
+                        return text if 'relay_delivery_attempts_total{result="delivered"} 40.0' in text else None
+
+                    text = await wait_for(counted)  # every worker's counts, merged
+                assert "relay_smtp_messages_received_total 40.0" in text
+                assert 'relay_queue_recipients{state="queued"} 0.0' in text
             finally:
                 server.terminate()
                 assert await server.wait() == 0

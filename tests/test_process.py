@@ -19,6 +19,8 @@ def _config(tmp_path: Path, extra: str = "") -> Path:
 [server]
 hostname = "relay.test"
 data_dir = "{tmp_path / "data"}"
+[http]
+listen = "127.0.0.1:0"
 [smtp]
 listen = ["127.0.0.1:0"]
 shutdown_grace = "3s"

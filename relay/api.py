@@ -1,0 +1,241 @@
+"""The JSON API under /api/v1: find messages, show one, retry one, stats. Bearer tokens.
+
+A message is the same object ``relay log --json`` prints. Parameters are validated by
+FastAPI/pydantic: a bad one is 422 with the field named in ``detail[].loc``. Every query is
+parameterised (SQLAlchemy Core, in LogStore).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from relay.errors import NotFound
+from relay.logstore import LogStore
+from relay.model import BOUNCED, DEFERRED, EXPIRED, QUEUED, MessageView, iso
+
+State = Literal["queued", "deferred", "sending", "delivered", "bounced", "expired", "suppressed", "cancelled"]
+QUEUE_ID = r"^[0-9A-Za-z]{26}$"
+_bearer = HTTPBearer(auto_error=False, description="One of the tokens in [http] api_tokens")
+
+
+class Recipient(BaseModel):
+    address: str
+    status: str
+    attempts: int
+    next_attempt_at: str | None
+    last_response: str | None
+
+
+class Event(BaseModel, extra="allow"):
+    at: str
+    type: str
+    recipient: str | None
+
+
+class Message(BaseModel):
+    id: str
+    message_id: str
+    mail_from: str
+    subject: str
+    size: int
+    tags: list[str]
+    user: str | None
+    client_ip: str
+    received_at: str
+    recipients: list[Recipient]
+    events: list[Event]
+
+
+class MessagePage(BaseModel):
+    messages: list[Message]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")
+
+
+class RetryRequest(BaseModel, extra="forbid"):
+    reason: str = Field("", max_length=1000, description="Why; logged with the retried events")
+
+
+class RetryResult(BaseModel):
+    id: str
+    retried: int = Field(description="Recipients made due now")
+
+
+class Counts(BaseModel):
+    human: int
+    machine: int
+
+
+class Latency(BaseModel):
+    p50: float | None
+    p95: float | None
+
+
+class StatsGroup(BaseModel):
+    group: str | None
+    received: int
+    delivered: int
+    deferred: int
+    bounced: int
+    expired: int
+    unique_opens: Counts
+    unique_clicks: Counts
+    delivery_latency_seconds: Latency
+
+
+class Stats(BaseModel):
+    since: str
+    until: str
+    group_by: str
+    groups: list[StatsGroup]
+
+
+class Tokens:
+    """API tokens, compared in constant time (as SHA-256 digests, so lengths do not leak)."""
+
+    def __init__(self, tokens: tuple[str, ...]) -> None:
+        self._digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+
+    def who(self, presented: str) -> str | None:
+        digest = hashlib.sha256(presented.encode()).digest()
+        match = None
+        for known in self._digests:
+            if hmac.compare_digest(digest, known):
+                match = known
+        return None if match is None else "api:" + match.hex()[:12]
+
+
+def _store(request: Request) -> LogStore:
+    store: LogStore = request.app.state.store
+    return store
+
+
+def _caller(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    who: str | None = None
+    if credentials is not None and credentials.scheme.lower() == "bearer":
+        tokens: Tokens = request.app.state.tokens
+        who = tokens.who(credentials.credentials)
+    if who is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return who
+
+
+class Problem(BaseModel):
+    detail: Any
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "Missing or wrong bearer token"},
+    422: {"model": Problem, "description": "A parameter is invalid; `detail[].loc` names it"},
+}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such message"}}
+router = APIRouter(prefix="/api/v1", dependencies=[Depends(_caller)], tags=["log"], responses=_ERRORS)
+Store = Annotated[LogStore, Depends(_store)]
+Caller = Annotated[str, Depends(_caller)]
+
+
+def _cursor(after: tuple[float, str] | None) -> str | None:
+    if after is None:
+        return None
+    return base64.urlsafe_b64encode(f"{after[0]!r}|{after[1]}".encode()).decode().rstrip("=")
+
+
+def _parse_cursor(text: str) -> tuple[float, str]:
+    try:
+        at, _, last = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode().partition("|")
+        value = (float(at), last)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise _invalid("query", "cursor", "not a cursor this API returned") from exc
+    if not last or value[0] != value[0]:  # NaN
+        raise _invalid("query", "cursor", "not a cursor this API returned")
+    return value
+
+
+def _invalid(where: str, name: str, message: str) -> HTTPException:
+    return HTTPException(422, [{"loc": [where, name], "msg": message, "type": "value_error"}])
+
+
+def _message(view: MessageView) -> dict[str, Any]:
+    return view.to_json()
+
+
+def _ts(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+@router.get("/messages", response_model=MessagePage, summary="Find messages, newest first")
+async def list_messages(
+    *,
+    store: Store,
+    message_id: Annotated[str | None, Query(max_length=998, description="Message-ID, with or without <>")] = None,
+    recipient: Annotated[str | None, Query(max_length=320)] = None,
+    id: Annotated[str | None, Query(pattern=QUEUE_ID, description="Queue id")] = None,
+    tag: Annotated[str | None, Query(max_length=100)] = None,
+    status: Annotated[State | None, Query(description="A recipient of the message is in this state")] = None,
+    since: Annotated[datetime | None, Query(description="received at or after (ISO-8601 or epoch seconds)")] = None,
+    until: Annotated[datetime | None, Query(description="received before (ISO-8601 or epoch seconds)")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> dict[str, Any]:
+    views, after = await store.search(
+        queue_id=id, message_id=message_id, recipient=recipient, tag=tag, status=status,
+        since=_ts(since), until=_ts(until), limit=limit, after=None if cursor is None else _parse_cursor(cursor),
+    )  # fmt: skip
+    return {"messages": [_message(v) for v in views], "next_cursor": _cursor(after)}
+
+
+@router.get("/messages/{id}", response_model=Message, summary="One message and its timeline", responses=_NOT_FOUND)
+async def get_message(store: Store, id: Annotated[str, Path(pattern=QUEUE_ID)]) -> dict[str, Any]:
+    view = await store.get_message(id.upper())
+    if view is None:
+        raise HTTPException(404, "no such message")
+    return _message(view)
+
+
+@router.post(
+    "/messages/{id}/retry",
+    response_model=RetryResult,
+    summary="Make deferred, expired or bounced recipients due now",
+    responses={**_NOT_FOUND, 400: {"model": Problem, "description": "The body is not JSON"}},
+)
+async def retry_message(
+    request: Request,
+    store: Store,
+    caller: Caller,
+    id: Annotated[str, Path(pattern=QUEUE_ID)],
+    body: RetryRequest | None = None,
+) -> dict[str, Any]:
+    try:
+        count = await store.retry(
+            id.upper(), states=(QUEUED, DEFERRED, EXPIRED, BOUNCED), by=caller, reason=body.reason if body else ""
+        )
+    except NotFound as exc:
+        raise HTTPException(404, "no such message") from exc
+    request.app.state.wake_delivery()
+    return {"id": id.upper(), "retried": count}
+
+
+@router.get("/stats", response_model=Stats, summary="What happened per tag, domain or user")
+async def stats(
+    store: Store,
+    group_by: Annotated[Literal["tag", "domain", "user"], Query()] = "tag",
+    since: Annotated[datetime | None, Query(description="default: 24 hours ago")] = None,
+    until: Annotated[datetime | None, Query(description="default: now")] = None,
+) -> dict[str, Any]:
+    end = until.timestamp() if until is not None else time.time()
+    start = since.timestamp() if since is not None else end - 86400
+    if start > end:
+        raise _invalid("query", "since", "must not be after until")
+    rows = await store.stats(start, end, group_by)
+    return {"since": iso(start), "until": iso(end), "group_by": group_by, "groups": [r.to_json() for r in rows]}

@@ -1,0 +1,118 @@
+"""Prometheus metrics: the names dashboards and alert rules rely on (the only prometheus_client
+import). Counters and histograms are updated where things happen; the queue gauges are read
+from the store at scrape time, so they are exact and the same whichever process answers.
+
+With ``serve --processes N`` the parent sets PROMETHEUS_MULTIPROC_DIR before the workers
+start; each worker writes its own values there and ``/metrics`` merges them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily
+
+from relay.model import ACTIVE_STATES, QueueSummary
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+SESSIONS = Gauge("relay_smtp_sessions_active", "SMTP sessions open now", multiprocess_mode="livesum")
+RECEIVED = Counter("relay_smtp_messages_received", "Messages accepted (250 after the commit)")
+REJECTIONS = Counter("relay_smtp_rejections", "SMTP replies that refused something, by reason", ["reason"])
+ATTEMPTS = Counter("relay_delivery_attempts", "Delivery attempts per recipient, by result", ["result"])
+FINAL = Counter("relay_recipients_final", "Recipients that reached a final state", ["status"])
+ATTEMPT_SECONDS = Histogram(
+    "relay_delivery_attempt_duration_seconds",
+    "One SMTP transaction (DNS, connection and all), in seconds",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+ACCEPT_TO_DELIVERY = Histogram(
+    "relay_accept_to_delivery_seconds",
+    "From the 250 at intake to the remote server's 250, in seconds",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 3 * 86400),
+)
+TRACKING = Counter("relay_tracking_events", "Opens and clicks recorded", ["type", "machine"])
+
+REJECTION_REASONS: Final = (
+    "auth_required", "auth_failed", "tls_required", "message_size", "too_many_recipients", "bad_address",
+    "bad_sequence", "bad_content", "bad_command", "temporary_failure", "shutdown", "other",
+)  # fmt: skip
+
+for _result in ("delivered", "deferred", "bounced"):
+    ATTEMPTS.labels(_result)
+for _status in ("delivered", "bounced", "expired", "suppressed"):
+    FINAL.labels(_status)
+for _kind in ("open", "click"):
+    for _machine in ("true", "false"):
+        TRACKING.labels(_kind, _machine)
+for _reason in REJECTION_REASONS:
+    REJECTIONS.labels(_reason)
+
+
+_RESULT = {"delivered": "delivered", "bounced": "bounced"}  # anything else was a temporary failure
+_ATTEMPT = {r: ATTEMPTS.labels(r) for r in ("delivered", "deferred", "bounced")}
+_FINAL = {s: FINAL.labels(s) for s in ("delivered", "bounced", "expired", "suppressed")}
+
+
+def attempt(status: str, since_received: float) -> None:
+    """Count one recipient's attempt and, when it ends the recipient, its final state."""
+    _ATTEMPT[_RESULT.get(status, "deferred")].inc()
+    final = _FINAL.get(status)
+    if final is not None:
+        final.inc()
+    if status == "delivered":
+        ACCEPT_TO_DELIVERY.observe(since_received)
+
+
+def rejection_reason(code: int, enhanced: str | None, text: str) -> str:
+    """Which rejection an SMTP reply is, for relay_smtp_rejections_total{reason}."""
+    by_code = {530: "auth_required", 535: "auth_failed", 538: "tls_required", 552: "message_size",
+               452: "too_many_recipients", 503: "bad_sequence", 451: "temporary_failure", 421: "shutdown"}  # fmt: skip
+    if code in by_code:
+        return by_code[code]
+    if enhanced == "5.1.3":
+        return "bad_address"
+    if (enhanced or "").startswith("5.6.") or "Line too long" in text:
+        return "bad_content"
+    if code in (500, 501, 502, 504, 555):
+        return "bad_command"
+    return "other"
+
+
+class _Queue:
+    def __init__(self, summary: QueueSummary) -> None:
+        self.summary = summary
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        states = GaugeMetricFamily("relay_queue_recipients", "Recipients in the queue, by state", labels=["state"])
+        for state in ACTIVE_STATES:
+            states.add_metric([state], self.summary.counts.get(state, 0))
+        oldest = self.summary.oldest_queued_at
+        age = GaugeMetricFamily(
+            "relay_queue_oldest_age_seconds", "Age of the oldest message with a recipient still in the queue"
+        )
+        age.add_metric([], 0.0 if oldest is None else max(0.0, time.time() - oldest))
+        return [states, age]
+
+
+def render(queue: QueueSummary) -> bytes:
+    """The exposition text: this process's (or all workers') metrics, and the queue gauges."""
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    gauges = CollectorRegistry()
+    gauges.register(_Queue(queue))
+    return generate_latest(registry) + generate_latest(gauges)
+
+
+def worker_exited(pid: int) -> None:
+    if MULTIPROCESS:
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
