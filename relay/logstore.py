@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -860,22 +861,14 @@ class LogStore:
         address, newest first."""
         query = query.strip()
         bare = query.removeprefix("<").removesuffix(">").strip()
+        params = {"id": query.upper(), "mid": bare, "rcpt": bare.lower(), "limit": limit}
+        by_id = _QUEUE_ID.fullmatch(query) is not None
+        search = _by_message_id if query.startswith("<") else _by_message_id_or_recipient
 
         def find(conn: Connection) -> list[MessageView]:
-            ids = [r[0] for r in conn.execute(sa.select(messages.c.id).where(messages.c.id == query.upper()))]
+            ids = [r[0] for r in conn.execute(_by_queue_id, params)] if by_id else []
             if not ids:
-                by_mid = sa.select(messages.c.id, messages.c.received_at).where(messages.c.message_id == bare)
-                stmts = [by_mid]
-                if not query.startswith("<"):
-                    by_rcpt = (
-                        sa.select(messages.c.id, messages.c.received_at)
-                        .join(recipients, recipients.c.message_id == messages.c.id)
-                        .where(sa.func.lower(recipients.c.address) == bare.lower())
-                    )
-                    stmts.append(by_rcpt)
-                union = sa.union(*stmts).subquery() if len(stmts) > 1 else stmts[0].subquery()
-                rows = conn.execute(sa.select(union.c.id).order_by(union.c.received_at.desc()).limit(limit))
-                ids = [r[0] for r in rows]
+                ids = [r[0] for r in conn.execute(search, params)]
             return _views(conn, ids)
 
         return await self._read(find)
@@ -971,17 +964,45 @@ def _must_exist(conn: Connection, message_id: str) -> None:
         raise NotFound(f"no message {message_id}")
 
 
+# Lookups, built once (support's hot path; the statement cache then only binds values).
+_QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,32}")  # what a queue id can look like (ULIDs are 26)
+_by_queue_id = sa.select(messages.c.id).where(messages.c.id == sa.bindparam("id"))
+_mid_match = sa.select(messages.c.id, messages.c.received_at).where(messages.c.message_id == sa.bindparam("mid"))
+_rcpt_match = (
+    sa.select(messages.c.id, messages.c.received_at)
+    .join(recipients, recipients.c.message_id == messages.c.id)
+    .where(sa.func.lower(recipients.c.address) == sa.bindparam("rcpt"))
+)
+_by_message_id = _mid_match.order_by(messages.c.received_at.desc()).limit(sa.bindparam("limit"))
+_either = sa.union(_mid_match, _rcpt_match).subquery()
+_by_message_id_or_recipient = (
+    sa.select(_either.c.id).order_by(_either.c.received_at.desc()).limit(sa.bindparam("limit"))
+)
+_view_messages = sa.select(messages).where(messages.c.id.in_(sa.bindparam("ids", expanding=True)))
+_view_recipients = (
+    sa.select(recipients)
+    .where(recipients.c.message_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(recipients.c.id)
+)
+_view_events = (
+    sa.select(events)
+    .where(events.c.message_id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(events.c.at, events.c.id)
+)
+
+
 def _views(conn: Connection, ids: Sequence[str]) -> list[MessageView]:
     if not ids:
         return []
-    msgs = {r.id: r for r in conn.execute(sa.select(messages).where(messages.c.id.in_(ids)))}
+    params = {"ids": list(ids)}
+    msgs = {r.id: r for r in conn.execute(_view_messages, params)}
     rcpts: dict[str, list[RecipientView]] = {}
-    for r in conn.execute(sa.select(recipients).where(recipients.c.message_id.in_(ids)).order_by(recipients.c.id)):
+    for r in conn.execute(_view_recipients, params):
         rcpts.setdefault(r.message_id, []).append(
             RecipientView(r.address, r.status, r.attempts, r.next_attempt_at, r.last_response)
         )
     evs: dict[str, list[EventView]] = {}
-    for e in conn.execute(sa.select(events).where(events.c.message_id.in_(ids)).order_by(events.c.at, events.c.id)):
+    for e in conn.execute(_view_events, params):
         details = e.details if isinstance(e.details, dict) else json.loads(e.details)
         evs.setdefault(e.message_id, []).append(EventView(e.at, e.type, e.recipient, details))
     return [

@@ -152,6 +152,23 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
+def serve_config(tmp_path: Path, extra: str) -> Path:
+    """A relay.toml for `relay serve` in a test: every listener on an ephemeral port. `extra`
+    continues the [smtp] table and may add others (an [http] of its own included)."""
+    http = "" if "[http]" in extra else '[http]\nlisten = "127.0.0.1:0"\n'
+    return write_config(
+        tmp_path / "relay.toml",
+        f"""
+[server]
+hostname = "relay.test"
+data_dir = "{tmp_path / "data"}"
+{http}[smtp]
+listen = ["127.0.0.1:0"]
+{extra}
+""",
+    )
+
+
 class ServeProcess:
     """`relay serve` as a subprocess; learns its ports from its log."""
 

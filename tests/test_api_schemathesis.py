@@ -8,21 +8,16 @@ import sys
 from pathlib import Path
 
 import aiosmtplib
-from helpers import ServeProcess, write_config
+from helpers import ServeProcess, serve_config
 
 TOKEN = "schemathesis-token-0123456789"
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance", "response_schema_conformance")
 
 
 async def test_schemathesis_finds_no_server_error(tmp_path: Path) -> None:
-    cfg = write_config(
-        tmp_path / "relay.toml",
-        f"""
-[server]
-data_dir = "{tmp_path / "data"}"
-[smtp]
-listen = ["127.0.0.1:0"]
-[http]
+    cfg = serve_config(
+        tmp_path,
+        f"""[http]
 listen = "127.0.0.1:0"
 api_tokens = ["{TOKEN}"]
 [delivery]

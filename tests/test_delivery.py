@@ -70,6 +70,18 @@ def attempts(msg: MessageView, address: str | None = None) -> list[dict[str, Any
     ]
 
 
+async def first_attempt(relay: Relay, qid: str) -> MessageView:
+    """Wait until the message's first attempt is logged."""
+    assert relay.store is not None
+    store = relay.store
+
+    async def tried() -> MessageView | None:
+        (m,) = await store.lookup(qid)
+        return m if attempts(m) else None
+
+    return await wait_for(tried)
+
+
 @pytest.fixture
 async def relay_and_sinks(tmp_path: Path, zone: Zone) -> AsyncIterator[tuple[Relay, list[Sink]]]:
     async with sinks("127.0.0.2", "127.0.0.3") as (s2, s3):
@@ -145,11 +157,8 @@ async def test_every_mx_failing_defers(relay_and_sinks: tuple[Relay, list[Sink]]
     qid = await submit(relay, ["jane@example.com"])
     assert relay.store is not None
 
-    async def deferred() -> MessageView | None:
-        (m,) = await relay.store.lookup(qid)  # type: ignore[union-attr]
-        return m if m.recipients[0].status == "deferred" else None
-
-    msg = await wait_for(deferred)
+    msg = await first_attempt(relay, qid)
+    assert msg.recipients[0].status == "deferred"
     (attempt, *_) = attempts(msg)
     assert attempt["type"] == "deferred"
     assert attempt["enhanced_code"] == "4.4.1"
@@ -194,11 +203,7 @@ async def test_servfail_defers_then_delivers_once_dns_heals(
     qid = await submit(relay, ["x@flaky.example"])
     assert relay.store is not None
 
-    async def deferred_once() -> bool:
-        (m,) = await relay.store.lookup(qid)  # type: ignore[union-attr]
-        return any(e["type"] == "deferred" for e in attempts(m))
-
-    await wait_for(deferred_once)
+    assert attempts(await first_attempt(relay, qid))[0]["type"] == "deferred"
     zone.heal("flaky.example")
     msg = await final(relay, qid)
     assert status(msg) == {"x@flaky.example": "delivered"}
@@ -315,11 +320,7 @@ async def test_smarthost_with_wrong_credentials_defers(tmp_path: Path, zone: Zon
         async with running_relay(config, deliver=True) as relay:
             qid = await submit(relay, ["someone@anywhere.example"])
 
-            async def deferred() -> MessageView | None:
-                (m,) = await relay.store.lookup(qid)  # type: ignore[union-attr]
-                return m if attempts(m) else None
-
-            msg = await wait_for(deferred)
+            msg = await first_attempt(relay, qid)
     (attempt, *_) = attempts(msg)
     assert attempt["type"] == "deferred"
     assert attempt["code"] == 535
@@ -355,11 +356,7 @@ async def test_required_tls_refuses_an_unverifiable_certificate(
             zone.a("mx.tls.example", "127.0.0.6")
             qid = await submit(relay, ["x@tls.example"])
 
-            async def tried() -> MessageView | None:
-                (m,) = await relay.store.lookup(qid)  # type: ignore[union-attr]
-                return m if attempts(m) else None
-
-            msg = await wait_for(tried)
+            msg = await first_attempt(relay, qid)
     (attempt, *_) = attempts(msg)
     assert attempt["type"] == "deferred"
     assert attempt["enhanced_code"] == "4.7.5"
@@ -375,11 +372,7 @@ async def test_required_tls_without_starttls_defers(
         zone.a("plain.example", "127.0.0.2")
         qid = await submit(relay, ["x@plain.example"])
 
-        async def tried() -> MessageView | None:
-            (m,) = await relay.store.lookup(qid)  # type: ignore[union-attr]
-            return m if attempts(m) else None
-
-        msg = await wait_for(tried)
+        msg = await first_attempt(relay, qid)
     assert attempts(msg)[0]["enhanced_code"] == "4.7.4"
     assert sink.messages == []
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiosmtplib
 import httpx
-from helpers import ServeProcess, queue_id_of, relay_cli, wait_for, write_config
+from helpers import ServeProcess, queue_id_of, relay_cli, serve_config, wait_for
 from peers import Zone, dns_server, sinks
 
 from relay.logstore import LogStore
@@ -16,17 +16,9 @@ from relay.model import ACTIVE_STATES
 
 
 def _config(tmp_path: Path, zone: Zone, port: int, extra: str = "") -> Path:
-    return write_config(
-        tmp_path / "relay.toml",
-        f"""
-[server]
-hostname = "relay.test"
-data_dir = "{tmp_path / "data"}"
-[http]
-listen = "127.0.0.1:0"
-[smtp]
-listen = ["127.0.0.1:0"]
-[delivery]
+    return serve_config(
+        tmp_path,
+        f"""[delivery]
 port = {port}
 lease = "2s"
 retry_schedule = ["200ms"]

@@ -7,23 +7,15 @@ import json
 from pathlib import Path
 
 import aiosmtplib
-from helpers import ServeProcess, queue_id_of, relay_cli, write_config
+from helpers import ServeProcess, queue_id_of, relay_cli, serve_config, write_config
 
 from relay.logstore import LogStore
 
 
 def _config(tmp_path: Path, extra: str = "") -> Path:
-    return write_config(
-        tmp_path / "relay.toml",
-        f"""
-[server]
-hostname = "relay.test"
-data_dir = "{tmp_path / "data"}"
-[http]
-listen = "127.0.0.1:0"
-[smtp]
-listen = ["127.0.0.1:0"]
-shutdown_grace = "3s"
+    return serve_config(
+        tmp_path,
+        f"""shutdown_grace = "3s"
 {extra}
 [delivery]
 retry_schedule = ["1h"]
