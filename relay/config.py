@@ -405,7 +405,3 @@ def _is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def defaults() -> Config:
-    return from_mapping({})

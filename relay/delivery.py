@@ -14,12 +14,13 @@ holds is released (due at once) for the next run or another node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from relay import metrics
@@ -87,6 +88,12 @@ def group(claimed: Sequence[Claimed]) -> list[Job]:
     ]
 
 
+@dataclass(slots=True)
+class _DomainSlot:
+    semaphore: asyncio.Semaphore
+    users: int = 0  # holding or waiting
+
+
 class DeliveryEngine:
     poll_interval = 1.0  # seconds between looks for retries that came due
 
@@ -102,7 +109,7 @@ class DeliveryEngine:
         self._stopping = False
         self._jobs: set[asyncio.Task[None]] = set()
         self._held: set[int] = set()  # recipient ids leased to this process
-        self._domain_slots: dict[str, asyncio.Semaphore] = {}
+        self._domain_slots: dict[str, _DomainSlot] = {}
         self._backlog = False  # the last claim was cut short by free slots
         self._next_retry = float("inf")  # the earliest retry this process scheduled
         store.on_enqueued.append(lambda _msg: self._wake.set())
@@ -179,11 +186,20 @@ class DeliveryEngine:
                 log.info("to=<%s> status=%s attempt=%d relay=%s reply=%s", o.address, o.status, o.attempts,
                          _relay_name(result), o.last_response)  # fmt: skip
 
-    def _slot(self, domain: str) -> asyncio.Semaphore:
+    @contextlib.asynccontextmanager
+    async def _slot(self, domain: str) -> AsyncIterator[None]:
+        """One of the domain's ``per_domain`` slots; a domain nobody uses is forgotten."""
         slot = self._domain_slots.get(domain)
         if slot is None:
-            slot = self._domain_slots[domain] = asyncio.Semaphore(self.config.delivery.per_domain)
-        return slot
+            slot = self._domain_slots[domain] = _DomainSlot(asyncio.Semaphore(self.config.delivery.per_domain))
+        slot.users += 1
+        try:
+            async with slot.semaphore:
+                yield
+        finally:
+            slot.users -= 1
+            if slot.users == 0:
+                del self._domain_slots[domain]
 
     async def _attempt(self, job: Job) -> tuple[Result, int]:
         started = time.monotonic()

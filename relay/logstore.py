@@ -608,12 +608,8 @@ class LogStore:
         Recipients no longer leased to ``owner`` keep their state; the events are kept."""
         await self._write(_Record(owner, outcomes))
         for o in outcomes:
-            if o.next_attempt_at is None:
-                self._forget_body_if_done(o.message_id)
-
-    def _forget_body_if_done(self, message_id: str) -> None:
-        # The cache is an optimisation; a later attempt reads the body back from the store.
-        self._bodies.drop(message_id)
+            if o.next_attempt_at is None:  # a later attempt (a retry) reads the body back from the store
+                self._bodies.drop(o.message_id)
 
     async def release(self, owner: str, recipient_ids: Iterable[int], now: float | None = None) -> int:
         """Give leased recipients back untouched, due at once (graceful shutdown)."""
@@ -660,13 +656,6 @@ class LogStore:
         def due(conn: Connection) -> bool:
             stmt = sa.select(recipients.c.id).where(recipients.c.next_attempt_at <= now).limit(1)
             return (conn.scalar(stmt)) is not None
-
-        return await self._read(due)
-
-    async def next_due_at(self) -> float | None:
-        def due(conn: Connection) -> float | None:
-            value = conn.scalar(sa.select(sa.func.min(recipients.c.next_attempt_at)))
-            return None if value is None else float(value)
 
         return await self._read(due)
 

@@ -111,8 +111,3 @@ def render(queue: QueueSummary) -> bytes:
     gauges = CollectorRegistry()
     gauges.register(_Queue(queue))
     return generate_latest(registry) + generate_latest(gauges)
-
-
-def worker_exited(pid: int) -> None:
-    if MULTIPROCESS:
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
