@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from relay.errors import NotFound
 from relay.logstore import LogStore
-from relay.model import BOUNCED, DEFERRED, EXPIRED, QUEUED, MessageView, iso
+from relay.model import BOUNCED, DEFERRED, EXPIRED, QUEUED, iso
 
 State = Literal["queued", "deferred", "sending", "delivered", "bounced", "expired", "suppressed", "cancelled"]
 QUEUE_ID = r"^[0-9A-Za-z]{26}$"
@@ -166,10 +166,6 @@ def _invalid(where: str, name: str, message: str) -> HTTPException:
     return HTTPException(422, [{"loc": [where, name], "msg": message, "type": "value_error"}])
 
 
-def _message(view: MessageView) -> dict[str, Any]:
-    return view.to_json()
-
-
 def _ts(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
 
@@ -192,7 +188,7 @@ async def list_messages(
         queue_id=id, message_id=message_id, recipient=recipient, tag=tag, status=status,
         since=_ts(since), until=_ts(until), limit=limit, after=None if cursor is None else _parse_cursor(cursor),
     )  # fmt: skip
-    return {"messages": [_message(v) for v in views], "next_cursor": _cursor(after)}
+    return {"messages": [v.to_json() for v in views], "next_cursor": _cursor(after)}
 
 
 @router.get("/messages/{id}", response_model=Message, summary="One message and its timeline", responses=_NOT_FOUND)
@@ -200,7 +196,7 @@ async def get_message(store: Store, id: Annotated[str, Path(pattern=QUEUE_ID)]) 
     view = await store.get_message(id.upper())
     if view is None:
         raise HTTPException(404, "no such message")
-    return _message(view)
+    return view.to_json()
 
 
 @router.post(

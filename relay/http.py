@@ -133,10 +133,6 @@ class HttpServer:
                 self._task.result()  # raises what went wrong
             await asyncio.sleep(0.01)
 
-    @property
-    def task(self) -> asyncio.Task[Any] | None:
-        return self._task
-
     async def shutdown(self) -> None:
         self._server.should_exit = True
         if self._task is not None:
