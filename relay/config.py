@@ -172,7 +172,11 @@ class SmtpConfig:
     )
     max_message_size: int = setting(26_214_400, _int(1))
     max_recipients: int = setting(100, _int(1))
-    timeout: float = setting(300.0, _positive_duration)  # idle time before the session is closed
+    max_hops: int = setting(50, _int(1))  # Received headers; more is a mail loop (Postfix's hopcount_limit)
+    max_sessions: int = setting(1000, _int(1))  # open sessions in total (per process)
+    max_sessions_per_ip: int = setting(50, _int(1))  # open sessions from one client IP (per process)
+    max_junk_commands: int = setting(100, _int(1))  # NOOP/RSET/VRFY/HELP without a message, then 421
+    timeout: float = setting(300.0, _positive_duration)  # each read waits this long before the session is closed
     shutdown_grace: float = setting(10.0, parse_duration)  # in-flight sessions get this long on SIGTERM
 
     @property
@@ -249,18 +253,39 @@ def _token(value: Any, key: str) -> str:
     return text
 
 
+def _url_or_empty(value: Any, key: str) -> str:
+    return "" if isinstance(value, str) and not value.strip() else _url(value, key)
+
+
+def _optional(parse: Parser) -> Parser:
+    """An empty string means "not set" (None); anything else is parsed."""
+
+    def parser(value: Any, key: str) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return parse(value, key)
+
+    return parser
+
+
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
-    listen: Listen = setting(HTTP_DEFAULT, parse_listen)
+    listen: Listen = setting(HTTP_DEFAULT, parse_listen)  # the private side: metrics, health, API
     api_tokens: tuple[str, ...] = setting((), _list(_token))
+    metrics_token: str = setting("", _str)  # when set, /metrics needs it as a bearer token
 
 
 @dataclass(frozen=True, slots=True)
 class TrackingConfig:
-    base_url: str = setting("http://127.0.0.1:8025", _url)  # public URL the pixel and links point at
+    base_url: str = setting("", _url_or_empty)  # public URL the pixel and links point at; empty: tracking off
+    listen: Listen | None = setting(None, _optional(parse_listen))  # the public side for /t/...; None: [http] listen
     secret: str = setting("", _str)  # HMAC key; generated into data_dir when empty
     opens: bool = setting(True, _bool)
     clicks: bool = setting(True, _bool)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.base_url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,13 +337,23 @@ def _build(cls: type[T], raw: Mapping[str, Any], prefix: str) -> T:
     return cls(**values)
 
 
+ENV_NOT_KEYS = frozenset({"RELAY_CONFIG"})  # RELAY_* variables that are not configuration keys
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """RELAY_<SECTION>_<KEY> values; any other RELAY_* variable is a mistake (a typo would
+    otherwise be ignored silently), like an unknown key in the file."""
+    known = {
+        f"RELAY_{section}_{f.name}".upper(): (section, f.name) for section, cls in SECTIONS.items() for f in fields(cls)
+    }
     out: dict[str, dict[str, Any]] = {}
-    for section, cls in SECTIONS.items():
-        for f in fields(cls):
-            name = f"RELAY_{section}_{f.name}".upper()
-            if name in environ:
-                out.setdefault(section, {})[f.name] = _env_value(environ[name])
+    for name, value in environ.items():
+        if not name.startswith("RELAY_") or name in ENV_NOT_KEYS:
+            continue
+        if name not in known:
+            raise ConfigError(name, "unknown environment variable (expected RELAY_<SECTION>_<KEY> of a known key)")
+        section, key = known[name]
+        out.setdefault(section, {})[key] = _env_value(value)
     return out
 
 

@@ -385,7 +385,9 @@ class RelayHandler:
         except InvalidMessage as exc:
             log.info("refused message from %s: %s", ip, exc.reply)
             return exc.reply
-        track = tracking.tracking_choice(prepared.track, self.config.tracking.opens, self.config.tracking.clicks)
+        track = ""
+        if self.config.tracking.enabled:  # off until [tracking] base_url says where recipients reach Relay
+            track = tracking.tracking_choice(prepared.track, self.config.tracking.opens, self.config.tracking.clicks)
         links: tuple[str, ...] = ()
         if track and tracking.has_html(prepared.raw):
             links = tuple(tracking.trackable_links(prepared.raw)) if "clicks" in track else ()

@@ -21,7 +21,9 @@ from relay import config as cfgmod
 from relay.server import Relay
 
 T = TypeVar("T")
-POSTGRES_URL = os.environ.get("RELAY_TEST_POSTGRES_URL", "")
+# Read once, then taken out of the environment: it is not a Relay setting, and `relay` (run as a
+# subprocess by tests) refuses RELAY_* variables it does not know.
+POSTGRES_URL = os.environ.pop("RELAY_TEST_POSTGRES_URL", "")
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
