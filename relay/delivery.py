@@ -1,26 +1,29 @@
 """Delivery: claim due recipients, send them, record what happened.
 
-A dispatcher claims due recipients with a lease (``LogStore.claim_due``), groups a message's
-recipients by domain into one SMTP transaction, and runs the transactions within
-``[delivery] concurrency`` in total and ``per_domain`` per destination domain. Each
-attempt ends in one ``LogStore.record`` call: new states and one event per recipient,
-in one transaction. What a failure means is decided by ``RetryPolicy``, a pure value.
+A dispatcher claims only what can start at once (``LogStore.claim_due`` with a ``Planner``):
+at most ``[delivery] concurrency`` transactions in total and ``per_domain`` per destination
+domain, counting those in flight, so a claimed recipient never waits for a slot while its lease
+runs out, and a full domain never holds mail for the others. A message's recipients in one
+domain go in one SMTP transaction (a ``Job``).
+
+Every job ends as one recorded attempt per recipient (``LogStore.record``: new states and one
+event each, in one transaction), whatever happens inside it: a library error, a store error, a
+cancelled task are temporary failures. The attempt gives up at 80 % of the lease, counted from
+the claim. What a reply means is decided by ``RetryPolicy``, a pure value.
 
 New mail wakes the dispatcher at once; retries are found by polling the next due time.
-On shutdown, transactions in flight get a grace period, then everything this process still
-holds is released (due at once) for the next run or another node.
+On shutdown, transactions in flight get a grace period, then they are cancelled and recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from relay import metrics
@@ -33,6 +36,8 @@ from relay.tracking import Tracker
 from relay.transport import Hop, Reply, Result, Transport
 
 log = logging.getLogger(__name__)
+
+REWRITE_IN_THREAD = 256 * 1024  # bytes; a larger message is rewritten off the event loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +81,16 @@ class Job:
     track: str = ""  # tracked: exactly one recipient
 
 
+def job_key(c: Claimed) -> tuple[str, str, int]:
+    """Recipients with the same key go in one transaction: a message's recipients per domain;
+    a tracked message is rewritten per recipient, so each of its recipients is a job alone."""
+    return c.message_id, c.domain, c.recipient_id if c.track else 0
+
+
 def group(claimed: Sequence[Claimed]) -> list[Job]:
-    """A message's recipients per domain in one transaction; a tracked message is rewritten
-    per recipient, so each of its recipients gets a transaction of its own."""
     jobs: dict[tuple[str, str, int], list[Claimed]] = {}
     for c in claimed:
-        jobs.setdefault((c.message_id, c.domain, c.recipient_id if c.track else 0), []).append(c)
+        jobs.setdefault(job_key(c), []).append(c)
     return [
         Job(mid, rs[0].mail_from, rs[0].received_at, domain, tuple(rs), rs[0].track)
         for (mid, domain, _), rs in jobs.items()
@@ -89,13 +98,44 @@ def group(claimed: Sequence[Claimed]) -> list[Job]:
 
 
 @dataclass(slots=True)
-class _DomainSlot:
-    semaphore: asyncio.Semaphore
-    users: int = 0  # holding or waiting
+class Planner:
+    """Chooses, inside the claiming transaction, the due recipients that can start at once:
+    at most ``jobs`` new transactions and ``per_domain`` per domain, counting those running.
+    A claimed recipient never waits for a slot while its lease runs out, and a domain that is
+    full never stops the others from being claimed (the candidates are in due order, and
+    full domains are skipped)."""
+
+    jobs: int
+    per_domain: int
+    running: dict[str, int]  # a snapshot: transactions in flight per domain
+    window: int  # how many candidates the claim reads
+    waiting: bool = False  # something due was left for later (no free slot, or beyond the window)
+
+    @property
+    def full_domains(self) -> list[str]:
+        return [d for d, n in self.running.items() if n >= self.per_domain]
+
+    def __call__(self, candidates: Sequence[Claimed]) -> list[Claimed]:
+        running = dict(self.running)
+        started: set[tuple[str, str, int]] = set()
+        chosen: list[Claimed] = []
+        for c in candidates:
+            key = job_key(c)
+            if key not in started:
+                if len(started) >= self.jobs or running.get(c.domain, 0) >= self.per_domain:
+                    self.waiting = True
+                    continue
+                started.add(key)
+                running[c.domain] = running.get(c.domain, 0) + 1
+            chosen.append(c)
+        if len(candidates) >= self.window:
+            self.waiting = True
+        return chosen
 
 
 class DeliveryEngine:
     poll_interval = 1.0  # seconds between looks for retries that came due
+    record_retry_max = 2.0  # seconds between tries to record an attempt while the store fails
 
     def __init__(self, config: Config, store: LogStore, transport: Transport, tracker: Tracker | None = None) -> None:
         self.config = config
@@ -109,8 +149,8 @@ class DeliveryEngine:
         self._stopping = False
         self._jobs: set[asyncio.Task[None]] = set()
         self._held: set[int] = set()  # recipient ids leased to this process
-        self._domain_slots: dict[str, _DomainSlot] = {}
-        self._backlog = False  # the last claim was cut short by free slots
+        self._running: dict[str, int] = {}  # transactions in flight per domain
+        self._backlog = False  # the last claim left due work behind
         self._next_retry = float("inf")  # the earliest retry this process scheduled
         store.on_enqueued.append(lambda _msg: self._wake.set())
 
@@ -146,23 +186,32 @@ class DeliveryEngine:
         return min(self._next_retry - now, self.poll_interval)
 
     async def _dispatch(self, *, check_first: bool = False) -> bool:
-        """Claim what free slots allow and start it. True when the claim was full, so more
-        may be due right now."""
-        free = self.config.delivery.concurrency - len(self._jobs)
+        """Claim what can start now and start it. True when more may be startable right away."""
+        d = self.config.delivery
+        free = d.concurrency - len(self._jobs)
         if free <= 0 or self._stopping:
             self._backlog = True  # a finishing job wakes the dispatcher
             return False
         if check_first and not await self.store.anything_due():
             return False
-        claimed = await self.store.claim_due(self.owner, limit=free, lease=self.config.delivery.lease)
+        planner = Planner(free, d.per_domain, dict(self._running), window=max(4 * free, 64))
+        claimed = await self.store.claim_due(
+            self.owner, lease=d.lease, limit=planner.window, pick=planner, skip_domains=planner.full_domains
+        )
+        lease_ends = time.time() + d.lease  # the store's lease ends a moment before this
         fresh = [c for c in claimed if c.recipient_id not in self._held]  # re-claims only renewed our lease
         for job in group(fresh):
-            self._held.update(c.recipient_id for c in job.recipients)
-            task = asyncio.get_running_loop().create_task(self._run(job), name=f"deliver-{job.message_id}")
-            self._jobs.add(task)
-            task.add_done_callback(self._job_done)
-        self._backlog = len(claimed) >= free
-        return self._backlog
+            self._start(job, lease_ends)
+        # Due work left behind (or possibly behind a full domain): a finishing job looks again.
+        self._backlog = planner.waiting or bool(planner.full_domains)
+        return bool(fresh) and planner.waiting and len(self._jobs) < d.concurrency
+
+    def _start(self, job: Job, lease_ends: float) -> None:
+        self._held.update(c.recipient_id for c in job.recipients)
+        self._running[job.domain] = self._running.get(job.domain, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._run(job, lease_ends), name=f"deliver-{job.message_id}")
+        self._jobs.add(task)
+        task.add_done_callback(self._job_done)
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._jobs.discard(task)
@@ -171,13 +220,32 @@ class DeliveryEngine:
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery job failed", exc_info=task.exception())
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, lease_ends: float) -> None:
+        """One attempt, always ending as a recorded outcome for every recipient: whatever
+        goes wrong inside it (a library error, a cancelled task) is a temporary failure."""
         with with_ids(queue_id=job.message_id, domain=job.domain):
-            async with self._slot(job.domain):
-                result, duration_ms = await self._attempt(job)
-                outcomes = self._outcomes(job, result, duration_ms, time.time())
-                await self.store.record(self.owner, outcomes)
+            started = time.monotonic()
+            try:
+                result = await self._attempt(job, deadline=lease_ends - 0.2 * self.config.delivery.lease)
+            except asyncio.CancelledError:
+                result = _failed(job, Reply(None, "4.4.2", "delivery attempt interrupted: Relay is shutting down"))
+            except StoreError as exc:
+                log.warning("could not read the message for delivery: %s", exc)
+                result = _failed(job, Reply(None, "4.3.0", "could not read the message from the store"))
+            except Exception as exc:
+                log.exception("delivery attempt failed unexpectedly")
+                result = _failed(job, Reply(None, "4.3.0", f"Relay failed during the attempt ({type(exc).__name__})"))
+            duration_ms = int((time.monotonic() - started) * 1000)
+            outcomes = self._outcomes(job, result, duration_ms, time.time())
+            try:
+                await self._record(outcomes, lease_ends)
+            finally:
                 self._held.difference_update(c.recipient_id for c in job.recipients)
+                left = self._running.get(job.domain, 1) - 1
+                if left > 0:
+                    self._running[job.domain] = left
+                else:
+                    self._running.pop(job.domain, None)
             metrics.ATTEMPT_SECONDS.observe(duration_ms / 1000)
             for o in outcomes:
                 if o.next_attempt_at is not None:
@@ -186,39 +254,43 @@ class DeliveryEngine:
                 log.info("to=<%s> status=%s attempt=%d relay=%s reply=%s", o.address, o.status, o.attempts,
                          _relay_name(result), o.last_response)  # fmt: skip
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, domain: str) -> AsyncIterator[None]:
-        """One of the domain's ``per_domain`` slots; a domain nobody uses is forgotten."""
-        slot = self._domain_slots.get(domain)
-        if slot is None:
-            slot = self._domain_slots[domain] = _DomainSlot(asyncio.Semaphore(self.config.delivery.per_domain))
-        slot.users += 1
-        try:
-            async with slot.semaphore:
-                yield
-        finally:
-            slot.users -= 1
-            if slot.users == 0:
-                del self._domain_slots[domain]
+    async def _record(self, outcomes: Sequence[Outcome], lease_ends: float) -> None:
+        """Write the outcomes; while the store fails, try again until the lease runs out. Past
+        that, the recipients are due again for whoever claims them (at worst a second delivery)."""
+        delay = 0.1
+        while True:
+            try:
+                await self.store.record(self.owner, outcomes)
+                return
+            except StoreError as exc:
+                if time.time() + delay >= lease_ends:
+                    log.error("could not record the attempt (%s); the lease runs out and it will be tried again", exc)
+                    return
+                log.warning("could not record the attempt (%s); trying again in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.record_retry_max)
 
-    async def _attempt(self, job: Job) -> tuple[Result, int]:
-        started = time.monotonic()
+    async def _attempt(self, job: Job, deadline: float) -> Result:
+        """Send the message; give up at ``deadline`` (well before the lease runs out)."""
         addresses = [c.address for c in job.recipients]
         body = (await self.store.load_bodies([job.message_id])).get(job.message_id)
         if body is None:
-            missing = Reply(None, "5.3.0", "message body missing from the store")
-            result = Result(dict.fromkeys(addresses, missing), Hop())
-        else:
-            if job.track and self.tracker is not None:
-                body = self.tracker.rewrite(body, job.recipients[0].recipient_id, job.track)
-            budget = self.config.delivery.lease * 0.8  # finish (or give up) well before the lease runs out
-            try:
-                async with asyncio.timeout(budget):
-                    result = await self.transport.send(job.domain, job.mail_from, addresses, body)
-            except TimeoutError:
-                reply = Reply(None, "4.4.7", f"delivery attempt gave up after {budget:.0f}s")
-                result = Result(dict.fromkeys(addresses, reply), Hop())
-        return result, int((time.monotonic() - started) * 1000)
+            return _failed(job, Reply(None, "5.3.0", "message body missing from the store"))
+        if job.track and self.tracker is not None:
+            body = await self._rewrite(body, job)
+        budget = deadline - time.time()
+        try:
+            async with asyncio.timeout(budget):
+                return await self.transport.send(job.domain, job.mail_from, addresses, body)
+        except TimeoutError:
+            return _failed(job, Reply(None, "4.4.7", f"delivery attempt gave up after {max(budget, 0):.0f}s"))
+
+    async def _rewrite(self, body: bytes, job: Job) -> bytes:
+        assert self.tracker is not None
+        recipient_id = job.recipients[0].recipient_id
+        if len(body) < REWRITE_IN_THREAD:
+            return self.tracker.rewrite(body, recipient_id, job.track)
+        return await asyncio.to_thread(self.tracker.rewrite, body, recipient_id, job.track)  # keep the loop free
 
     def _outcomes(self, job: Job, result: Result, duration_ms: int, now: float) -> list[Outcome]:
         hop = result.hop
@@ -282,3 +354,8 @@ def _relay_name(result: Result) -> str:
     if hop.ip is None:
         return "none"
     return f"{hop.host}[{hop.ip}]:{hop.port}"
+
+
+def _failed(job: Job, reply: Reply) -> Result:
+    """The same reply for every recipient of the job, from no server."""
+    return Result(dict.fromkeys((c.address for c in job.recipients), reply), Hop())

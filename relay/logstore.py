@@ -23,7 +23,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -162,13 +162,26 @@ class _Op:
 
 
 @dataclass(slots=True)
+class _Refused:
+    """An operation that ended with an expected error (NotFound, Conflict): its own savepoint
+    was rolled back, the shared transaction goes on for everyone else."""
+
+    error: RelayError
+
+
+@dataclass(slots=True)
 class _Call(_Op):
-    """A one-off write: a function of the connection."""
+    """A one-off write: a function of the connection, in a savepoint of its own, so that an
+    expected error undoes only this operation and never the group commit around it."""
 
     fn: Callable[[Connection], Any]
 
     def run(self, conn: Connection) -> Any:
-        return self.fn(conn)
+        try:
+            with conn.begin_nested():
+                return self.fn(conn)
+        except RelayError as exc:
+            return _Refused(exc)
 
 
 @dataclass(slots=True)
@@ -240,6 +253,29 @@ _record_stmt = (
         next_attempt_at=sa.bindparam("next_at"),
         last_response=sa.bindparam("response"),
         lease_owner=None,
+        updated_at=sa.bindparam("at"),
+    )
+)
+
+
+# What a claim reads of a due recipient (the fields of model.Claimed, in order), and how it leases one.
+_claim_columns = (
+    recipients.c.id,
+    recipients.c.message_id,
+    recipients.c.address,
+    recipients.c.domain,
+    recipients.c.attempts,
+    messages.c.mail_from,
+    messages.c.received_at,
+    messages.c.track,
+)
+_lease_stmt = (
+    recipients.update()
+    .where(recipients.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .values(
+        status=SENDING,
+        lease_owner=sa.bindparam("owner"),
+        next_attempt_at=sa.bindparam("until"),
         updated_at=sa.bindparam("at"),
     )
 )
@@ -447,7 +483,11 @@ class _Writer:
                 fut.set_exception(_map_error(exc))
             return
         for (_, fut), result in zip(batch, results, strict=True):
-            if not fut.done():
+            if fut.done():
+                continue
+            if isinstance(result, _Refused):
+                fut.set_exception(result.error)
+            else:
                 fut.set_result(result)
 
 
@@ -546,59 +586,45 @@ class LogStore:
 
     # -- delivery
 
-    async def claim_due(self, owner: str, limit: int, lease: float, now: float | None = None) -> list[Claimed]:
-        """Lease up to ``limit`` due recipients to ``owner`` until now + lease, oldest due first.
-        A recipient whose lease has run out is due again."""
+    async def claim_due(
+        self,
+        owner: str,
+        *,
+        lease: float,
+        limit: int = 100,
+        pick: Callable[[Sequence[Claimed]], Sequence[Claimed]] | None = None,
+        skip_domains: Collection[str] = (),
+        now: float | None = None,
+    ) -> list[Claimed]:
+        """Lease due recipients to ``owner`` until now + lease, oldest due first. A recipient
+        whose lease has run out is due again.
+
+        Up to ``limit`` due recipients (outside ``skip_domains``) are candidates; ``pick``
+        chooses which of them to lease (default: all), inside the claiming transaction, so that
+        a worker leases only what it can start at once and nothing waits while its lease runs."""
         now = time.time() if now is None else now
+        due = (
+            sa.select(*_claim_columns)
+            .join(messages, messages.c.id == recipients.c.message_id)
+            .where(recipients.c.next_attempt_at <= now)
+            .order_by(recipients.c.next_attempt_at)
+            .limit(limit)
+        )
+        if skip_domains:
+            due = due.where(recipients.c.domain.not_in(list(skip_domains)))
+        if self.is_postgres:
+            due = due.with_for_update(skip_locked=True, of=recipients)
 
         def claim(conn: Connection) -> list[Claimed]:
-            due = (
-                sa.select(recipients.c.id)
-                .where(recipients.c.next_attempt_at <= now)
-                .order_by(recipients.c.next_attempt_at)
-                .limit(limit)
-            )
-            if self.is_postgres:
-                due = due.with_for_update(skip_locked=True)
-            stmt = (
-                recipients.update()
-                .where(recipients.c.id.in_(due.scalar_subquery()))
-                .values(status=SENDING, lease_owner=owner, next_attempt_at=now + lease, updated_at=now)
-                .returning(
-                    recipients.c.id,
-                    recipients.c.message_id,
-                    recipients.c.address,
-                    recipients.c.domain,
-                    recipients.c.attempts,
+            candidates = [Claimed(*row) for row in conn.execute(due)]
+            chosen = list(candidates if pick is None else pick(candidates))
+            if chosen:
+                conn.execute(
+                    _lease_stmt,
+                    {"ids": [c.recipient_id for c in chosen], "owner": owner, "until": now + lease, "at": now},
                 )
-            )
-            rows = (conn.execute(stmt)).all()
-            if not rows:
-                return []
-            ids = {r.message_id for r in rows}
-            meta = {
-                m.id: m
-                for m in conn.execute(
-                    sa.select(messages.c.id, messages.c.mail_from, messages.c.received_at, messages.c.track).where(
-                        messages.c.id.in_(ids)
-                    )
-                )
-            }
-            claimed = [
-                Claimed(
-                    r.id,
-                    r.message_id,
-                    r.address,
-                    r.domain,
-                    r.attempts,
-                    meta[r.message_id].mail_from,
-                    meta[r.message_id].received_at,
-                    meta[r.message_id].track,
-                )
-                for r in rows
-            ]
-            claimed.sort(key=lambda c: (c.message_id, c.recipient_id))
-            return claimed
+            chosen.sort(key=lambda c: (c.message_id, c.recipient_id))
+            return chosen
 
         result: list[Claimed] = await self._write(_Call(claim))
         return result

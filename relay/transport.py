@@ -113,6 +113,10 @@ class _Unusable(Exception):
         self.failure = failure
 
 
+class _Loop(Exception):
+    """The destination is this relay itself."""
+
+
 class Transport:
     def __init__(self, config: Config, resolver: MxResolver) -> None:
         self.config = config
@@ -135,6 +139,11 @@ class Transport:
                 conn = await self._checkout(target)
                 hop = Hop(target.host, target.ip, target.port, conn.tls)
                 replies = await self._transaction(conn, mail_from, recipients, data)
+            except _Loop:
+                log.warning("%s [%s]:%d is this relay (%s): mail loop", target.host, target.ip, target.port,
+                            self.config.server.hostname)  # fmt: skip
+                loop = Reply(None, "5.4.6", f"mail for {domain} loops back to myself")
+                return Result(dict.fromkeys(recipients, loop), hop, tuple(tried))
             except _Unusable as exc:
                 last = exc.failure
                 tried.append(exc.failure.reply)
@@ -208,11 +217,12 @@ class Transport:
             use_tls=False,
         )
         try:
-            await smtp.connect(timeout=d.connect_timeout)
+            greeting = await smtp.connect(timeout=d.connect_timeout)
+            self._check_not_myself(greeting.message)
             try:
-                await smtp.ehlo()
+                self._check_not_myself((await smtp.ehlo()).message)
             except aiosmtplib.SMTPHeloError:
-                await smtp.helo()
+                self._check_not_myself((await smtp.helo()).message)
             tls = None
             if target.tls != "none" and smtp.supports_extension("starttls"):
                 await smtp.starttls(server_hostname=target.host, tls_context=self._tls_context(target.tls))
@@ -222,11 +232,23 @@ class Transport:
             elif target.tls == "required":
                 raise TemporaryFailure(None, "4.7.4", "TLS is required, but the server did not offer STARTTLS")
             if target.username:
+                if tls is None:  # Postfix's smtp_sasl_security_options = noplaintext
+                    raise TemporaryFailure(None, "4.7.0", "refusing to send credentials without TLS")
                 await self._login(smtp, target)
-        except (aiosmtplib.SMTPException, OSError, ssl.SSLError, DeliveryFailure) as exc:
+        except _Loop:
+            smtp.close()
+            raise
+        except Exception as exc:  # every library error (and a garbage reply) means: not this address
             smtp.close()
             raise _Unusable(_failure(exc, target)) from exc
         return _Connection(smtp, target, tls, set(smtp.esmtp_extensions))
+
+    def _check_not_myself(self, reply_text: str) -> None:
+        """A server that greets or answers EHLO with our own name is this relay: a mail loop
+        (an MX or route pointing back at us). Postfix: "mail for ... loops back to myself"."""
+        words = reply_text.split(None, 1)
+        if words and words[0].rstrip(".").lower() == self.config.server.hostname:
+            raise _Loop
 
     @staticmethod
     async def _login(smtp: aiosmtplib.SMTP, target: _Target) -> None:
@@ -308,12 +330,14 @@ class Transport:
             done = await self._data(conn, data)
             for rcpt in accepted:
                 replies[rcpt] = done
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
-            conn.smtp.close()
-            raise _Unusable(_failure(exc, conn.target)) from exc
         except _Unusable:
             conn.smtp.close()
             raise
+        except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
+            # The connection is in an unknown state (a garbage or oversized reply, a drop, a
+            # timeout, an address the library refuses): close it; the attempt is temporary.
+            conn.smtp.close()
+            raise _Unusable(_failure(exc, conn.target)) from exc
         self._checkin(conn)
         return replies
 
@@ -357,12 +381,15 @@ def _failure(exc: BaseException, target: _Target) -> DeliveryFailure:
     if isinstance(exc, DeliveryFailure):
         return exc
     where = f"{target.host} [{target.ip}]:{target.port}"
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code < 200:  # not an SMTP reply at all
+        text = " ".join(exc.message.removeprefix("Malformed SMTP response line:").split())[:200]
+        return TemporaryFailure(None, "4.5.0", f"{where} sent a malformed reply: {text}")
     code = exc.code if isinstance(exc, aiosmtplib.SMTPResponseException) else None
     message = exc.message if isinstance(exc, aiosmtplib.SMTPResponseException) else str(exc)
     for kinds, enhanced, template in _FAILURES:
         if isinstance(exc, kinds):
             return TemporaryFailure(code, enhanced, template.format(where=where, message=message, reason=_reason(exc)))
-    return TemporaryFailure(None, "4.4.2", f"{where}: {type(exc).__name__}: {exc}")
+    return TemporaryFailure(None, "4.4.2", f"{where}: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 # (exception types, enhanced code, text): the first match wins, so the most specific come first.

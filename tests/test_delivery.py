@@ -295,12 +295,12 @@ async def test_per_recipient_results_in_one_transaction(relay_and_sinks: tuple[R
     assert attempts(msg, "yes@example.org")[0]["code"] == 250
 
 
-async def test_smarthost_route_with_auth(tmp_path: Path, zone: Zone) -> None:
-    async with sinks("127.0.0.5", users={"relayuser": "relaypass"}) as (smarthost,):
+async def test_smarthost_route_with_auth(tmp_path: Path, zone: Zone, self_signed: ssl.SSLContext) -> None:
+    async with sinks("127.0.0.5", users={"relayuser": "relaypass"}, tls=self_signed) as (smarthost,):
         config = delivery_config(
             tmp_path, zone, 25,
             routes=[{"domains": ["*"], "host": "127.0.0.5", "port": smarthost.port, "username": "relayuser",
-                     "password": "relaypass", "tls": "none"}],
+                     "password": "relaypass", "tls": "opportunistic"}],
         )  # fmt: skip
         async with running_relay(config, deliver=True) as relay:
             msg = await final(relay, await submit(relay, ["someone@anywhere.example"]))
@@ -310,12 +310,12 @@ async def test_smarthost_route_with_auth(tmp_path: Path, zone: Zone) -> None:
     assert zone.queries == []  # a route needs no MX lookup
 
 
-async def test_smarthost_with_wrong_credentials_defers(tmp_path: Path, zone: Zone) -> None:
-    async with sinks("127.0.0.5", users={"relayuser": "relaypass"}) as (smarthost,):
+async def test_smarthost_with_wrong_credentials_defers(tmp_path: Path, zone: Zone, self_signed: ssl.SSLContext) -> None:
+    async with sinks("127.0.0.5", users={"relayuser": "relaypass"}, tls=self_signed) as (smarthost,):
         config = delivery_config(
             tmp_path, zone, 25,
             routes=[{"domains": ["anywhere.example"], "host": "127.0.0.5", "port": smarthost.port,
-                     "username": "relayuser", "password": "wrong", "tls": "none"}],
+                     "username": "relayuser", "password": "wrong", "tls": "opportunistic"}],
         )  # fmt: skip
         async with running_relay(config, deliver=True) as relay:
             qid = await submit(relay, ["someone@anywhere.example"])
@@ -424,7 +424,7 @@ def test_retry_policy_is_a_pure_decision() -> None:
     assert policy.decide(temp, attempt=10, received_at=0, now=3600).status == "expired"
 
 
-async def test_shutdown_releases_what_it_holds(tmp_path: Path, zone: Zone) -> None:
+async def test_shutdown_records_the_attempts_it_cancels(tmp_path: Path, zone: Zone) -> None:
     async with sinks("127.0.0.2") as (sink,):
         sink.behaviour.data_delay = 5  # longer than the grace period
         config = delivery_config(tmp_path, zone, sink.port, delivery={"shutdown_grace": "300ms"})
@@ -442,8 +442,10 @@ async def test_shutdown_releases_what_it_holds(tmp_path: Path, zone: Zone) -> No
         await relay.shutdown()
     async with running_relay(config) as again:
         (m,) = await again.store.lookup(qid)  # type: ignore[union-attr]
-    assert m.recipients[0].status == "queued"  # released, due at once, never half-recorded
-    assert [e.type for e in m.events] == ["received"]
+    # the cancelled attempt is an attempt like any other: recorded, deferred, the lease let go
+    assert (m.recipients[0].status, m.recipients[0].attempts) == ("deferred", 1)
+    assert m.recipients[0].last_response == "4.4.2 delivery attempt interrupted: Relay is shutting down"
+    assert [e.type for e in m.events] == ["received", "deferred"]
 
 
 async def test_a_new_message_is_delivered_without_waiting_for_a_poll(

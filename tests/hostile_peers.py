@@ -1,0 +1,110 @@
+"""A hand-written SMTP server on a raw socket, for what aiosmtpd never does: answer with a line
+that is not an SMTP reply, a 9,000-byte line, a greeting with Relay's own name, a stall, or
+AUTH without STARTTLS. Unscripted, it behaves as a plain sink and records what it accepts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Accepted:
+    mail_from: str
+    rcpts: list[str]
+    data: bytes
+
+
+@dataclass
+class ScriptedPeer:
+    ip: str
+    port: int = 0
+    name: str = "peer.test"  # in the greeting
+    ehlo_name: str | None = None  # in the EHLO reply; None: the same as the greeting
+    extensions: tuple[str, ...] = ("PIPELINING", "8BITMIME", "SIZE 52428800")
+    replies: dict[str, bytes] = field(default_factory=dict)  # verb -> raw bytes sent instead of the reply
+    stall: set[str] = field(default_factory=set)  # verbs never answered
+    data_delay: float = 0.0  # seconds before the reply to the end of DATA
+    messages: list[Accepted] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    connections: int = 0
+    open_connections: int = 0
+    _server: asyncio.Server | None = None
+
+    def heal(self) -> None:
+        """From now on, a well-behaved sink."""
+        self.replies.clear()
+        self.stall.clear()
+
+    @property
+    def rcpts(self) -> list[str]:
+        return [r for m in self.messages for r in m.rcpts]
+
+    async def start(self) -> ScriptedPeer:
+        self._server = await asyncio.start_server(self._handle, self.ip, self.port, limit=1 << 26)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open_connections += 1
+        try:
+            await self._session(reader, writer)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self.open_connections -= 1
+            writer.close()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def say(data: bytes) -> None:
+            writer.write(data)
+            await writer.drain()
+
+        await say(f"220 {self.name} ESMTP\r\n".encode())
+        mail_from, rcpts = "", []
+        while line := await reader.readline():
+            command = line.decode("utf-8", "replace").rstrip("\r\n")
+            self.commands.append(command)
+            verb = command.split(" ", 1)[0].upper()
+            if verb in self.stall:
+                await asyncio.sleep(3600)
+            if verb in self.replies:
+                await say(self.replies[verb])
+                continue
+            if verb == "EHLO":
+                lines = [self.ehlo_name or self.name, *self.extensions]
+                await say(
+                    "".join(f"250{'-' if i < len(lines) - 1 else ' '}{x}\r\n" for i, x in enumerate(lines)).encode()
+                )
+            elif verb == "HELO":
+                await say(f"250 {self.ehlo_name or self.name}\r\n".encode())
+            elif verb == "MAIL":
+                mail_from, rcpts = command.partition(":")[2].split(">")[0].lstrip(" <"), []
+                await say(b"250 2.1.0 Ok\r\n")
+            elif verb == "RCPT":
+                rcpts.append(command.partition(":")[2].split(">")[0].lstrip(" <"))
+                await say(b"250 2.1.5 Ok\r\n")
+            elif verb == "DATA":
+                await say(b"354 go ahead\r\n")
+                data = await reader.readuntil(b"\r\n.\r\n")
+                if self.data_delay:
+                    await asyncio.sleep(self.data_delay)
+                self.messages.append(Accepted(mail_from, rcpts, data[:-5].replace(b"\r\n..", b"\r\n.")))
+                mail_from, rcpts = "", []
+                await say(b"250 2.0.0 Ok: queued\r\n")
+            elif verb in ("RSET", "NOOP"):
+                mail_from, rcpts = "", []
+                await say(b"250 2.0.0 Ok\r\n")
+            elif verb == "QUIT":
+                await say(b"221 2.0.0 Bye\r\n")
+                return
+            else:
+                await say(b"502 5.5.2 Command not recognized\r\n")
