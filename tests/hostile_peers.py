@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 
@@ -14,6 +15,7 @@ class Accepted:
     mail_from: str
     rcpts: list[str]
     data: bytes
+    at: float = field(default_factory=time.time)  # when the end of DATA arrived
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ScriptedPeer:
     commands: list[str] = field(default_factory=list)
     connections: int = 0
     open_connections: int = 0
+    in_data: int = 0  # sessions between the end of DATA and our reply to it
     _server: asyncio.Server | None = None
 
     def heal(self) -> None:
@@ -95,9 +98,15 @@ class ScriptedPeer:
             elif verb == "DATA":
                 await say(b"354 go ahead\r\n")
                 data = await reader.readuntil(b"\r\n.\r\n")
-                if self.data_delay:
-                    await asyncio.sleep(self.data_delay)
-                self.messages.append(Accepted(mail_from, rcpts, data[:-5].replace(b"\r\n..", b"\r\n.")))
+                arrived = time.time()
+                self.in_data += 1
+                try:
+                    if self.data_delay:
+                        await asyncio.sleep(self.data_delay)
+                    content = data[:-5].replace(b"\r\n..", b"\r\n.")
+                    self.messages.append(Accepted(mail_from, rcpts, content, arrived))
+                finally:
+                    self.in_data -= 1
                 mail_from, rcpts = "", []
                 await say(b"250 2.0.0 Ok: queued\r\n")
             elif verb in ("RSET", "NOOP"):
