@@ -278,3 +278,31 @@ async def _send_one(port: int, rcpt: str) -> None:
         await client.sendmail("app@example.com", [rcpt], f"Subject: to {rcpt}\r\n\r\nhi\r\n".encode())
     finally:
         client.close()
+
+
+async def test_two_nodes_on_one_postgres_deliver_each_recipient_once(
+    tmp_path: Path, zone: Zone, postgres_url: str
+) -> None:
+    async with sinks("127.0.0.2") as (sink,):
+        sink.behaviour.data_delay = 0.5
+        zone.a("example.org", "127.0.0.2")
+        nodes = []
+        for name in ("a", "b"):
+            config = delivery_config(
+                tmp_path / name, zone, sink.port, store={"url": postgres_url},
+                delivery={"per_domain": 1, "lease": "2s"},
+            )  # fmt: skip
+            nodes.append(running_relay(config, deliver=True))
+        async with nodes[0] as a, nodes[1] as b:
+            rcpts = [f"user{i}@example.org" for i in range(12)]
+            for i, rcpt in enumerate(rcpts):
+                await submit(a if i % 2 else b, [rcpt])
+            assert a.store is not None
+            store = a.store
+
+            async def drained() -> bool:
+                return sum((await store.queue_summary(active_only=True)).counts.values()) == 0
+
+            await wait_for(drained, timeout=30)
+    assert sorted(sink.rcpts) == sorted(rcpts)  # each exactly once, shared between the nodes
+    assert sink.max_active <= 2
