@@ -306,3 +306,13 @@ async def test_two_nodes_on_one_postgres_deliver_each_recipient_once(
             await wait_for(drained, timeout=30)
     assert sorted(sink.rcpts) == sorted(rcpts)  # each exactly once, shared between the nodes
     assert sink.max_active <= 2
+
+
+async def test_a_domain_with_many_dead_mx_costs_few_lookups(tmp_path: Path, zone: Zone) -> None:
+    zone.mx("many.example", *((i, f"mx{i}.many.example") for i in range(200)))  # none has an address
+    async with _relay(tmp_path, zone, 25, delivery={"retry_schedule": ["1h"]}) as relay:  # one attempt only
+        msg = await first_attempt(relay, await submit(relay, ["jane@many.example"]))
+    assert status(msg) == {"jane@many.example": "deferred"}
+    assert attempts(msg)[0]["enhanced_code"] == "4.4.3"
+    lookups = [q for q in zone.queries if q[0].startswith("mx")]
+    assert len(lookups) <= 2 * 10  # A and AAAA of the first ten, as Postfix's smtp_mx_address_limit bounds it
