@@ -72,17 +72,19 @@ class Zone(BaseResolver):  # type: ignore[misc]
 @contextlib.contextmanager
 def dns_server() -> Any:
     zone = Zone()
-    udp = DNSServer(
-        zone, address="127.0.0.1", port=0, logger=DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data")
-    )
-    port = udp.server.server_address[1]
-    tcp = DNSServer(
-        zone,
-        address="127.0.0.1",
-        port=port,
-        tcp=True,
-        logger=DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data"),
-    )
+    quiet = DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data")
+    # The TCP side takes the port the kernel gave the UDP side; another test may hold it on TCP.
+    for _ in range(20):
+        udp = DNSServer(zone, address="127.0.0.1", port=0, logger=quiet)
+        port = udp.server.server_address[1]
+        try:
+            tcp = DNSServer(zone, address="127.0.0.1", port=port, tcp=True, logger=quiet)
+        except OSError:
+            udp.server.server_close()
+            continue
+        break
+    else:
+        raise OSError("no free port for a DNS server on both UDP and TCP")
     udp.start_thread()
     tcp.start_thread()
     zone.port = port  # type: ignore[attr-defined]
