@@ -6,8 +6,9 @@ What it checks, after a last start lets the queue drain:
 - every message that got a 250 is in the store, and every one of its recipients is delivered
   (the destination accepts everything), so nothing accepted was lost or is stuck;
 - no recipient is left queued, deferred or sending;
-- a recipient that reached the destination twice was cut by a kill: its first copy arrived
-  before a kill and less than a lease earlier, and the store recorded one delivery only.
+- a recipient that reached the destination twice was cut by a kill: a kill came after the
+  destination answered its first DATA with 354 and less than a lease after that copy arrived,
+  and the store recorded one delivery only.
 
 Each kill notes what was in flight at that moment: client sessions inside a mail transaction
 (intake), recipients leased (claimed, or being recorded), and transactions at the destination
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import aiosmtplib
 from helpers import ServeProcess, queue_id_of, serve_config, wait_for
-from hostile_peers import ScriptedPeer
+from hostile_peers import Accepted, ScriptedPeer
 from peers import dns_server
 
 LEASE = 2.0  # seconds: a lease cut by a kill comes back quickly
@@ -191,16 +192,23 @@ def _check(report: Report, db: Path, accepted: dict[str, str], sink: ScriptedPee
     recorded: dict[str, list[float]] = {}
     for rcpt, at in _query(db, "SELECT recipient, at FROM events WHERE type = 'delivered'"):
         recorded.setdefault(str(rcpt), []).append(float(at))  # type: ignore[arg-type]
-    first_arrival: dict[str, float] = {}
+    first: dict[str, Accepted] = {}
     for m in sink.messages:
         for r in m.rcpts:
-            first_arrival.setdefault(r, m.at)
+            first.setdefault(r, m)
     kills = [k.at for k in report.kills]
     for rcpt, copies in Counter(sink.rcpts).items():
         if copies < 2:
             continue
         report.duplicates.append(rcpt)
-        t1 = first_arrival[rcpt]
-        cut = any(t1 <= k < t1 + LEASE for k in kills)
+        # The first copy was cut by a kill if Relay died between sending it (it had our 354, so it
+        # was alive then; the sink may read the content only after the kill, as this loop is busy)
+        # and recording it, which it does within its lease.
+        cut = any(first[rcpt].began <= k < first[rcpt].at + LEASE for k in kills)
         if not cut or len(recorded.get(rcpt, [])) != 1:
-            report.unexplained.append(rcpt)
+            m = first[rcpt]
+            near = [round(k - m.began, 3) for k in kills if m.began - 5 < k < m.at + 5]
+            report.unexplained.append(
+                f"{rcpt} (354 at {m.began:.3f}, arrived +{m.at - m.began:.3f} s, kills at {near} s,"
+                f" recorded {len(recorded.get(rcpt, []))} deliveries)"
+            )

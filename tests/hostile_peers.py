@@ -16,6 +16,7 @@ class Accepted:
     rcpts: list[str]
     data: bytes
     at: float = field(default_factory=time.time)  # when the end of DATA arrived
+    began: float = 0.0  # when we answered DATA with 354: the client was alive then
 
 
 @dataclass
@@ -96,6 +97,7 @@ class ScriptedPeer:
                 rcpts.append(command.partition(":")[2].split(">")[0].lstrip(" <"))
                 await say(b"250 2.1.5 Ok\r\n")
             elif verb == "DATA":
+                began = time.time()
                 await say(b"354 go ahead\r\n")
                 data = await reader.readuntil(b"\r\n.\r\n")
                 arrived = time.time()
@@ -104,7 +106,7 @@ class ScriptedPeer:
                     if self.data_delay:
                         await asyncio.sleep(self.data_delay)
                     content = data[:-5].replace(b"\r\n..", b"\r\n.")
-                    self.messages.append(Accepted(mail_from, rcpts, content, arrived))
+                    self.messages.append(Accepted(mail_from, rcpts, content, arrived, began))
                 finally:
                     self.in_data -= 1
                 mail_from, rcpts = "", []
