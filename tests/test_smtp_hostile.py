@@ -372,11 +372,18 @@ async def test_auth_flood_does_not_starve_intake(tmp_path: Path) -> None:
 
         async def attacker(n: int) -> None:
             nonlocal refused
-            async with smtp_client(relay, source="127.0.0.2") as client:
+            client = aiosmtplib.SMTP(
+                hostname="127.0.0.1", port=smtp_port(relay), source_address=("127.0.0.2", 0), timeout=30
+            )
+            await client.connect(start_tls=False)
+            try:
+                await client.ehlo()
                 while not stop.is_set():
                     with pytest.raises(aiosmtplib.SMTPAuthenticationError):
                         await client.auth_plain("app" if n % 2 else f"user{n}", "wrong")
                     refused += 1
+            finally:
+                client.close()  # no QUIT: the server may be sleeping out a throttle delay
 
         attackers = [asyncio.create_task(attacker(n)) for n in range(20)]
         try:
