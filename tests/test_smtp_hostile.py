@@ -387,7 +387,9 @@ async def test_auth_flood_does_not_starve_intake(tmp_path: Path) -> None:
 
         attackers = [asyncio.create_task(attacker(n)) for n in range(20)]
         try:
-            await wait_for(lambda: refused >= 20, timeout=60)
+            # Failures from one IP back off (1 s, 2 s, ... 8 s), so most of the 20 are waiting on a
+            # throttle delay or a hashing slot from here on: exactly when intake must still work.
+            await wait_for(lambda: refused >= 2, timeout=60)
             async with smtp_client(relay) as client:
                 for _ in range(5):
                     code, text = await send(client, "app@example.com", ["jane@example.com"], SIMPLE)
