@@ -228,7 +228,7 @@ class RelaySMTP(SMTP):
         """Answer 421 and close, without starting a session. Only write() and close(): they are
         all a uvloop transport offers here, and aiosmtpd's machinery never runs."""
         self._refused = True
-        log.warning("refused a connection from %s: too many connections", ip)
+        log.info("refused a connection from %s: too many connections", ip)  # a flood must not flood the log
         metrics.REJECTIONS.labels("too_many_connections").inc()
         transport.write(REPLY_TOO_MANY_CONNECTIONS.encode() + b"\r\n")  # type: ignore[attr-defined]
         transport.close()
