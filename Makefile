@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Only for the tests (`relay` itself refuses RELAY_* variables that are not settings).
 test: export RELAY_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 
-.PHONY: run test lint bench bench-smoke chaos clean
+.PHONY: run test lint bench bench-smoke bench-heavy chaos clean
 
 $(VENV)/.run: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: $(VENV)/.bench
 
 bench-smoke: $(VENV)/.test
 	$(BIN)/python bench/bench.py --smoke --out bench/work/smoke
+
+# small-message latency while 20 MB HTML messages with 100k links flow (tracking on); bench/results/heavy.md
+bench-heavy: $(VENV)/.test
+	$(BIN)/python bench/heavy.py
 
 # kill -9 at 50 random moments under load; prints the report and keeps it in bench/results/chaos.md
 chaos: $(VENV)/.test

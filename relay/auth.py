@@ -1,9 +1,10 @@
 """SMTP users: scrypt password hashes, verification, and slowing down failed logins.
 
-A hash reads ``scrypt$N$r$p$salt$key`` (base64). Verifying costs tens of milliseconds, so it
-runs in a thread, and a success is remembered for a few minutes as an HMAC keyed with a
-per-process secret over the user, the password and the stored hash: a changed or removed
-user takes effect at the next AUTH, and no password is kept in memory.
+A hash reads ``scrypt$N$r$p$salt$key`` (base64). Verifying costs tens of milliseconds and
+16 MB, so it runs in a thread, at most ``HASH_WORKERS`` at a time (an AUTH flood queues there
+instead of taking every worker thread and core from intake), and a success is remembered for
+a few minutes as an HMAC keyed with a per-process secret over the user, the password and the
+stored hash: a changed or removed user takes effect at the next AUTH, and no password is kept in memory.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 _N, _R, _P, _DKLEN = 2**14, 8, 1, 32
+HASH_WORKERS = 2  # password hashes verified at once, per process
 USERNAME = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
 
 
@@ -57,33 +59,47 @@ def _dummy_hash() -> str:
 
 @dataclass(slots=True)
 class Throttle:
-    """Failed logins per client IP within ``window`` seconds. The first failure costs nothing,
-    each further one doubles the wait before the 535 reply: 1 s, 2 s, 4 s, up to ``max_delay``."""
+    """Failed logins within ``window`` seconds, counted per client IP (across all of its
+    sessions) and per user name (across all IPs). The first failure costs nothing, each further
+    one doubles the wait before the 535 reply: 1 s, 2 s, 4 s, up to ``max_delay``; the larger
+    of the two counts decides. A success clears only its own name's count: one valid account
+    must not reset an IP's failures against the others."""
 
     window: float = 900.0
     max_delay: float = 8.0
+    max_entries: int = 10_000
     clock: Callable[[], float] = time.monotonic
-    _failures: dict[str, tuple[int, float]] = field(default_factory=dict)
+    _failures: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
 
-    def failed(self, ip: str) -> float:
+    def failed(self, ip: str, user: str = "") -> float:
         """Count a failure; return how long to wait before replying."""
         now = self.clock()
-        count, first = self._failures.get(ip, (0, now))
-        if now - first > self.window:
-            count, first = 0, now
-        count += 1
-        self._failures[ip] = (count, first)
-        if len(self._failures) > 10_000:
+        count = self._count(("ip", ip), now)
+        if USERNAME.match(user):  # a name that cannot exist is covered by the IP's count
+            count = max(count, self._count(("user", user.lower()), now))
+        if len(self._failures) > self.max_entries:
             self._prune(now)
         return 0.0 if count <= 1 else min(2.0 ** (count - 2), self.max_delay)
 
-    def succeeded(self, ip: str) -> None:
-        self._failures.pop(ip, None)
+    def succeeded(self, ip: str, user: str = "") -> None:
+        self._failures.pop(("user", user.lower()), None)
+
+    def _count(self, key: tuple[str, str], now: float) -> int:
+        count, first = self._failures.get(key, (0, now))
+        if now - first > self.window:
+            count, first = 0, now
+        count += 1
+        self._failures[key] = (count, first)
+        return count
 
     def _prune(self, now: float) -> None:
-        for ip, (_, first) in list(self._failures.items()):
+        for key, (_, first) in list(self._failures.items()):
             if now - first > self.window:
-                del self._failures[ip]
+                del self._failures[key]
+        if len(self._failures) > self.max_entries:  # a spray of names: forget the oldest half
+            by_age = sorted(self._failures.items(), key=lambda item: item[1][1])
+            for key, _ in by_age[: len(by_age) // 2]:
+                del self._failures[key]
 
 
 class Authenticator:
@@ -96,14 +112,15 @@ class Authenticator:
         self._secret = secrets.token_bytes(32)
         self._verified: dict[str, tuple[bytes, float]] = {}
         self.throttle = Throttle()
+        self._hashing = asyncio.Semaphore(HASH_WORKERS)
 
     async def check(self, username: str, password: str, ip: str) -> bool:
         """True when the credentials are right. A failure waits as the throttle says first."""
         ok = await self._check(username, password)
         if ok:
-            self.throttle.succeeded(ip)
+            self.throttle.succeeded(ip, username)
         else:
-            delay = self.throttle.failed(ip)
+            delay = self.throttle.failed(ip, username)
             log.warning("authentication failed for user %r from %s", username, ip)
             if delay:
                 await asyncio.sleep(delay)
@@ -115,7 +132,7 @@ class Authenticator:
         stored = await self._lookup_hash(username)
         if stored is None:
             # Same cost as a wrong password, so that timing does not reveal who exists.
-            await asyncio.to_thread(verify_password, password, _dummy_hash())
+            await self._verify(password, None)
             return False
         mark = hmac.new(
             self._secret, b"\0".join((username.encode(), password.encode(), stored.encode())), "sha256"
@@ -123,7 +140,12 @@ class Authenticator:
         seen = self._verified.get(username)
         if seen is not None and seen[1] > time.monotonic() and hmac.compare_digest(seen[0], mark):
             return True
-        ok = await asyncio.to_thread(verify_password, password, stored)
+        ok = await self._verify(password, stored)
         if ok:
             self._verified[username] = (mark, time.monotonic() + self.cache_seconds)
         return ok
+
+    async def _verify(self, password: str, stored: str | None) -> bool:
+        """None: a user that does not exist; verify against a dummy hash (made in the thread too)."""
+        async with self._hashing:
+            return await asyncio.to_thread(lambda: verify_password(password, stored or _dummy_hash()))

@@ -6,6 +6,7 @@
     ├── NotFound               no message, user or token matches
     ├── Conflict               the thing exists already (a user name)
     ├── InvalidMessage         content refused at intake; carries the SMTP reply
+    │   └── TooManyHops        more Received headers than [smtp] max_hops: a mail loop
     └── DeliveryFailure        one delivery attempt failed; carries the SMTP reply
         ├── TemporaryFailure   4xx, timeouts, refused connections, DNS trouble: try again later
         └── PermanentFailure   5xx, NXDOMAIN, null MX: do not try again
@@ -61,6 +62,13 @@ class SmtpReplyError(RelayError):
 
 class InvalidMessage(SmtpReplyError):
     """The message content was refused at intake."""
+
+
+class TooManyHops(InvalidMessage):
+    """The message has passed through more hosts than ``[smtp] max_hops`` allows."""
+
+    def __init__(self) -> None:
+        super().__init__(554, "5.4.6", "Too many hops")
 
 
 class DeliveryFailure(SmtpReplyError):

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from email.header import decode_header, make_header
 from email.utils import format_datetime
 
-from relay.errors import InvalidMessage
+from relay.errors import InvalidMessage, TooManyHops
 
 MAX_TAGS = 20
 MAX_TAG_LENGTH = 100
@@ -56,21 +56,26 @@ class Arrival:
     at: float  # seconds since the epoch
 
 
-def prepare(raw: bytes, arrival: Arrival) -> Prepared:
+def prepare(raw: bytes, arrival: Arrival, max_hops: int = 50) -> Prepared:
+    """Check and complete the header section. Linear in the size, and the body is never copied
+    but once, into the result (large messages run this in a worker thread)."""
     if b"\0" in raw:
         raise _reject("Message contains NUL characters")
+    body_start = 0  # where the body (with the blank line before it) starts in raw
     if not raw or raw.startswith(b"\r\n"):
-        header, rest = b"", raw
+        header = b""
     else:
         end = raw.find(b"\r\n\r\n")
         if end < 0:
-            header, rest = raw, b""
+            header, body_start = raw, len(raw)
             if not header.endswith(b"\r\n"):
                 header += b"\r\n"
         else:
-            header, rest = raw[: end + 2], raw[end + 2 :]
+            header, body_start = raw[: end + 2], end + 2
 
     fields = _fields(header)
+    if sum(1 for n, _ in fields if n.lower() == b"received") > max_hops:
+        raise TooManyHops()  # a mail loop, as Postfix's hopcount_limit sees it
     message_id, subject, tags, track = _read_fields(fields)
     strip = any(n.lower() in _CONTROL_HEADERS for n, _ in fields)
     unique_tags = tuple(dict.fromkeys(tags))
@@ -85,7 +90,9 @@ def prepare(raw: bytes, arrival: Arrival) -> Prepared:
         added.append(f"Date: {rfc5322_date(arrival.at)}\r\n".encode())
     if strip:
         header = b"".join(n + b":" + v for n, v in fields if n.lower() not in _CONTROL_HEADERS)
-    if rest.count(b"\n") != rest.count(b"\r\n") or rest.count(b"\r") != rest.count(b"\r\n"):
+    crlf = raw.count(b"\r\n", body_start)
+    rest: bytes | memoryview = memoryview(raw)[body_start:]  # a view: no copy of the body
+    if raw.count(b"\n", body_start) != crlf or raw.count(b"\r", body_start) != crlf:
         rest = _CRLF.sub(b"\r\n", rest)  # bare LF or CR in the body: store canonical CRLF line ends
     out = b"".join((_received(arrival), header, *added, rest))
     return Prepared(out, message_id, subject, unique_tags, None if track is None else frozenset(track))
@@ -120,20 +127,21 @@ def _fields(header: bytes) -> list[tuple[bytes, bytes]]:
         return []
     if b"\r" in header.replace(b"\r\n", b"") or b"\n" in header.replace(b"\r\n", b""):
         raise _reject("Malformed header section: bare CR or LF")
-    fields: list[tuple[bytes, bytes]] = []
+    # Each field's lines are collected and joined once: appending to the value line by line
+    # would be quadratic in a long folded field.
+    parts: list[tuple[bytes, list[bytes]]] = []
     for number, line in enumerate(header[:-2].split(b"\r\n"), 1):
         if line[:1] in (b" ", b"\t"):
-            if not fields:
+            if not parts:
                 raise _reject("Malformed header section: continuation line first")
-            name, value = fields[-1]
-            fields[-1] = (name, value + line + b"\r\n")
+            parts[-1][1].append(line)
             continue
         name, colon, value = line.partition(b":")
         name = name.rstrip(b" \t")
         if not colon or not _FIELD_NAME.fullmatch(name):
             raise _reject(f"Malformed header field on line {number}")
-        fields.append((name, value + b"\r\n"))
-    return fields
+        parts.append((name, [value]))
+    return [(name, b"\r\n".join(lines) + b"\r\n") for name, lines in parts]
 
 
 def _unfold(value: bytes) -> str:
@@ -177,7 +185,7 @@ def _received(a: Arrival) -> bytes:
         parts.append(f"\t(using {a.tls})\r\n")
     parts.append(f"\tby {a.hostname} (Relay) with {a.protocol} id {a.queue_id}")
     if len(a.recipients) == 1:
-        parts.append(f"\r\n\tfor <{a.recipients[0]}>")
+        parts.append(f"\r\n\tfor <{_CONTROL.sub('', a.recipients[0])}>")  # never a line break
     parts.append(f"; {rfc5322_date(a.at)}\r\n")
     return "".join(parts).encode("utf-8", errors="replace")
 

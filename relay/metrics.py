@@ -40,6 +40,7 @@ TRACKING = Counter("relay_tracking_events", "Opens and clicks recorded", ["type"
 REJECTION_REASONS: Final = (
     "auth_required", "auth_failed", "tls_required", "message_size", "too_many_recipients", "bad_address",
     "bad_sequence", "bad_content", "bad_command", "temporary_failure", "shutdown", "other",
+    "too_many_connections", "too_many_commands", "too_many_hops", "policy",
 )  # fmt: skip
 
 for _result in ("delivered", "deferred", "bounced"):
@@ -68,8 +69,18 @@ def attempt(status: str, since_received: float) -> None:
         ACCEPT_TO_DELIVERY.observe(since_received)
 
 
-def rejection_reason(code: int, enhanced: str | None, text: str) -> str:
+def rejection_reason(code: int, enhanced: str | None, text: str) -> str:  # noqa: PLR0911 -- a flat table
     """Which rejection an SMTP reply is, for relay_smtp_rejections_total{reason}."""
+    if code == 421:
+        for words, reason in (
+            ("Too many connections", "too_many_connections"),
+            ("Too many commands", "too_many_commands"),
+        ):
+            if words in text:
+                return reason
+    by_enhanced = {"5.4.6": "too_many_hops", "5.7.1": "policy"}  # policy: domain literals, the null sender
+    if enhanced in by_enhanced:
+        return by_enhanced[enhanced]
     by_code = {530: "auth_required", 535: "auth_failed", 538: "tls_required", 552: "message_size",
                452: "too_many_recipients", 503: "bad_sequence", 451: "temporary_failure", 421: "shutdown"}  # fmt: skip
     if code in by_code:

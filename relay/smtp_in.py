@@ -20,7 +20,7 @@ from binascii import Error as Base64Error
 from collections.abc import Sequence
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 from ulid import ULID
 
 from relay import intake, metrics, tracking
@@ -43,6 +43,17 @@ REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 REPLY_STORE_FAILED = "451 4.3.0 Temporary failure storing the message, try again later"
 REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
 REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, closing transmission channel"
+REPLY_DOMAIN_LITERAL = "550 5.7.1 Domain literals are not accepted"
+REPLY_NULL_SENDER = "550 5.7.1 Null sender not accepted"
+REPLY_NOT_UTF8 = "501 5.5.2 Argument is not valid UTF-8"
+REPLY_BAD_HELO = "501 5.5.4 Bad EHLO/HELO hostname"
+REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections"
+REPLY_TOO_MANY_COMMANDS = "421 4.7.0 Too many commands"
+REPLY_LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
+
+# Content bigger than this is checked and scanned in a worker thread, off the event loop.
+HEAVY_CONTENT = 256 * 1024
+_MAX_LINE = 1000  # octets including CRLF (RFC 5321 4.5.3.1.6)
 
 # Default enhanced codes (RFC 3463) for replies that come without one.
 _ENHANCED = {
@@ -68,6 +79,9 @@ _PATH = re.compile(r'^<(?:@[^:<>\s]+:)?((?:"(?:[^"\\\r\n]|\\.)*"|[^\s<>@"]+)@[^\
 _BARE_PATH = re.compile(r"^([^\s<>@]+@[^\s<>@]+)(?:\s+(.*))?$")
 _LOCAL = re.compile(r"^[^\s@<>()\[\],;:\\\"\x00-\x1f\x7f]+$|^\"(?:[^\"\\\x00-\x1f]|\\.)*\"$")
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9\-\u0080-\U0010ffff]{1,63}(?<!-)$")
+# aiosmtpd decodes arguments with surrogateescape: a lone surrogate is a byte that was not UTF-8.
+_NOT_UTF8 = re.compile(r"[\udc80-\udcff]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def valid_address(address: str) -> bool:
@@ -88,9 +102,40 @@ def valid_address(address: str) -> bool:
 
 
 def client_ip(session: Session) -> str:
-    peer = session.peer
+    return _peer_ip(session.peer)
+
+
+def _peer_ip(peer: object) -> str:
     host = peer[0] if isinstance(peer, tuple) else str(peer)
     return host.removeprefix("::ffff:") if host.startswith("::ffff:") and "." in host else host
+
+
+def _address_problem(arg: str, bad: str) -> str | None:
+    """The reply refusing a MAIL/RCPT argument for its bytes alone, before any parsing."""
+    if _NOT_UTF8.search(arg):
+        return REPLY_NOT_UTF8
+    if "\r" in arg or "\n" in arg:
+        return bad  # quoted or escaped, a line break never belongs in an address
+    return None
+
+
+def long_line(content: bytes) -> bool:
+    """True when a line is longer than 1000 octets: one pass, each find bounded, no copies."""
+    pos, end = 0, len(content)
+    while end - pos > _MAX_LINE:
+        nl = content.find(b"\n", pos, pos + _MAX_LINE + 1)
+        if nl < 0:
+            return True
+        pos = nl + 1
+    return False
+
+
+class _CrlfReader(asyncio.StreamReader):
+    """Command lines end at CRLF only: a bare CR or LF stays inside the line, where the command's
+    checks refuse it, instead of starting a command of its own (SMTP smuggling)."""
+
+    async def readuntil(self, separator: bytes = b"\r\n") -> bytes:  # type: ignore[override]  # bytes only here
+        return await super().readuntil(separator)
 
 
 class SessionTemplate:
@@ -112,13 +157,15 @@ class RelaySMTP(SMTP):
     """aiosmtpd's protocol with Relay's replies, AUTH rule, session bookkeeping, and a faster
     start (``SessionTemplate``) and DATA reader (``smtp_DATA``) for the hot path."""
 
-    def __init__(self, template: SessionTemplate, *, sessions: set[RelaySMTP]) -> None:
+    def __init__(
+        self, template: SessionTemplate, *, sessions: set[RelaySMTP], per_ip: collections.Counter[str]
+    ) -> None:
         # The attributes SMTP.__init__ sets (aiosmtpd 1.4), without its per-connection introspection.
         o = template.options
         self.loop = asyncio.get_running_loop()
         asyncio.StreamReaderProtocol.__init__(
             self,
-            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            _CrlfReader(loop=self.loop, limit=self.line_length_limit),
             client_connected_cb=self._cb_client_connected,
             loop=self.loop,
         )
@@ -151,24 +198,50 @@ class RelaySMTP(SMTP):
         self._smtp_methods = {name[5:]: getattr(self, name) for name in template.verbs}
         self._enforce_call_limit = False
         self._sessions = sessions
+        self._per_ip = per_ip
         self._raw_replies = False
         self._counted = False
+        self._refused = False
+        self._ip = ""
+        self._junk = 0  # NOOP/RSET/VRFY/HELP since the last MAIL
         self.trusted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
+        if first:
+            smtp = self.event_handler.config.smtp
+            ip = _peer_ip(transport.get_extra_info("peername"))
+            if len(self._sessions) >= smtp.max_sessions or self._per_ip[ip] >= smtp.max_sessions_per_ip:
+                self._refuse(transport, ip)
+                return
         super().connection_made(transport)
         if first and self.session is not None:
             self._sessions.add(self)
+            self._ip = client_ip(self.session)
+            self._per_ip[self._ip] += 1
             self._counted = True
             metrics.SESSIONS.inc()
             handler: RelayHandler = self.event_handler
-            self.trusted = handler.is_trusted(client_ip(self.session))
+            self.trusted = handler.is_trusted(self._ip)
+
+    def _refuse(self, transport: asyncio.BaseTransport, ip: str) -> None:
+        """Answer 421 and close, without starting a session. Only write() and close(): they are
+        all a uvloop transport offers here, and aiosmtpd's machinery never runs."""
+        self._refused = True
+        log.info("refused a connection from %s: too many connections", ip)  # a flood must not flood the log
+        metrics.REJECTIONS.labels("too_many_connections").inc()
+        transport.write(REPLY_TOO_MANY_CONNECTIONS.encode() + b"\r\n")  # type: ignore[attr-defined]
+        transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
         if self._counted:
             self._counted = False
             metrics.SESSIONS.dec()
+            self._per_ip[self._ip] -= 1
+            if self._per_ip[self._ip] <= 0:
+                del self._per_ip[self._ip]
         self._sessions.discard(self)
         super().connection_lost(error)
 
@@ -192,6 +265,8 @@ class RelaySMTP(SMTP):
         arg = arg.strip()
         if not arg:
             return "", ""
+        if arg == "<>" or arg.startswith("<> "):
+            return "<>", arg[2:].strip()  # the null reverse-path; handle_MAIL decides
         m = _PATH.match(arg) or _BARE_PATH.match(arg)
         if m is None:
             return None, None
@@ -208,6 +283,9 @@ class RelaySMTP(SMTP):
         await super().push(text)
 
     async def smtp_EHLO(self, hostname: str) -> None:
+        if hostname and (problem := _helo_problem(hostname)):
+            await self.push(problem)
+            return
         self._raw_replies = True
         try:
             await super().smtp_EHLO(hostname)
@@ -215,11 +293,64 @@ class RelaySMTP(SMTP):
             self._raw_replies = False
 
     async def smtp_HELO(self, hostname: str) -> None:
+        if hostname and (problem := _helo_problem(hostname)):
+            await self.push(problem)
+            return
         self._raw_replies = True
         try:
             await super().smtp_HELO(hostname)
         finally:
             self._raw_replies = False
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if arg is not None and (problem := _address_problem(arg, REPLY_BAD_SENDER)):
+            await self.push(problem)
+            return
+        await super().smtp_MAIL(arg)
+        if self.envelope is not None and self.envelope.mail_from:
+            self._junk = 0
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if arg is not None and (problem := _address_problem(arg, REPLY_BAD_RCPT)):
+            await self.push(problem)
+            return
+        await super().smtp_RCPT(arg)
+
+    async def _junk_command(self) -> bool:
+        """Count a command that moves no mail; past the limit, 421 and close (True)."""
+        self._junk += 1
+        if self._junk <= self.event_handler.config.smtp.max_junk_commands:
+            return False
+        log.warning("closing a session from %s: too many commands without mail", self._ip)
+        await self.push(REPLY_TOO_MANY_COMMANDS)
+        self.close_now()
+        return True
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_RSET(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_VRFY(arg)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_HELP(arg)
 
     async def smtp_AUTH(self, arg: str) -> None:
         if self.session is not None and self.session.extended_smtp and not self._tls_protocol and not self.trusted:
@@ -240,18 +371,28 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         content, problem = await self._read_content()
+        if problem is None and len(content) > _MAX_LINE:
+            if len(content) > HEAVY_CONTENT:
+                too_long = await asyncio.to_thread(long_line, content)
+            else:
+                too_long = long_line(content)
+            problem = REPLY_LINE_TOO_LONG if too_long else None
         if problem is not None:
             self.envelope = self._create_envelope()
             await self.push(problem)
             return
+        # The envelope holds the only reference, so that intake can let go of it once prepared.
         self.envelope.content = self.envelope.original_content = content
+        del content
+        self._junk = 0
         status = await self._call_handler_hook("DATA")
         self.envelope = self._create_envelope()
         await self.push("250 OK" if status is MISSING else status)
 
     async def _read_content(self) -> tuple[bytes, str | None]:
-        """Read up to the lone dot; undo dot-stuffing; check size and line length.
-        Returns (content, None) or (b"", the reply that refuses it)."""
+        """Read up to the lone dot; undo dot-stuffing; check size. Returns (content, None) or
+        (b"", the reply that refuses it). The idle timeout restarts at every chunk, so a slow
+        upload that keeps sending is never cut off."""
         reader = self._reader
         limit = self.data_size_limit
         buf = bytearray(b"\r\n")  # as if after a line end, so an empty message is found too
@@ -265,25 +406,32 @@ class RelaySMTP(SMTP):
             chunk = await reader.read(1 << 16)
             if not chunk:
                 raise ConnectionResetError("connection closed during DATA")
+            self._reset_timeout()
             buf += chunk
         # Whatever came after the dot (pipelined commands) goes back to the command loop.
         reader._buffer[:0] = buf[end + 5 :]  # type: ignore[attr-defined]
         if discarded or (limit and end > limit):
             return b"", REPLY_TOO_BIG
-        content = bytes(buf[2 : end + 2])
-        if len(content) > 1000 and max(map(len, content.split(b"\n"))) > 1000:
-            return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
-        if content.startswith(b"."):
-            content = content[1:]
+        start = 3 if buf.startswith(b"\r\n.") else 2
+        with memoryview(buf) as view:
+            content = bytes(view[start : end + 2])  # the one copy; the buffer goes right after
+        del buf
         return content.replace(b"\r\n.", b"\r\n"), None
 
     def close_now(self, reply: str | None = None) -> None:
-        transport = self.transport
-        if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+        # Duck-typed: uvloop's transports are not asyncio.WriteTransport instances.
+        transport: Any = self.transport
+        if transport is None or transport.is_closing():
             return
         if reply is not None:
             transport.write(reply.encode() + b"\r\n")
         transport.close()
+
+
+def _helo_problem(hostname: str) -> str | None:
+    if _NOT_UTF8.search(hostname):
+        return REPLY_NOT_UTF8
+    return REPLY_BAD_HELO if _CONTROL.search(hostname) else None
 
 
 def enhance(text: str) -> str:
@@ -322,7 +470,10 @@ class RelayHandler:
         self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
-        lines = [r[4:] for r in responses[1:] if r[4:] != "HELP"]
+        # AUTH only where it may be used: over TLS, or in plain text from a trusted network
+        # (Postfix's smtpd_tls_auth_only); smtp_AUTH answers 538 otherwise.
+        auth_offered = bool(server._tls_protocol) or server.trusted
+        lines = [r[4:] for r in responses[1:] if r[4:] != "HELP" and (auth_offered or not r[4:].startswith("AUTH "))]
         lines = [
             "PIPELINING",
             *(("AUTH PLAIN LOGIN" if x.startswith("AUTH ") else x) for x in lines),
@@ -334,6 +485,8 @@ class RelayHandler:
     async def handle_MAIL(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
+        if address == "<>":
+            return REPLY_NULL_SENDER  # a submission listener: bounces come from Relay itself
         if not (session.authenticated or server.trusted):
             return REPLY_AUTH_REQUIRED
         if not valid_address(address):
@@ -348,6 +501,8 @@ class RelayHandler:
         if not valid_address(address):
             return REPLY_BAD_RCPT
         local, _, domain = address.rpartition("@")
+        if domain.startswith("["):
+            return REPLY_DOMAIN_LITERAL  # mail goes to domains, by their MX, nowhere else
         address = f"{local}@{domain.lower()}"
         if address.lower() in (a.lower() for a in envelope.rcpt_tos):
             return "250 2.1.5 Ok"  # a duplicate is delivered once
@@ -380,19 +535,20 @@ class RelayHandler:
         )
         content = envelope.content
         assert isinstance(content, bytes)
+        # Hand the content over: from here the box holds the only reference, and _inspect
+        # drops it once the prepared copy exists, so a big message is in memory about once.
+        box = [content]
+        envelope.content = envelope.original_content = None
+        heavy = len(content) > HEAVY_CONTENT
+        del content
         try:
-            prepared = intake.prepare(content, arrival)
+            if heavy:
+                prepared, track, links = await asyncio.to_thread(self._inspect, box, arrival)
+            else:
+                prepared, track, links = self._inspect(box, arrival)
         except InvalidMessage as exc:
             log.info("refused message from %s: %s", ip, exc.reply)
             return exc.reply
-        track = ""
-        if self.config.tracking.enabled:  # off until [tracking] base_url says where recipients reach Relay
-            track = tracking.tracking_choice(prepared.track, self.config.tracking.opens, self.config.tracking.clicks)
-        links: tuple[str, ...] = ()
-        if track and tracking.has_html(prepared.raw):
-            links = tuple(tracking.trackable_links(prepared.raw)) if "clicks" in track else ()
-        else:
-            track = ""
         msg = NewMessage(
             id=queue_id,
             message_id=prepared.message_id,
@@ -424,6 +580,20 @@ class RelayHandler:
             user,
         )
         return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    def _inspect(self, box: list[bytes], arrival: intake.Arrival) -> tuple[intake.Prepared, str, tuple[str, ...]]:
+        """Prepare the message and find its trackable links: linear work, in a worker thread
+        for big messages."""
+        prepared = intake.prepare(box.pop(), arrival, self.config.smtp.max_hops)
+        track = ""
+        if self.config.tracking.enabled:  # off until [tracking] base_url says where recipients reach Relay
+            track = tracking.tracking_choice(prepared.track, self.config.tracking.opens, self.config.tracking.clicks)
+        links: tuple[str, ...] = ()
+        if track and tracking.has_html(prepared.raw):
+            links = tuple(tracking.trackable_links(prepared.raw)) if "clicks" in track else ()
+        else:
+            track = ""
+        return prepared, track, links
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("unexpected error in SMTP session", exc_info=error)
@@ -483,13 +653,14 @@ class SmtpServer:
         self.config = config
         self.handler = RelayHandler(config, store, authenticator)
         self.sessions: set[RelaySMTP] = set()
+        self.per_ip: collections.Counter[str] = collections.Counter()  # open sessions by client IP
         self._servers: list[asyncio.Server] = []
         self._tls = _tls_context(config) if config.smtp.tls_enabled else None
         self._template: SessionTemplate | None = None
 
     def _factory(self) -> RelaySMTP:
         assert self._template is not None
-        return RelaySMTP(self._template, sessions=self.sessions)
+        return RelaySMTP(self._template, sessions=self.sessions, per_ip=self.per_ip)
 
     async def start(self, sockets: Sequence[socket.socket] | None = None) -> list[Listen]:
         """Listen on ``sockets`` if given, else on ``[smtp] listen``. Returns the bound addresses."""

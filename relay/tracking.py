@@ -101,6 +101,9 @@ _RAW_TEXT = frozenset({"script", "style", "textarea", "title", "xmp", "iframe", 
 _COMMENT_END = re.compile(r"--!?>")
 _CHARREF = re.compile(r"&(#[xX][0-9a-fA-F]+;?|#[0-9]+;?|[A-Za-z0-9]+;?)")
 _TRACKABLE = re.compile(r"https?://", re.IGNORECASE)
+# Only a "<" followed by one of these can start markup; the others are skipped in C, not one by one.
+_MARKUP = re.compile(r"<[A-Za-z!?/]")
+_LONGEST_ENTITY = max(map(len, html.entities.html5))
 _URL_STRIP = "".join(map(chr, range(0x21)))
 
 
@@ -121,7 +124,8 @@ def _scan(text: str) -> _Scan:
     links: list[_Link] = []
     body_close: int | None = None
     pos = 0
-    while pos >= 0 and (lt := text.find("<", pos)) >= 0:
+    while pos >= 0 and (candidate := _MARKUP.search(text, pos)) is not None:
+        lt = candidate.start()
         nxt = text[lt + 1 : lt + 2]
         if text.startswith("<!--", lt):
             pos = _comment_end(text, lt + 4)
@@ -203,7 +207,7 @@ def _unescape_attribute(value: str) -> str:
         if ref.endswith(";") and ref in html.entities.html5:
             return html.entities.html5[ref]
         name = ref.rstrip(";")
-        for size in range(len(name), 1, -1):
+        for size in range(min(len(name), _LONGEST_ENTITY), 1, -1):  # bounded: linear in the value
             if name[:size] in html.entities.html5:  # legacy references, valid without ";"
                 following = (ref[size:] + m.string[m.end() : m.end() + 1])[:1]
                 if following == "=" or following.isalnum():
@@ -220,6 +224,7 @@ _MAX_DEPTH = 32
 _OPAQUE_MULTIPART = frozenset({"multipart/signed", "multipart/encrypted"})  # rewriting would break them
 _PLAIN_CTES = frozenset({"7bit", "8bit", "binary"})
 _MAX_LINE = 998  # octets, RFC 5321
+_EXACT_CODECS = frozenset({"utf-8", "ascii"})  # strict decoding round-trips: no need to encode again to check
 _Edit = tuple[int, int, str, str]  # start, end, replacement, replacement with a line break
 
 
@@ -265,7 +270,7 @@ def _walk(raw: bytes, start: int, end: int, out: list[_HtmlPart], depth: int) ->
         return
     if ctype == "text/html" and headers.get_content_disposition() != "attachment":
         cte = str(headers.get("content-transfer-encoding", "7bit")).strip().lower()
-        decoded = _decode(raw[body:end], cte, headers.get_content_charset() or "us-ascii")
+        decoded = _decode(memoryview(raw)[body:end], cte, headers.get_content_charset() or "us-ascii")
         if decoded is not None:
             text, codec, errors = decoded
             out.append(_HtmlPart(body, end, cte, codec, errors, text, _scan(text)))
@@ -274,7 +279,7 @@ def _walk(raw: bytes, start: int, end: int, out: list[_HtmlPart], depth: int) ->
 def _split_multipart(raw: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
     """Body ranges of a multipart's parts, per RFC 2046: each delimiter's leading CRLF belongs to it."""
     delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
-    body = raw[start:end]
+    body = memoryview(raw)[start:end]  # a view: scanning a big message copies none of it
     ranges: list[tuple[int, int]] = []
     part_start: int | None = None
     for m in delimiter.finditer(body):
@@ -290,7 +295,7 @@ def _split_multipart(raw: bytes, start: int, end: int, boundary: bytes) -> list[
     return ranges
 
 
-def _decode(data: bytes, cte: str, charset: str) -> tuple[str, str, str] | None:
+def _decode(data: bytes | memoryview, cte: str, charset: str) -> tuple[str, str, str] | None:
     """The text, and the codec and error handler that turn it back into the same bytes; None when undecodable."""
     if cte == "base64":
         try:
@@ -305,8 +310,8 @@ def _decode(data: bytes, cte: str, charset: str) -> tuple[str, str, str] | None:
         codec = codecs.lookup(charset).name
         for errors in ("strict", "surrogateescape"):
             try:
-                text = data.decode(codec, errors)
-                if text.encode(codec, errors) == data:
+                text = str(data, codec, errors)
+                if (errors == "strict" and codec in _EXACT_CODECS) or text.encode(codec, errors) == data:
                     return text, codec, errors
             except UnicodeError:
                 continue
@@ -314,7 +319,7 @@ def _decode(data: bytes, cte: str, charset: str) -> tuple[str, str, str] | None:
             return None
     except (LookupError, UnicodeError):
         return None
-    return data.decode("latin-1"), "latin-1", "strict"  # an ASCII-compatible charset: scan its bytes as latin-1
+    return str(data, "latin-1"), "latin-1", "strict"  # an ASCII-compatible charset: scan its bytes as latin-1
 
 
 def _encode(part: _HtmlPart, text: str, original: bytes) -> bytes:
