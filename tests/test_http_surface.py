@@ -15,7 +15,7 @@ import aiosmtplib
 import httpx
 import pytest
 from helpers import ServeProcess, make_config, pg_database, queue_id_of, running_relay, send, serve_config, smtp_client
-from peers import dns_server, sinks
+from peers import dns_server
 from test_http import metric
 
 from relay import tracking
@@ -112,7 +112,8 @@ timeout = "1s"
 async def test_without_a_tracking_listener_everything_is_on_the_http_listener(tmp_path: Path) -> None:
     config = make_config(tmp_path, tracking={"base_url": "https://track.example.com", "secret": SECRET})
     async with running_relay(config) as relay:
-        assert relay.http_address is not None and relay.tracking_address is None
+        assert relay.http_address is not None
+        assert relay.tracking_address is None
         async with smtp_client(relay) as c:
             code, _ = await send(c, "app@example.com", ["jane@example.com"], b"Subject: hi\r\n\r\nhi\r\n")
         assert code == 250
@@ -138,7 +139,8 @@ async def test_the_api_docs_load_everything_from_relay(tmp_path: Path) -> None:
                 for ref in refs:
                     assert ref.startswith("/"), ref  # nothing from a CDN or any other host
                     assert (await client.get(ref)).status_code == 200, ref
-                assert any(ref.endswith(".js") for ref in refs) and any(ref.endswith(".css") for ref in refs)
+                assert any(ref.endswith(".js") for ref in refs)
+                assert any(ref.endswith(".css") for ref in refs)
 
 
 # -- coalescing and `first`, in the store, with two stores (two processes or nodes) at once
@@ -169,7 +171,7 @@ async def two_stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
                 received_at=time.time(),
                 raw=b"Subject: Hi\r\n\r\nhi\r\n",
                 details={},
-            )  # fmt: skip
+            )
         )
         yield first, second
 
