@@ -31,7 +31,7 @@ def bind(listen: Listen, *, reuse_port: bool = False) -> socket.socket:
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
-        raise StartError(f"cannot listen on {listen}: {_reason(exc)}") from exc
+        raise StartError(f"cannot listen on {listen}: {describe(exc)}") from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
@@ -40,7 +40,7 @@ def bind(listen: Listen, *, reuse_port: bool = False) -> socket.socket:
         sock.listen(1024)
     except OSError as exc:
         sock.close()
-        raise StartError(f"cannot listen on {listen}: {_reason(exc)}") from exc
+        raise StartError(f"cannot listen on {listen}: {describe(exc)}") from exc
     sock.setblocking(False)
     return sock
 
@@ -50,13 +50,13 @@ def bound_address(sock: socket.socket) -> Listen:
     return Listen(host, port)
 
 
-def _reason(exc: OSError) -> str:
-    """An OSError as a few lowercase words: "address already in use"."""
+def describe(exc: BaseException) -> str:
+    """An error in one line; an OSError as a few lowercase words: "address already in use"."""
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the host ({exc.strerror})"
-    if exc.errno is not None and exc.errno > 0:
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
         return os.strerror(exc.errno).lower()
-    lines = str(exc).splitlines()
+    lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
 
 
@@ -103,7 +103,7 @@ def make_data_dir(config: Config) -> None:
         if st.st_uid == os.geteuid() and st.st_mode & 0o077 and not st.st_mode & stat.S_ISVTX:
             path.chmod(0o700)
     except OSError as exc:
-        raise StartError(f"cannot create the data directory {path}: {_reason(exc)}") from exc
+        raise StartError(f"cannot create the data directory {path}: {describe(exc)}") from exc
 
 
 def check_tls(config: Config) -> None:
@@ -116,7 +116,7 @@ def check_tls(config: Config) -> None:
             with open(path, "rb"):
                 pass
         except OSError as exc:
-            raise StartError(f"cannot read the TLS file {path}: {_reason(exc)}") from exc
+            raise StartError(f"cannot read the TLS file {path}: {describe(exc)}") from exc
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(smtp.tls_cert, smtp.tls_key)
     except (ssl.SSLError, OSError) as exc:

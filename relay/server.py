@@ -26,7 +26,7 @@ from relay.config import Config, Listen
 from relay.delivery import DeliveryEngine
 from relay.errors import RelayError, StoreError
 from relay.http import HttpContext, HttpServer, create_app
-from relay.listeners import StartError, bind, bound_address, check_tls, warn_if_tracking_loopback
+from relay.listeners import StartError, bind, bound_address, check_tls, describe, warn_if_tracking_loopback
 from relay.logstore import LogStore
 from relay.mx import MxResolver
 from relay.smtp_in import SmtpServer
@@ -71,7 +71,7 @@ class Relay:
             await self._stop_started()
             if isinstance(exc, RelayError | asyncio.CancelledError | KeyboardInterrupt | SystemExit):
                 raise
-            raise StartError(f"cannot start: {_one_line(exc)}") from exc
+            raise StartError(f"cannot start: {describe(exc)}") from exc
         if announce:
             for address in self.smtp_addresses:
                 log.info("smtp listening on %s", address)
@@ -94,7 +94,7 @@ class Relay:
             if upgrade:
                 await store.upgrade()
         except OSError as exc:  # e.g. PostgreSQL refusing the connection
-            raise StoreError(f"cannot open the store: {_one_line(exc)}") from exc
+            raise StoreError(f"cannot open the store: {describe(exc)}") from exc
         signer = tracking.TokenSigner(tracking_secret(config))
         check_tls(config)  # a readable error here rather than an ssl traceback below
         self.smtp = SmtpServer(config, store, Authenticator(store.password_hash))
@@ -223,7 +223,7 @@ async def serve(
         except RelayError as exc:
             if ready_fd is None:
                 raise
-            _report(ready_fd, f"error {_one_line(exc)}")
+            _report(ready_fd, f"error {describe(exc)}")
             return 1
         if ready_fd is not None:
             _report(ready_fd, "ready")
@@ -252,11 +252,6 @@ def _report(fd: int, line: str) -> None:
         os.write(fd, line.encode(errors="replace") + b"\n")
     with contextlib.suppress(OSError):
         os.close(fd)
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def tracking_secret(config: Config) -> bytes:
