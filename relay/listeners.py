@@ -55,7 +55,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the host ({exc.strerror})"
     if isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
-        return os.strerror(exc.errno).lower()
+        reason = os.strerror(exc.errno).lower()
+        return f"{exc.filename}: {reason}" if exc.filename else reason
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
 
@@ -103,7 +104,8 @@ def make_data_dir(config: Config) -> None:
         if st.st_uid == os.geteuid() and st.st_mode & 0o077 and not st.st_mode & stat.S_ISVTX:
             path.chmod(0o700)
     except OSError as exc:
-        raise StartError(f"cannot create the data directory {path}: {describe(exc)}") from exc
+        reason = os.strerror(exc.errno).lower() if exc.errno else describe(exc)
+        raise StartError(f"cannot create the data directory {path}: {reason}") from exc
 
 
 def check_tls(config: Config) -> None:
@@ -116,7 +118,8 @@ def check_tls(config: Config) -> None:
             with open(path, "rb"):
                 pass
         except OSError as exc:
-            raise StartError(f"cannot read the TLS file {path}: {describe(exc)}") from exc
+            reason = os.strerror(exc.errno).lower() if exc.errno else describe(exc)
+            raise StartError(f"cannot read the TLS file {path}: {reason}") from exc
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(smtp.tls_cert, smtp.tls_key)
     except (ssl.SSLError, OSError) as exc:

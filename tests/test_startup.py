@@ -69,6 +69,14 @@ async def test_a_store_that_cannot_open_is_one_line(tmp_path: Path, processes: s
 
 
 @PROCESSES
+async def test_a_worker_that_cannot_start_is_one_line_from_the_parent(tmp_path: Path, processes: str) -> None:
+    secret = tmp_path / "data" / "tracking.secret"
+    secret.mkdir(parents=True)  # the store opens and migrates; each worker then fails reading this
+    line = await _serve_fails(serve_config(tmp_path, ""), processes)
+    assert line == f"relay: cannot start: {secret}: is a directory"
+
+
+@PROCESSES
 async def test_an_unreachable_postgresql_is_one_line(tmp_path: Path, processes: str) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
@@ -165,6 +173,9 @@ def _mode(path: Path) -> int:
 @PROCESSES
 async def test_the_store_files_are_private(tmp_path: Path, processes: str) -> None:
     data = tmp_path / "data"
+    if processes == "2":
+        data.mkdir()
+        data.chmod(0o755)  # made by someone else, too open: Relay tightens its own directory
     with dns_server() as zone:
         config = serve_config(tmp_path, f'[dns]\nnameservers = ["127.0.0.1:{zone.port}"]\ntimeout = "1s"\n')  # type: ignore[attr-defined]
         server = await ServeProcess(config, "--processes", processes).start()
