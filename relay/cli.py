@@ -93,13 +93,7 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         logs.setup()
         if args.processes < 1:
             _fail("--processes must be at least 1", 2)
-        if args.processes > 1:
-            from relay import workers  # before anything imports prometheus_client: see relay.metrics
-
-            return workers.serve(cfg, args.processes)
-        from relay import server
-
-        return server.run(lambda: server.serve(cfg))
+        return _serve(cfg, args.processes)
     logs.setup(logging.WARNING)
     commands: dict[str, Callable[[Any, argparse.Namespace], Awaitable[int]]] = {
         "db": _db,
@@ -108,6 +102,28 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         "users": _users,
     }
     return asyncio.run(_with_store(cfg, args, commands[args.command]))
+
+
+def _serve(cfg: config_mod.Config, processes: int) -> int:
+    """A start that fails says why in one line on stderr and exits 1, having started nothing:
+    every listener is bound before the store opens, and delivery starts last."""
+    from relay import listeners
+
+    try:
+        sockets = listeners.prepare(cfg)
+        if processes > 1:
+            from relay import workers  # before anything imports prometheus_client: see relay.metrics
+
+            return workers.serve(cfg, processes, sockets)
+        from relay import server
+
+        return server.run(
+            lambda: server.serve(
+                cfg, smtp_sockets=sockets.smtp, http_sockets=sockets.http, tracking_sockets=sockets.tracking
+            )
+        )
+    except RelayError as exc:
+        _fail((str(exc).strip().splitlines() or [type(exc).__name__])[0], 1)
 
 
 async def _with_store(

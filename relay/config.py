@@ -407,9 +407,7 @@ def _check(config: Config) -> Config:
         raise ConfigError(
             "smtp.tls_cert" if not smtp.tls_cert else "smtp.tls_key", "set both tls_cert and tls_key, or neither"
         )
-    for key, file in (("smtp.tls_cert", smtp.tls_cert), ("smtp.tls_key", smtp.tls_key)):
-        if file and not os.access(file, os.R_OK):
-            raise ConfigError(key, f"cannot read {file}")
+    # Whether the TLS files can be read and loaded is checked when `relay serve` starts (relay.listeners).
     for i, route in enumerate(config.routes):
         if not route.domains:
             raise ConfigError(f"routes[{i}].domains", "required")

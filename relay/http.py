@@ -1,21 +1,30 @@
-"""The HTTP side, in the same process and event loop as SMTP and delivery: /metrics,
-/healthz and /readyz, the tracking endpoints (/t/o/{token}, /t/c/{token}) and the JSON API
-(relay.api). FastAPI on uvicorn; the OpenAPI document is at /api/openapi.json."""
+"""The HTTP side, in the same process and event loop as SMTP and delivery.
+
+The private side (``[http] listen``): /metrics (with ``[http] metrics_token``, a bearer token),
+/healthz, /readyz, the JSON API (relay.api), its OpenAPI document at /api/openapi.json and
+Swagger UI at /api/docs. The public side: the tracking endpoints (/t/o/{token}, /t/c/{token}),
+on ``[tracking] listen`` when set (and then only there), else beside the private side.
+FastAPI on uvicorn."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import fastapi_offline
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from relay import api, metrics, tracking
 from relay.config import Config
@@ -37,19 +46,31 @@ class HttpContext:
     wake_delivery: Callable[[], None]
 
 
-def create_app(ctx: HttpContext) -> FastAPI:
+def create_app(ctx: HttpContext, *, private: bool = True, public: bool = True) -> FastAPI:
+    """The private side (metrics, health, the API and its docs) and/or the public side
+    (tracking). Separate apps on separate listeners when ``[tracking] listen`` is set."""
     app = FastAPI(
         title="Relay",
         summary="The delivery log of a transactional SMTP relay",
         version="1",
-        openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        openapi_url="/api/openapi.json" if private else None,
+        docs_url=None,  # served below, with assets from Relay instead of a CDN
         redoc_url=None,
     )
+    if private:
+        _private_routes(app, ctx)
+    if public:
+        _public_routes(app, ctx)
+    return app
+
+
+def _private_routes(app: FastAPI, ctx: HttpContext) -> None:
     app.state.store = ctx.store
     app.state.tokens = api.Tokens(ctx.config.http.api_tokens)
     app.state.wake_delivery = ctx.wake_delivery
     app.include_router(api.router)
+    _docs_routes(app)
+    metrics_token = ctx.config.http.metrics_token.encode()
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -67,13 +88,49 @@ def create_app(ctx: HttpContext) -> FastAPI:
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics_endpoint() -> Response:
+    async def metrics_endpoint(request: Request) -> Response:
+        if metrics_token and not _bearer_matches(request, metrics_token):
+            return Response(
+                "a bearer token is required\n", status_code=401, media_type="text/plain",
+                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )  # fmt: skip
         try:
             queue = await ctx.store.queue_summary(active_only=True)
         except StoreError:
             return Response("store unreachable\n", status_code=503, media_type="text/plain")
         return Response(metrics.render(queue), media_type=metrics.CONTENT_TYPE)
 
+
+def _bearer_matches(request: Request, token: bytes) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # compare_digest: the time taken does not tell how much of the token was right
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
+
+
+DOCS_URL = "/api/docs"
+_DOCS_ASSETS = "/api/docs/assets"
+
+
+def _docs_routes(app: FastAPI) -> None:
+    """Swagger UI at /api/docs (and /docs), its JavaScript and CSS served by Relay itself: the
+    page works without Internet access and loads nothing from a third party."""
+    app.mount(_DOCS_ASSETS, StaticFiles(directory=Path(fastapi_offline.__file__).parent / "static"), name="docs-assets")
+
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/api/openapi.json",
+            title="Relay - API",
+            swagger_js_url=f"{_DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{_DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{_DOCS_ASSETS}/favicon.png",
+            oauth2_redirect_url=None,
+        )
+
+    for path in (DOCS_URL, "/docs"):
+        app.add_api_route(path, docs, methods=["GET"], include_in_schema=False)
+
+
+def _public_routes(app: FastAPI, ctx: HttpContext) -> None:
     async def hit(token: str, kind: str, request: Request) -> tracking.Hit | Response:
         try:
             found = await tracking.record_hit(ctx.store, ctx.signer, token, kind, _client(request))
@@ -82,7 +139,10 @@ def create_app(ctx: HttpContext) -> FastAPI:
             return Response("try again later\n", status_code=503, media_type="text/plain")
         if found is None:
             return Response("not found\n", status_code=404, media_type="text/plain")
-        metrics.TRACKING.labels(kind, "true" if found.machine else "false").inc()
+        if found.coalesced:
+            metrics.TRACKING_COALESCED.inc()
+        else:
+            metrics.TRACKING.labels(kind, "true" if found.machine else "false").inc()
         return found
 
     @app.api_route("/t/o/{token}", methods=["GET", "HEAD"], include_in_schema=False)
@@ -99,8 +159,6 @@ def create_app(ctx: HttpContext) -> FastAPI:
             return found
         assert found.url is not None
         return RedirectResponse(found.url, status_code=302, headers=NO_CACHE)
-
-    return app
 
 
 def _client(request: Request) -> tracking.Client:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -349,7 +350,7 @@ class _Engines:
         if self.dialect == "sqlite":
             database = parsed.database or ""
             if database and database != ":memory:":
-                Path(database).parent.mkdir(parents=True, exist_ok=True)
+                _private_sqlite_files(Path(database))
                 # Writers in several processes (`serve --processes`, the CLI) queue on this lock:
                 # the kernel hands it over at once, where SQLite's busy handler sleeps 1, 2, 5 ms...
                 self._write_lock = os.open(f"{database}-writelock", os.O_CREAT | os.O_RDWR, 0o600)
@@ -804,17 +805,34 @@ class LogStore:
 
         return await self._read(find)
 
-    async def record_engagement(self, message_id: str, address: str, kind: EventType, details: dict[str, Any]) -> bool:
-        """Append an opened/clicked event; True when it is the recipient's first of its kind."""
+    async def record_engagement(
+        self, message_id: str, address: str, kind: EventType, details: dict[str, Any], *, window: float = 0.0
+    ) -> bool | None:
+        """Append an opened/clicked event, unless one with the same ``ip``, ``user_agent`` and
+        ``url`` details was logged for this recipient less than ``window`` seconds ago: then
+        None (coalesced). Else True when it is the recipient's first human (``machine`` false)
+        event of its kind, which the event records as ``first``; machine hits are never first."""
         at = time.time()
+        same = tuple(details.get(key) for key in ("ip", "user_agent", "url"))
+        human = not details.get("machine")
+        lock_key = int.from_bytes(
+            hashlib.blake2b(f"{message_id}\0{address}".encode(), digest_size=8).digest(), "big", signed=True
+        )
 
-        def record(conn: Connection) -> bool:
-            seen = conn.scalar(
-                sa.select(events.c.id)
+        def record(conn: Connection) -> bool | None:
+            if conn.dialect.name == "postgresql":
+                # Hits of one recipient serialize across processes and nodes until commit, so two
+                # at once cannot both be first, nor both miss the other as a repeat. (SQLite
+                # write transactions are serial already.)
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_key)))
+            earlier = conn.execute(
+                sa.select(events.c.at, events.c.details)
                 .where(events.c.message_id == message_id, events.c.recipient == address, events.c.type == kind)
-                .limit(1)
-            )  # fmt: skip
-            first = seen is None
+            ).all()  # fmt: skip
+            for row in earlier:
+                if row.at > at - window and tuple(row.details.get(key) for key in ("ip", "user_agent", "url")) == same:
+                    return None
+            first = human and not any(row.details.get("first") and not row.details.get("machine") for row in earlier)
             conn.execute(
                 events.insert().values(
                     message_id=message_id, recipient=address, at=at, type=kind, details={**details, "first": first}
@@ -822,7 +840,7 @@ class LogStore:
             )
             return first
 
-        first: bool = await self._write(_Call(record))
+        first: bool | None = await self._write(_Call(record))
         return first
 
     # -- bulk import
@@ -1100,6 +1118,22 @@ def _percentile(ordered: Sequence[float], q: float) -> float | None:
         return None
     index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
     return round(ordered[index], 3)
+
+
+def _private_sqlite_files(path: Path) -> None:
+    """The database holds message bodies and password hashes: its directory 0700 when made
+    here, the file and its -wal and -shm 0600. SQLite gives -wal and -shm the database file's
+    mode, so creating that one 0600 (before SQLite does) is enough for new stores."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a store made by an older Relay
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        extra = path.with_name(path.name + suffix)
+        if extra.exists():
+            extra.chmod(0o600)
 
 
 def _sqlite_setup(engine: sa.Engine, *, begin: str) -> None:

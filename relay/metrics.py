@@ -36,6 +36,9 @@ ACCEPT_TO_DELIVERY = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 3 * 86400),
 )
 TRACKING = Counter("relay_tracking_events", "Opens and clicks recorded", ["type", "machine"])
+TRACKING_COALESCED = Counter(
+    "relay_tracking_hits_coalesced", "Tracking hits that repeated a recent one (same token, IP, User-Agent): not logged"
+)
 
 REJECTION_REASONS: Final = (
     "auth_required", "auth_failed", "tls_required", "message_size", "too_many_recipients", "bad_address",

@@ -432,7 +432,12 @@ class Client:
 class Hit:
     url: str | None  # where a click goes: always the stored URL, never one from the request
     machine: bool
-    first: bool
+    first: bool  # the recipient's first human open (or click)
+    coalesced: bool = False  # a repeat within COALESCE_WINDOW: counted, not logged
+
+
+COALESCE_WINDOW = 10.0  # seconds: repeats of one hit (token, IP, User-Agent, URL) make one event
+COALESCE_KEYS = ("ip", "user_agent", "url")  # the details that make two hits the same
 
 
 MACHINE_WINDOW = 5.0  # seconds after delivery: faster than a person, typical of scanners
@@ -460,13 +465,14 @@ class EngagementLog(Protocol):
     async def tracking_target(self, recipient_id: int, ordinal: int | None) -> TrackTarget | None: ...
 
     async def record_engagement(
-        self, message_id: str, address: str, kind: EventType, details: dict[str, Any]
-    ) -> bool: ...
+        self, message_id: str, address: str, kind: EventType, details: dict[str, Any], *, window: float
+    ) -> bool | None: ...
 
 
 async def record_hit(store: EngagementLog, signer: TokenSigner, token: str, kind: str, client: Client) -> Hit | None:
     """Verify the token, append an opened/clicked event; None (and nothing logged) when the
-    token is tampered, malformed or names nothing we know."""
+    token is tampered, malformed or names nothing we know. A repeat of a hit logged less than
+    COALESCE_WINDOW ago (a proxy retrying, a reader reloading) is not logged again."""
     parsed = signer.verify(token)
     if parsed is None or parsed.kind != kind:
         return None
@@ -478,9 +484,9 @@ async def record_hit(store: EngagementLog, signer: TokenSigner, token: str, kind
     if kind == "click":
         details["url"] = target.url
     first = await store.record_engagement(
-        target.message_id, target.address, "opened" if kind == "open" else "clicked", details
+        target.message_id, target.address, "opened" if kind == "open" else "clicked", details, window=COALESCE_WINDOW
     )
-    return Hit(target.url, machine, first)
+    return Hit(target.url, machine, bool(first), coalesced=first is None)
 
 
 @dataclass(frozen=True, slots=True)
