@@ -547,7 +547,10 @@ def display_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _first_line(exc: BaseException) -> str:
+def _reason(exc: BaseException) -> str:
+    """The driver's own words on one line (SQLAlchemy adds the statement and a link below)."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        exc = exc.orig
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -592,8 +595,8 @@ class LogStore:
 
         try:
             await self._engines.write(upgrade_sync)
-        except SQLAlchemyError as exc:
-            raise StoreError(f"migration failed: {exc}") from exc
+        except (SQLAlchemyError, OSError) as exc:  # OSError: PostgreSQL unreachable
+            raise StoreError(f"migration failed: {_reason(exc)}") from exc
 
     async def schema_state(self) -> SchemaState:
         """The schema against this code's migrations (see ``relay.migrations.schema_state``);
@@ -603,14 +606,10 @@ class LogStore:
 
         try:
             return await self._engines.read(schema_state)
-        except DBAPIError as exc:
-            if getattr(exc.orig, "sqlstate", None) == "3D000":  # invalid_catalog_name: no such database
-                return "missing"
-            raise StoreError(
-                f"cannot read the store at {display_url(self.url)}: {_first_line(exc.orig or exc)}"
-            ) from exc
         except (SQLAlchemyError, OSError) as exc:
-            raise StoreError(f"cannot read the store at {display_url(self.url)}: {_first_line(exc)}") from exc
+            if isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) == "3D000":
+                return "missing"  # invalid_catalog_name: no such database
+            raise StoreError(f"cannot read the store at {display_url(self.url)}: {_reason(exc)}") from exc
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute(sa.text("SELECT 1")))

@@ -107,6 +107,11 @@ async def test_an_unreachable_postgresql_is_one_line(tmp_path: Path) -> None:
     (line,) = err.splitlines()
     assert line.startswith("relay: cannot read the store at postgresql+asyncpg://postgres:***@127.0.0.1:9/relay: ")
     assert "secret" not in err
+    code, out, err = await relay_cli("db", "upgrade", "--config", str(config_for(tmp_path, url)))
+    assert (code, out) == (1, "")
+    (line,) = err.splitlines()
+    assert line.startswith("relay: migration failed: ")
+    assert "secret" not in err
 
 
 async def test_an_older_schema_needs_db_upgrade(tmp_path: Path, store_url: str) -> None:
