@@ -235,13 +235,14 @@ async def test_queue_delete_keeps_the_last_response(store: Store) -> None:
 
 
 async def test_queue_list(store: Store) -> None:
+    now = time.time()
     await store.load(
-        recipient("01L1", "old@a.example", "queued", attempts=0, at=NOW - 7200, next_at=NOW - 7200),
-        recipient("01L2", "slow@b.example", "deferred", attempts=2, at=NOW - 3600, next_at=LATER,
+        recipient("01L1", "old@a.example", "queued", attempts=0, at=now - 7200, next_at=now - 7200),
+        recipient("01L2", "slow@b.example", "deferred", attempts=2, at=now - 3600, next_at=now + 3600,
                   last_response="421 4.7.0 try again later"),
-        recipient("01L3", "busy@A.example", "sending", at=NOW - 60, next_at=NOW + 300),
-        recipient("01L4", "done@a.example", "delivered", at=NOW - 30, last_response="250 ok"),
-        recipient("01L5", "gone@b.example", "bounced", at=NOW - 20, last_response="550 5.1.1 unknown"),
+        recipient("01L3", "busy@A.example", "sending", at=now - 60, next_at=now + 300),
+        recipient("01L4", "done@a.example", "delivered", at=now - 30, last_response="250 ok"),
+        recipient("01L5", "gone@b.example", "bounced", at=now - 20, last_response="550 5.1.1 unknown"),
     )  # fmt: skip
     code, out, err = await store.cli("queue", "list")
     assert (code, err) == (0, "")
@@ -251,7 +252,8 @@ async def test_queue_list(store: Store) -> None:
     assert first[1].startswith("2h0")  # age: 2h00m, or a little more on a slow machine
     assert first[2:6] == ["old@a.example", "queued", "0", "due"]
     assert second[1].startswith("1h0")
-    assert second[2:7] == ["slow@b.example", "deferred", "2", "in", "59m"] or second[5:7] == ["in", "58m"]
+    assert second[2:6] == ["slow@b.example", "deferred", "2", "in"]
+    assert second[6].endswith("m")  # 59m, less on a slow machine
     assert lines[1].endswith("  421 4.7.0 try again later")
     assert third[2:6] == ["busy@A.example", "sending", "1", "in"]
 
