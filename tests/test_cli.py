@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from helpers import pg_database, relay_cli, write_config
 
@@ -129,6 +130,22 @@ async def test_an_older_schema_needs_db_upgrade(tmp_path: Path, store_url: str) 
     assert (code, out) == (0, "schema is up to date\n")
     code, out, err = await relay_cli("queue", "list", "--config", cfg)
     assert (code, out, err) == (0, "", "")
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'relay.db'}"
+    cfg = str(config_for(tmp_path, url))
+    assert (await relay_cli("db", "upgrade", "--config", cfg))[0] == 0
+    store = await LogStore.open(url)
+    try:
+        await store._engines.write(
+            lambda conn: conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+        )
+    finally:
+        await store.close()
+    code, out, err = await relay_cli("queue", "list", "--config", cfg)
+    assert (code, out) == (2, "")
+    assert err.splitlines() == ["relay: the store was upgraded by a newer relay: run that version"]
 
 
 async def test_db_upgrade_creates_the_store(tmp_path: Path, store_url: str) -> None:
