@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from relay.errors import NotFound
 from relay.logstore import LogStore
-from relay.model import BOUNCED, DEFERRED, EXPIRED, QUEUED, iso
+from relay.model import iso
 
 State = Literal["queued", "deferred", "sending", "delivered", "bounced", "expired", "suppressed", "cancelled"]
 QUEUE_ID = r"^[0-9A-Za-z]{26}$"
@@ -83,10 +83,11 @@ class Latency(BaseModel):
 class StatsGroup(BaseModel):
     group: str | None
     received: int
-    delivered: int
-    deferred: int
-    bounced: int
-    expired: int
+    delivered: int = Field(description="Recipients whose latest outcome in the window is delivered")
+    deferred: int = Field(description="Recipients deferred at least once in the window")
+    bounced: int = Field(description="Recipients whose latest outcome in the window is bounced")
+    expired: int = Field(description="Recipients whose latest outcome in the window is expired")
+    deferrals: int = Field(description="Deferred attempts in the window")
     unique_opens: Counts
     unique_clicks: Counts
     delivery_latency_seconds: Latency
@@ -202,7 +203,7 @@ async def get_message(store: Store, id: Annotated[str, Path(pattern=QUEUE_ID)]) 
 @router.post(
     "/messages/{id}/retry",
     response_model=RetryResult,
-    summary="Make deferred, expired or bounced recipients due now",
+    summary="Make queued, deferred, expired or bounced recipients due now",
     responses={**_NOT_FOUND, 400: {"model": Problem, "description": "The body is not JSON"}},
 )
 async def retry_message(
@@ -213,9 +214,7 @@ async def retry_message(
     body: RetryRequest | None = None,
 ) -> dict[str, Any]:
     try:
-        count = await store.retry(
-            id.upper(), states=(QUEUED, DEFERRED, EXPIRED, BOUNCED), by=caller, reason=body.reason if body else ""
-        )
+        count = await store.retry(id.upper(), by=caller, reason=body.reason if body else "")  # RETRY_STATES
     except NotFound as exc:
         raise HTTPException(404, "no such message") from exc
     request.app.state.wake_delivery()

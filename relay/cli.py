@@ -1,4 +1,8 @@
-"""``relay serve|db|log|queue|users``: argument parsing, then a call into the modules."""
+"""``relay serve|db|log|queue|stats|users``: argument parsing, then a call into the modules.
+
+Only ``serve`` and ``db upgrade`` create or upgrade a store; the other commands refuse to run
+on a store that is missing or older than the code, so that a wrong --config never leaves an
+empty database behind."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 from relay import config as config_mod
 from relay.errors import ConfigError, Conflict, NotFound, RelayError, StoreError
-from relay.model import MessageView, iso
+from relay.model import ACTIVE_STATES, RETRY_ALL_STATES, RETRY_STATES, MessageView, QueueEntry, StatsRow, iso
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -46,12 +50,31 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("queue", parents=[common], help="queue counts and control")
     q_sub = q.add_subparsers(dest="queue_command", metavar="ACTION")
-    retry = q_sub.add_parser("retry", parents=[common], help="make deferred recipients due now")
+    ls = q_sub.add_parser(
+        "list",
+        parents=[common],
+        help="one line per active recipient: queue id, age, recipient, state, attempts, next attempt, last reply",
+    )
+    ls.add_argument("--state", choices=ACTIVE_STATES, help="only recipients in this state")
+    ls.add_argument("--domain", metavar="DOMAIN", help="only recipients at this domain")
+    ls.add_argument("--json", action="store_true", help="print a JSON array")
+    ls.add_argument("--limit", type=int, default=1000, metavar="N", help="at most N recipients (default 1000)")
+    retry = q_sub.add_parser(
+        "retry", parents=[common], help=f"make a message's {'/'.join(RETRY_STATES)} recipients due now"
+    )
     target = retry.add_mutually_exclusive_group(required=True)
     target.add_argument("id", nargs="?", help="queue id")
-    target.add_argument("--all", action="store_true", help="every deferred recipient")
+    target.add_argument(
+        "--all", action="store_true", help=f"every {'/'.join(RETRY_ALL_STATES)} recipient (never old bounces)"
+    )
     delete = q_sub.add_parser("delete", parents=[common], help="cancel a message's pending recipients")
     delete.add_argument("id", help="queue id")
+
+    st = sub.add_parser("stats", parents=[common], help="recipients delivered, deferred, bounced... per group")
+    st.add_argument("--group-by", choices=("tag", "domain", "user"), default="tag", help="(default tag)")
+    st.add_argument("--since", type=_when, metavar="TIME", help="ISO-8601 or epoch seconds (default: 24 hours ago)")
+    st.add_argument("--until", type=_when, metavar="TIME", help="ISO-8601 or epoch seconds (default: now)")
+    st.add_argument("--json", action="store_true", help="print the API's JSON")
 
     u = sub.add_parser("users", parents=[common], help="SMTP AUTH users")
     u_sub = u.add_subparsers(dest="users_command", required=True, metavar="ACTION")
@@ -66,6 +89,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _when(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time or epoch seconds: {text!r}") from exc
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = _parser().parse_args(argv)
     try:
@@ -74,6 +109,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         _fail(f"config error: {exc}", 2)
     try:
         code = _dispatch(args, cfg)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+    except BrokenPipeError:
+        # `relay log ... | head -1`: the reader has what it wanted. Stop quietly, with the status
+        # of a process killed by SIGPIPE; devnull keeps the final flush at exit from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + 13
     except (StoreError, RelayError) as exc:
         _fail(str(exc), 1)
     except KeyboardInterrupt:
@@ -99,6 +140,7 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         "db": _db,
         "log": _log,
         "queue": _queue,
+        "stats": _stats,
         "users": _users,
     }
     return asyncio.run(_with_store(cfg, args, commands[args.command]))
@@ -129,14 +171,34 @@ def _serve(cfg: config_mod.Config, processes: int) -> int:
 async def _with_store(
     cfg: config_mod.Config, args: argparse.Namespace, fn: Callable[[Any, argparse.Namespace], Awaitable[int]]
 ) -> int:
-    from relay.logstore import LogStore
+    from relay.logstore import LogStore, display_url, sqlite_file
 
-    store = await LogStore.open(cfg.store.url)
+    url = cfg.store.url
+    creates = args.command == "db"  # `db upgrade`, the one command here that may create the store
+    file = sqlite_file(url)
+    where = str(file) if file is not None else display_url(url)
+    if not creates and file is not None and not file.is_file():  # before opening: that would create it
+        return _complain(f"no store at {where} (use --config or RELAY_CONFIG)", 2)
+    store = await LogStore.open(url)
     try:
-        await store.upgrade()
+        if creates:
+            await store.upgrade()
+        else:
+            state = await store.schema_state()
+            if state == "missing":
+                return _complain(f"no store at {where} (use --config or RELAY_CONFIG)", 2)
+            if state == "behind":
+                return _complain('the store needs "relay db upgrade"', 2)
+            if state == "ahead":
+                return _complain("the store was upgraded by a newer relay: run that version", 2)
         return await fn(store, args)
     finally:
         await store.close()
+
+
+def _complain(message: str, code: int) -> int:
+    print(f"relay: {message}", file=sys.stderr)
+    return code
 
 
 async def _db(store: Any, args: argparse.Namespace) -> int:
@@ -205,6 +267,8 @@ def _describe(kind: str, d: dict[str, Any]) -> str:
 
 
 async def _queue(store: Any, args: argparse.Namespace) -> int:
+    if args.queue_command == "list":
+        return await _queue_list(store, args)
     if args.queue_command == "retry":
         n = await store.retry(None if args.all else args.id, by="cli")
         print(f"{n} recipient(s) due now")
@@ -223,6 +287,69 @@ async def _queue(store: Any, args: argparse.Namespace) -> int:
         print(f"{state:<{width}}  {count}")
     age = "-" if summary.oldest_queued_at is None else f"{time.time() - summary.oldest_queued_at:.0f}s"
     print(f"oldest queued message: {age}")
+    return 0
+
+
+async def _queue_list(store: Any, args: argparse.Namespace) -> int:
+    limit = max(1, args.limit)
+    entries: list[QueueEntry] = await store.queue_list(state=args.state, domain=args.domain, limit=limit + 1)
+    now = time.time()
+    if args.json:
+        print(json.dumps([e.to_json(now) for e in entries[:limit]], indent=2, ensure_ascii=False))
+    else:
+        for e in entries[:limit]:
+            print(format_queue_entry(e, now))
+    if len(entries) > limit:
+        print(f"relay: showing the first {limit} recipients; use --limit for more", file=sys.stderr)
+    return 0
+
+
+def format_queue_entry(e: QueueEntry, now: float) -> str:
+    """A line of `relay queue list`, in the spirit of Postfix mailq."""
+    if e.next_attempt_at is None:
+        nxt = "-"
+    elif e.next_attempt_at <= now:
+        nxt = "due now"
+    else:
+        nxt = "in " + _span(e.next_attempt_at - now)
+    line = f"{e.queue_id}  {_span(now - e.received_at):>6}  {e.recipient:<32} {e.state:<8}  {e.attempts:>3}  {nxt:<10}"
+    return f"{line}  {e.last_response or '-'}"
+
+
+def _span(seconds: float) -> str:
+    """A short duration: 45s, 12m, 3h05m, 2d04h."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+async def _stats(store: Any, args: argparse.Namespace) -> int:
+    until = time.time() if args.until is None else args.until
+    since = until - 86400 if args.since is None else args.since
+    if since > until:
+        return _complain("--since must not be after --until", 2)
+    rows: list[StatsRow] = await store.stats(since, until, args.group_by)
+    if args.json:  # the object GET /api/v1/stats returns
+        groups = [r.to_json() for r in rows]
+        doc = {"since": iso(since), "until": iso(until), "group_by": args.group_by, "groups": groups}
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{iso(since)} .. {iso(until)}, by {args.group_by}; counts are recipients, deferrals are attempts")
+    head = ("group", "received", "delivered", "deferred", "deferrals", "bounced", "expired", "opens", "clicks", "p50 s")
+    table = [head] + [
+        (r.group or "-", *(str(n) for n in (r.received, r.delivered, r.deferred, r.deferrals, r.bounced, r.expired,
+                                             r.unique_opens, r.unique_clicks)),
+         "-" if r.latency_p50 is None else f"{r.latency_p50:g}")
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
     return 0
 
 

@@ -29,13 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from relay.errors import Conflict, NotFound, RelayError, StoreError
@@ -45,6 +45,8 @@ from relay.model import (
     DEFERRED,
     FINAL_STATES,
     QUEUED,
+    RETRY_ALL_STATES,
+    RETRY_STATES,
     SENDING,
     Claimed,
     EventType,
@@ -53,11 +55,15 @@ from relay.model import (
     MessageView,
     NewMessage,
     Outcome,
+    QueueEntry,
     QueueSummary,
     RecipientView,
     StatsRow,
     TrackTarget,
 )
+
+if TYPE_CHECKING:
+    from relay.migrations import SchemaState
 
 log = logging.getLogger(__name__)
 
@@ -529,6 +535,27 @@ class _BodyCache:
             self.size -= len(data)
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file a SQLite URL names; None for PostgreSQL and in-memory SQLite."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def display_url(url: str) -> str:
+    """The URL to show in messages: any password masked."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's own words on one line (SQLAlchemy adds the statement and a link below)."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 class LogStore:
     """Named operations on the queue and the log. Create with ``await LogStore.open(url)``."""
 
@@ -569,8 +596,21 @@ class LogStore:
 
         try:
             await self._engines.write(upgrade_sync)
-        except SQLAlchemyError as exc:
-            raise StoreError(f"migration failed: {exc}") from exc
+        except (SQLAlchemyError, OSError) as exc:  # OSError: PostgreSQL unreachable
+            raise StoreError(f"migration failed: {_reason(exc)}") from exc
+
+    async def schema_state(self) -> SchemaState:
+        """The schema against this code's migrations (see ``relay.migrations.schema_state``);
+        a PostgreSQL database that does not exist is "missing". StoreError, with the reason on
+        one line, when the store cannot be read at all."""
+        from relay.migrations import schema_state
+
+        try:
+            return await self._engines.read(schema_state)
+        except (SQLAlchemyError, OSError) as exc:
+            if isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) == "3D000":
+                return "missing"  # invalid_catalog_name: no such database
+            raise StoreError(f"cannot read the store at {display_url(self.url)}: {_reason(exc)}") from exc
 
     async def ping(self) -> None:
         await self._read(lambda conn: conn.execute(sa.text("SELECT 1")))
@@ -689,17 +729,13 @@ class LogStore:
     # -- queue control
 
     async def retry(
-        self,
-        message_id: str | None,
-        *,
-        states: Sequence[str] = (QUEUED, DEFERRED),
-        by: str = "cli",
-        reason: str = "",
-        now: float | None = None,
+        self, message_id: str | None, *, by: str = "cli", reason: str = "", now: float | None = None
     ) -> int:
-        """Make the message's recipients in ``states`` due now (all messages when id is None);
-        log a "retried" event for each. Raises NotFound for an unknown message id."""
+        """Make the message's recipients in RETRY_STATES due now (with no id: every message's
+        recipients in RETRY_ALL_STATES, never old bounces); log a "retried" event for each.
+        Raises NotFound for an unknown message id."""
         now = time.time() if now is None else now
+        states = RETRY_ALL_STATES if message_id is None else RETRY_STATES
 
         def retry(conn: Connection) -> int:
             cond: list[sa.ColumnElement[bool]] = [recipients.c.status.in_(states)]
@@ -733,7 +769,8 @@ class LogStore:
         return count
 
     async def cancel(self, message_id: str, *, by: str = "cli", reason: str = "", now: float | None = None) -> int:
-        """Cancel the message's recipients that are not final yet; log "cancelled" for each."""
+        """Cancel the message's recipients that are not final yet; log "cancelled" for each.
+        Their last_response stays the remote server's last reply: the cancellation is an event."""
         now = time.time() if now is None else now
 
         def cancel(conn: Connection) -> int:
@@ -742,11 +779,10 @@ class LogStore:
                 conn.execute(
                     recipients.update()
                     .where(recipients.c.message_id == message_id, recipients.c.status.in_(ACTIVE_STATES))
-                    .values(status=CANCELLED, next_attempt_at=None, lease_owner=None, updated_at=now,
-                            last_response="cancelled by " + by)
+                    .values(status=CANCELLED, next_attempt_at=None, lease_owner=None, updated_at=now)
                     .returning(recipients.c.address)
                 )
-            ).all()  # fmt: skip
+            ).all()
             if rows:
                 conn.execute(
                     events.insert(),
@@ -780,6 +816,25 @@ class LogStore:
             return QueueSummary(counts, None if oldest is None else float(oldest))
 
         return await self._read(summary)
+
+    async def queue_list(
+        self, *, state: str | None = None, domain: str | None = None, limit: int = 1000
+    ) -> list[QueueEntry]:
+        """Active recipients (queued, deferred, sending), oldest message first, optionally only
+        one state or one recipient domain: what ``relay queue list`` prints."""
+        if state is not None and state not in ACTIVE_STATES:
+            raise ValueError(f"{state!r} is not a queue state")
+        stmt = _queue_list if domain is None else _queue_list_domain
+        params = {"states": [state] if state else list(ACTIVE_STATES), "domain": (domain or "").lower(), "limit": limit}
+
+        def find(conn: Connection) -> list[QueueEntry]:
+            return [
+                QueueEntry(r.message_id, float(r.received_at), r.address, r.status, r.attempts,
+                           None if r.next_attempt_at is None else float(r.next_attempt_at), r.last_response)
+                for r in conn.execute(stmt, params)
+            ]  # fmt: skip
+
+        return await self._read(find)
 
     # -- tracking
 
@@ -997,6 +1052,25 @@ def _must_exist(conn: Connection, message_id: str) -> None:
         raise NotFound(f"no message {message_id}")
 
 
+# The queue as `relay queue list` shows it: one row per active recipient, oldest message first.
+_queue_list = (
+    sa.select(
+        recipients.c.message_id,
+        messages.c.received_at,
+        recipients.c.address,
+        recipients.c.status,
+        recipients.c.attempts,
+        recipients.c.next_attempt_at,
+        recipients.c.last_response,
+    )
+    .join(messages, messages.c.id == recipients.c.message_id)
+    .where(recipients.c.status.in_(sa.bindparam("states", expanding=True)))
+    .order_by(messages.c.received_at, recipients.c.message_id, recipients.c.id)
+    .limit(sa.bindparam("limit"))
+)
+_queue_list_domain = _queue_list.where(recipients.c.domain == sa.bindparam("domain"))
+
+
 # Lookups, built once (support's hot path; the statement cache then only binds values).
 _QUEUE_ID = re.compile(r"[0-9A-Za-z]{1,32}")  # what a queue id can look like (ULIDs are 26)
 _by_queue_id = sa.select(messages.c.id).where(messages.c.id == sa.bindparam("id"))
@@ -1057,7 +1131,7 @@ def _views(conn: Connection, ids: Sequence[str]) -> list[MessageView]:
     ]
 
 
-_FINAL_EVENTS = ("delivered", "deferred", "bounced", "expired")
+_OUTCOME_EVENTS = ("delivered", "bounced", "expired")
 
 
 def _stats(conn: Connection, since: float, until: float, group_by: str) -> list[StatsRow]:
@@ -1080,16 +1154,24 @@ def _stats(conn: Connection, since: float, until: float, group_by: str) -> list[
 
     def row(key: str | None) -> dict[str, Any]:
         return rows.setdefault(key, {"received": 0, "latencies": [], "opened": [0, 0], "clicked": [0, 0],
-                                     **dict.fromkeys(_FINAL_EVENTS, 0)})  # fmt: skip
+                                     "deferred": 0, "deferrals": 0, **dict.fromkeys(_OUTCOME_EVENTS, 0)})  # fmt: skip
 
     for key, n in conn.execute(received.group_by(group)):
         row(key)["received"] = n
-    counted = sa.select(group, e.c.type, sa.func.count()).select_from(by_event)
-    counted = counted.where(window_events, e.c.type.in_(_FINAL_EVENTS)).group_by(group, e.c.type)
-    for key, kind, n in conn.execute(counted):
-        row(key)[kind] = n
-    machine = e.c.details["machine"].as_boolean()
     who = e.c.message_id + "/" + sa.func.coalesce(e.c.recipient, "")
+    # Recipients, not attempts: each recipient counts once, by its latest outcome in the window
+    # (bounced, retried, bounced again: one bounce; bounced, retried, delivered: one delivery).
+    latest = sa.select(sa.func.max(e.c.id)).where(window_events, e.c.type.in_(_OUTCOME_EVENTS))
+    latest = latest.group_by(e.c.message_id, e.c.recipient)
+    counted = sa.select(group, e.c.type, sa.func.count()).select_from(by_event)
+    for key, kind, n in conn.execute(counted.where(e.c.id.in_(latest)).group_by(group, e.c.type)):
+        row(key)[kind] = n
+    deferred = sa.select(group, sa.func.count(sa.distinct(who)), sa.func.count()).select_from(by_event)
+    for key, recipients_deferred, attempts in conn.execute(
+        deferred.where(window_events, e.c.type == "deferred").group_by(group)
+    ):
+        row(key).update(deferred=recipients_deferred, deferrals=attempts)
+    machine = e.c.details["machine"].as_boolean()
     engaged = sa.select(group, e.c.type, sa.func.coalesce(machine, sa.false()), sa.func.count(sa.distinct(who)))
     engaged = engaged.select_from(by_event).where(window_events, e.c.type.in_(("opened", "clicked")))
     engaged = engaged.group_by(group, e.c.type, sa.func.coalesce(machine, sa.false()))
@@ -1104,7 +1186,7 @@ def _stats(conn: Connection, since: float, until: float, group_by: str) -> list[
         out.append(
             StatsRow(
                 group=key, received=v["received"], delivered=v["delivered"], deferred=v["deferred"],
-                bounced=v["bounced"], expired=v["expired"], unique_opens=v["opened"][0],
+                bounced=v["bounced"], expired=v["expired"], deferrals=v["deferrals"], unique_opens=v["opened"][0],
                 unique_opens_machine=v["opened"][1], unique_clicks=v["clicked"][0],
                 unique_clicks_machine=v["clicked"][1], latency_p50=_percentile(lat, 0.50),
                 latency_p95=_percentile(lat, 0.95),

@@ -19,6 +19,12 @@ SUPPRESSED: Final = "suppressed"
 CANCELLED: Final = "cancelled"
 ACTIVE_STATES: Final = (QUEUED, DEFERRED, SENDING)
 FINAL_STATES: Final = (DELIVERED, BOUNCED, EXPIRED, SUPPRESSED, CANCELLED)
+# The one retry rule (`relay queue retry ID`, POST /api/v1/messages/{id}/retry): a message's
+# recipients in these states become due now. Delivered, suppressed and cancelled ones never do.
+RETRY_STATES: Final = (QUEUED, DEFERRED, EXPIRED, BOUNCED)
+# `relay queue retry --all` touches only these: retrying every bounce ever would mail addresses
+# that refused mail, possibly years ago.
+RETRY_ALL_STATES: Final = (QUEUED, DEFERRED)
 
 # Event types: fixed names, so later features add types rather than rename them.
 EVENT_TYPES: Final = (
@@ -169,6 +175,31 @@ class QueueSummary:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """One active recipient, as ``relay queue list`` shows it (like a line of Postfix mailq)."""
+
+    queue_id: str
+    received_at: float
+    recipient: str
+    state: str  # queued | deferred | sending
+    attempts: int
+    next_attempt_at: float | None  # due time; the lease expiry while sending
+    last_response: str | None
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        return {
+            "queue_id": self.queue_id,
+            "received_at": iso(self.received_at),
+            "age_seconds": round(max(0.0, now - self.received_at), 3),
+            "recipient": self.recipient,
+            "state": self.state,
+            "attempts": self.attempts,
+            "next_attempt_at": iso(self.next_attempt_at),
+            "last_response": self.last_response,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class HistoricEvent:
     at: float
     type: EventType
@@ -191,14 +222,16 @@ class Imported:
 
 @dataclass(frozen=True, slots=True)
 class StatsRow:
-    """One group of ``LogStore.stats``: counts of what happened in the window."""
+    """One group of ``LogStore.stats``: what happened in the window, counted in recipients
+    (a recipient retried and bounced again is one bounce), except ``deferrals``."""
 
     group: str | None
     received: int
-    delivered: int
-    deferred: int
+    delivered: int  # delivered, bounced, expired: recipients by their latest outcome in the window
+    deferred: int  # recipients deferred at least once
     bounced: int
     expired: int
+    deferrals: int  # deferred attempts
     unique_opens: int  # recipients who opened, human opens only
     unique_opens_machine: int  # recipients with machine opens (proxies, scanners)
     unique_clicks: int
@@ -214,6 +247,7 @@ class StatsRow:
             "deferred": self.deferred,
             "bounced": self.bounced,
             "expired": self.expired,
+            "deferrals": self.deferrals,
             "unique_opens": {"human": self.unique_opens, "machine": self.unique_opens_machine},
             "unique_clicks": {"human": self.unique_clicks, "machine": self.unique_clicks_machine},
             "delivery_latency_seconds": {"p50": self.latency_p50, "p95": self.latency_p95},

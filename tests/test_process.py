@@ -134,6 +134,7 @@ async def test_log_cli_prints_a_timeline_and_json(tmp_path: Path) -> None:
 
 async def test_users_cli(tmp_path: Path) -> None:
     cfg = str(_config(tmp_path))
+    assert (await relay_cli("db", "upgrade", "--config", cfg))[0] == 0  # only serve and db upgrade create a store
     assert (await relay_cli("users", "add", "app", "--password-stdin", "--config", cfg, stdin=b"pw one\n"))[0] == 0
     code, _, err = await relay_cli("users", "add", "app", "--password-stdin", "--config", cfg, stdin=b"x\n")
     assert code == 1
