@@ -734,7 +734,9 @@ def test_rewrite_property(message: Node) -> None:
     for leaf in rewritable:
         expected.append(expected_html(leaf, ordinal))
         ordinal += len(leaf.urls)
-    assert htmls(out) == expected
+    # Past 998 octets a plain part's rewrite breaks the line after a new attribute value.
+    unbroken = [h.replace('"\r\n', '"') for h in htmls(out)]
+    assert unbroken == [e.replace('"\r\n', '"') for e in expected]
 
     for before, after in zip(parse(raw).walk(), parse(out).walk(), strict=True):
         assert before.get_content_type() == after.get_content_type()
