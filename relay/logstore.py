@@ -552,6 +552,8 @@ def _reason(exc: BaseException) -> str:
     """The driver's own words on one line (SQLAlchemy adds the statement and a link below)."""
     if isinstance(exc, DBAPIError) and exc.orig is not None:
         exc = exc.orig
+    if isinstance(exc, OSError) and exc.errno:  # "connection refused", as the start errors say it
+        return os.strerror(exc.errno).lower()
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -596,7 +598,9 @@ class LogStore:
 
         try:
             await self._engines.write(upgrade_sync)
-        except (SQLAlchemyError, OSError) as exc:  # OSError: PostgreSQL unreachable
+        except OSError as exc:  # PostgreSQL unreachable
+            raise StoreError(f"cannot open the store: {_reason(exc)}") from exc
+        except SQLAlchemyError as exc:
             raise StoreError(f"migration failed: {_reason(exc)}") from exc
 
     async def schema_state(self) -> SchemaState:

@@ -111,7 +111,7 @@ async def test_an_unreachable_postgresql_is_one_line(tmp_path: Path) -> None:
     code, out, err = await relay_cli("db", "upgrade", "--config", str(config_for(tmp_path, url)))
     assert (code, out) == (1, "")
     (line,) = err.splitlines()
-    assert line.startswith("relay: migration failed: ")
+    assert line == "relay: cannot open the store: connection refused"
     assert "secret" not in err
 
 
