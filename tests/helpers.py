@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -267,3 +267,22 @@ async def pg_database() -> AsyncIterator[str]:
         yield f"postgresql+asyncpg://{base.removeprefix('postgresql://')}/{name}"
     finally:
         await run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def store_url(kind: str, sqlite_file: Path, stack: AsyncExitStack) -> str:
+    """A fresh store's URL: ``kind`` "sqlite" (at ``sqlite_file``) or "postgres" (a database of
+    its own, dropped when ``stack`` closes)."""
+    if kind == "sqlite":
+        return f"sqlite+aiosqlite:///{sqlite_file}"
+    return await stack.enter_async_context(pg_database())
+
+
+async def wait_drained(store: Any, timeout: float = 60) -> None:
+    """Until no recipient in ``store`` (a LogStore) is queued, deferred or sending."""
+    from relay.model import ACTIVE_STATES
+
+    async def drained() -> bool:
+        summary = await store.queue_summary()
+        return sum(summary.counts[s] for s in ACTIVE_STATES) == 0
+
+    await wait_for(drained, timeout=timeout)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ServeProcess, running_relay, serve_config, smtp_client, wait_for
+from helpers import ServeProcess, running_relay, serve_config, smtp_client, wait_drained, wait_for
 from hostile_peers import ScriptedPeer
 from peers import Zone, dns_server, sinks
 from test_delivery import attempts, delivery_config, final, first_attempt, status, submit
@@ -22,7 +22,7 @@ from test_delivery import attempts, delivery_config, final, first_attempt, statu
 from relay.config import Listen
 from relay.listeners import bind
 from relay.logstore import LogStore
-from relay.model import ACTIVE_STATES, NewMessage
+from relay.model import NewMessage
 from relay.server import Relay
 
 MSG = b"From: app@example.com\r\nSubject: Hi\r\n\r\nHello\r\n"
@@ -253,12 +253,7 @@ timeout = "1s"
                 await asyncio.gather(*(_send_one(server.smtp_port, r) for r in rcpts))
                 store = await LogStore.open(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'relay.db'}")
                 try:
-
-                    async def all_final() -> bool:
-                        summary = await store.queue_summary()
-                        return sum(summary.counts[s] for s in ACTIVE_STATES) == 0
-
-                    await wait_for(all_final, timeout=60)
+                    await wait_drained(store)
                     assert (await store.queue_summary()).counts["delivered"] == 20
                 finally:
                     await store.close()

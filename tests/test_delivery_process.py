@@ -8,11 +8,10 @@ from pathlib import Path
 
 import aiosmtplib
 import httpx
-from helpers import ServeProcess, queue_id_of, relay_cli, serve_config, wait_for
+from helpers import ServeProcess, queue_id_of, relay_cli, serve_config, wait_drained, wait_for
 from peers import Zone, dns_server, sinks
 
 from relay.logstore import LogStore
-from relay.model import ACTIVE_STATES
 
 
 def _config(tmp_path: Path, zone: Zone, port: int, extra: str = "") -> Path:
@@ -60,12 +59,7 @@ async def test_kill_9_during_delivery_loses_nothing(tmp_path: Path) -> None:
             server = await ServeProcess(cfg).start()
             store = await LogStore.open(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'relay.db'}")
             try:
-
-                async def all_final() -> bool:
-                    summary = await store.queue_summary()
-                    return sum(summary.counts[s] for s in ACTIVE_STATES) == 0
-
-                await wait_for(all_final, timeout=60)
+                await wait_drained(store)
                 summary = await store.queue_summary()
                 assert summary.counts["delivered"] == 30
                 for rcpt in rcpts:

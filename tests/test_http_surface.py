@@ -14,7 +14,7 @@ from pathlib import Path
 import aiosmtplib
 import httpx
 import pytest
-from helpers import ServeProcess, make_config, pg_database, queue_id_of, running_relay, send, serve_config, smtp_client
+from helpers import ServeProcess, make_config, queue_id_of, running_relay, send, serve_config, smtp_client, store_url
 from peers import dns_server
 from test_http import metric
 
@@ -149,10 +149,7 @@ async def test_the_api_docs_load_everything_from_relay(tmp_path: Path) -> None:
 @pytest.fixture(params=["sqlite", "postgres"])
 async def two_stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[LogStore, LogStore]]:
     async with AsyncExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
-        else:
-            url = await stack.enter_async_context(pg_database())
+        url = await store_url(request.param, tmp_path / "relay.db", stack)
         first = await LogStore.open(url)
         stack.push_async_callback(first.close)
         await first.upgrade()

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from helpers import pg_database
+from helpers import store_url
 
 from relay.errors import Conflict, NotFound
 from relay.logstore import LogStore, metadata
@@ -22,10 +22,7 @@ from relay.model import HistoricEvent, Imported, NewMessage, Outcome
 @pytest.fixture(params=["sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LogStore]:
     async with AsyncExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
-        else:
-            url = await stack.enter_async_context(pg_database())
+        url = await store_url(request.param, tmp_path / "relay.db", stack)
         s = await LogStore.open(url)
         stack.push_async_callback(s.close)
         await s.upgrade()

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from helpers import ServeProcess, pg_database, relay_cli, write_config
+from helpers import ServeProcess, relay_cli, store_url, write_config
 
 from relay.logstore import LogStore, recipients
 from relay.model import HistoricEvent, Imported, MessageView, NewMessage
@@ -51,10 +51,7 @@ class Store:
 @pytest.fixture(params=["sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     async with AsyncExitStack() as stack:
-        if request.param == "sqlite":
-            url = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'relay.db'}"
-        else:
-            url = await stack.enter_async_context(pg_database())
+        url = await store_url(request.param, tmp_path / "data" / "relay.db", stack)
         s = await LogStore.open(url)
         try:
             await s.upgrade()
