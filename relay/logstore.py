@@ -139,12 +139,14 @@ events = sa.Table(
     sa.Index("ix_events_type_at", "type", "at"),
 )
 
-links = sa.Table(
-    "links",
+LINK_CHUNK = 256  # links per link_chunks row: link ordinal n is urls[n % 256] of chunk n // 256
+
+link_chunks = sa.Table(
+    "link_chunks",
     metadata,
     sa.Column("message_id", sa.String(32), sa.ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True),
-    sa.Column("ordinal", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("chunk", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("urls", sa.JSON, nullable=False),  # a JSON array of up to LINK_CHUNK URLs, in ordinal order
 )
 
 users = sa.Table(
@@ -222,7 +224,10 @@ class _Enqueue(_Op):
                 }
             )
             body_rows.append({"message_id": m.id, "data": m.raw})
-            link_rows.extend({"message_id": m.id, "ordinal": i, "url": url} for i, url in enumerate(m.links))
+            link_rows.extend(
+                {"message_id": m.id, "chunk": start // LINK_CHUNK, "urls": list(m.links[start : start + LINK_CHUNK])}
+                for start in range(0, len(m.links), LINK_CHUNK)
+            )
             tag_rows.extend({"message_id": m.id, "tag": t} for t in m.tags)
             rcpt_rows.extend(
                 {
@@ -244,7 +249,7 @@ class _Enqueue(_Op):
         if tag_rows:
             conn.execute(message_tags.insert(), tag_rows)
         if link_rows:
-            conn.execute(links.insert(), link_rows)
+            conn.execute(link_chunks.insert(), link_rows)
         conn.execute(recipients.insert(), rcpt_rows)
         if event_rows:
             conn.execute(events.insert(), event_rows)
@@ -854,9 +859,11 @@ class LogStore:
                 return None
             url = None
             if ordinal is not None:
-                url = conn.scalar(
-                    sa.select(links.c.url).where(links.c.message_id == r.message_id, links.c.ordinal == ordinal)
-                )
+                if ordinal < 0:
+                    return None
+                chunk, index = divmod(ordinal, LINK_CHUNK)
+                urls = conn.scalar(_link_chunk, {"message_id": r.message_id, "chunk": chunk})
+                url = urls[index] if urls is not None and index < len(urls) else None
                 if url is None:
                     return None
             delivered_at = float(r.updated_at) if r.status == "delivered" else None
@@ -1073,6 +1080,11 @@ _queue_list = (
     .limit(sa.bindparam("limit"))
 )
 _queue_list_domain = _queue_list.where(recipients.c.domain == sa.bindparam("domain"))
+
+# A click's link: the one chunk of the message's URLs that holds it (see LINK_CHUNK).
+_link_chunk = sa.select(link_chunks.c.urls).where(
+    link_chunks.c.message_id == sa.bindparam("message_id"), link_chunks.c.chunk == sa.bindparam("chunk")
+)
 
 
 # Lookups, built once (support's hot path; the statement cache then only binds values).

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from helpers import store_url
 
 from relay.errors import Conflict, NotFound
 from relay.logstore import LogStore, metadata
+from relay.migrations import alembic_config
 from relay.model import HistoricEvent, Imported, NewMessage, Outcome
 
 
@@ -225,3 +227,81 @@ async def test_bulk_import_and_stats(store: LogStore) -> None:
     by_domain = {r.group: (r.received, r.delivered + r.bounced) for r in await store.stats(t0, t0 + day, "domain")}
     assert by_domain == {"a.example": (8, 8), "b.example": (4, 4)}
     assert await store.stats(t0 + day, t0 + 2 * day, "tag") == []
+
+
+# -- tracked links: stored 256 to a row (link_chunks), one chunk read per click
+
+
+def urls(qid: str, n: int) -> tuple[str, ...]:
+    return tuple(f"https://example.com/{qid}/{i}" for i in range(n))
+
+
+async def recipient_ids(store: LogStore) -> dict[str, int]:
+    rows = await store._engines.read(lambda c: c.execute(sa.text("SELECT message_id, id FROM recipients")).all())
+    return {r.message_id: r.id for r in rows}
+
+
+async def test_a_click_resolves_its_link_in_its_chunk(store: LogStore) -> None:
+    await store.enqueue(message("01L1", links=urls("01L1", 600)))
+    await store.enqueue(message("01L2", links=urls("01L2", 3)))
+    await store.enqueue(message("01L3"))
+    ids = await recipient_ids(store)
+    for ordinal in (0, 255, 256, 599):
+        target = await store.tracking_target(ids["01L1"], ordinal)
+        assert target is not None
+        assert (target.message_id, target.address, target.url) == (
+            "01L1",
+            "jane@example.com",
+            f"https://example.com/01L1/{ordinal}",
+        )
+    for qid, ordinal in (("01L1", 600), ("01L1", 767), ("01L1", 768), ("01L1", -1), ("01L2", 3), ("01L3", 0)):
+        assert await store.tracking_target(ids[qid], ordinal) is None, (qid, ordinal)
+    opened = await store.tracking_target(ids["01L3"], None)
+    assert opened is not None
+    assert opened.url is None
+    chunks = await store._engines.read(
+        lambda c: c.execute(sa.text("SELECT message_id, chunk FROM link_chunks ORDER BY message_id, chunk")).all()
+    )
+    assert [tuple(r) for r in chunks] == [("01L1", 0), ("01L1", 1), ("01L1", 2), ("01L2", 0)]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_upgrading_from_0002_moves_links_into_chunks_and_back(backend: str, tmp_path: Path) -> None:
+    # 41,000 links cross the migration's pages (20,000 links, not a multiple of 256); 01M3 has a gap.
+    ordinals = {"01M1": list(range(41_000)), "01M2": list(range(600)), "01M3": [0, 1, 3]}
+    rows = [{"m": qid, "o": o, "u": f"https://example.com/{qid}/{o}"} for qid, found in ordinals.items() for o in found]
+    async with AsyncExitStack() as stack:
+        url = (
+            f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
+            if backend == "sqlite"
+            else await stack.enter_async_context(pg_database())
+        )
+        store = await LogStore.open(url)
+        stack.push_async_callback(store.close)
+        await store._engines.write(lambda conn: command.upgrade(alembic_config(conn), "0002"))
+        for qid in (*ordinals, "01M4"):
+            await store.enqueue(message(qid))  # no links: nothing written to a links table
+        insert = sa.text("INSERT INTO links (message_id, ordinal, url) VALUES (:m, :o, :u)")
+        await store._engines.write(lambda conn: conn.execute(insert, rows))
+
+        await store.upgrade()
+        assert await store.schema_state() == "current"
+        ids = await recipient_ids(store)
+        for qid, found in ordinals.items():
+            for o in {*found[:2], *found[-2:], 255, 256, 20_000, 40_999}:
+                target = await store.tracking_target(ids[qid], o)
+                expected = f"https://example.com/{qid}/{o}" if o in found else None
+                assert (target and target.url) == expected, (qid, o)
+            assert await store.tracking_target(ids[qid], found[-1] + 1) is None
+        assert await store.tracking_target(ids["01M3"], 2) is None  # the gap stays a gap
+        assert await store.tracking_target(ids["01M4"], 0) is None
+        count = sa.text("SELECT count(*) FROM link_chunks")
+        assert await store._engines.read(lambda c: c.scalar(count)) == 161 + 3 + 1
+
+        await store._engines.write(lambda conn: command.downgrade(alembic_config(conn), "0002"))
+        back = await store._engines.read(
+            lambda c: c.execute(
+                sa.text("SELECT message_id, ordinal, url FROM links ORDER BY message_id, ordinal")
+            ).all()
+        )
+        assert [{"m": m, "o": o, "u": u} for m, o, u in back] == rows
