@@ -271,11 +271,7 @@ async def test_upgrading_from_0002_moves_links_into_chunks_and_back(backend: str
     ordinals = {"01M1": list(range(41_000)), "01M2": list(range(600)), "01M3": [0, 1, 3]}
     rows = [{"m": qid, "o": o, "u": f"https://example.com/{qid}/{o}"} for qid, found in ordinals.items() for o in found]
     async with AsyncExitStack() as stack:
-        url = (
-            f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
-            if backend == "sqlite"
-            else await stack.enter_async_context(pg_database())
-        )
+        url = await store_url(backend, tmp_path / "relay.db", stack)
         store = await LogStore.open(url)
         stack.push_async_callback(store.close)
         await store._engines.write(lambda conn: command.upgrade(alembic_config(conn), "0002"))
