@@ -38,6 +38,10 @@ from relay.transport import Hop, Reply, Result, Transport
 log = logging.getLogger(__name__)
 
 REWRITE_IN_THREAD = 256 * 1024  # bytes; a larger message is rewritten off the event loop
+# Bytes of large messages (over REWRITE_IN_THREAD) in flight per process: each holds its body,
+# its rewrite and the client's encoded copy, so `concurrency` of them could take gigabytes.
+# One always may start; small messages never count.
+LARGE_IN_FLIGHT = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,12 @@ class Job:
     domain: str
     recipients: tuple[Claimed, ...]
     track: str = ""  # tracked: exactly one recipient
+    size: int = 0  # the message's, in bytes
+
+    @property
+    def large(self) -> int:
+        """Its bytes against LARGE_IN_FLIGHT (0 for a small message)."""
+        return self.size if self.size > REWRITE_IN_THREAD else 0
 
 
 def job_key(c: Claimed) -> tuple[str, str, int]:
@@ -92,7 +102,7 @@ def group(claimed: Sequence[Claimed]) -> list[Job]:
     for c in claimed:
         jobs.setdefault(job_key(c), []).append(c)
     return [
-        Job(mid, rs[0].mail_from, rs[0].received_at, domain, tuple(rs), rs[0].track)
+        Job(mid, rs[0].mail_from, rs[0].received_at, domain, tuple(rs), rs[0].track, rs[0].size)
         for (mid, domain, _), rs in jobs.items()
     ]
 
@@ -100,7 +110,8 @@ def group(claimed: Sequence[Claimed]) -> list[Job]:
 @dataclass(slots=True)
 class Planner:
     """Chooses, inside the claiming transaction, the due recipients that can start at once:
-    at most ``jobs`` new transactions and ``per_domain`` per domain, counting those running.
+    at most ``jobs`` new transactions and ``per_domain`` per domain, counting those running,
+    and large messages within ``large_budget`` bytes, counting ``large_running``.
     A claimed recipient never waits for a slot while its lease runs out, and a domain that is
     full never stops the others from being claimed (the candidates are in due order, and
     full domains are skipped)."""
@@ -109,24 +120,41 @@ class Planner:
     per_domain: int
     running: dict[str, int]  # a snapshot: transactions in flight per domain
     window: int  # how many candidates the claim reads
+    large_budget: int = LARGE_IN_FLIGHT
+    large_running: int = 0  # a snapshot: bytes of large messages in flight
     waiting: bool = False  # something due was left for later (no free slot, or beyond the window)
 
     @property
     def full_domains(self) -> list[str]:
         return [d for d, n in self.running.items() if n >= self.per_domain]
 
+    @property
+    def max_size(self) -> int | None:
+        """Messages bigger than this cannot start now (None: any can), so the claim skips them
+        and a queue of large messages never hides the small ones behind it."""
+        if self.large_running == 0:
+            return None
+        return max(REWRITE_IN_THREAD, self.large_budget - self.large_running)
+
     def __call__(self, candidates: Sequence[Claimed]) -> list[Claimed]:
         running = dict(self.running)
+        large = self.large_running
         started: set[tuple[str, str, int]] = set()
         chosen: list[Claimed] = []
         for c in candidates:
             key = job_key(c)
             if key not in started:
-                if len(started) >= self.jobs or running.get(c.domain, 0) >= self.per_domain:
+                size = c.size if c.size > REWRITE_IN_THREAD else 0
+                if (
+                    len(started) >= self.jobs
+                    or running.get(c.domain, 0) >= self.per_domain
+                    or (size and large and large + size > self.large_budget)
+                ):
                     self.waiting = True
                     continue
                 started.add(key)
                 running[c.domain] = running.get(c.domain, 0) + 1
+                large += size
             chosen.append(c)
         if len(candidates) >= self.window:
             self.waiting = True
@@ -150,6 +178,8 @@ class DeliveryEngine:
         self._jobs: set[asyncio.Task[None]] = set()
         self._held: set[int] = set()  # recipient ids leased to this process
         self._running: dict[str, int] = {}  # transactions in flight per domain
+        self._large = 0  # bytes of large messages in flight (see LARGE_IN_FLIGHT)
+        self.large_budget = LARGE_IN_FLIGHT
         self._backlog = False  # the last claim left due work behind
         self._next_retry = float("inf")  # the earliest retry this process scheduled
         store.on_enqueued.append(lambda _msg: self._wake.set())
@@ -194,21 +224,26 @@ class DeliveryEngine:
             return False
         if check_first and not await self.store.anything_due():
             return False
-        planner = Planner(free, d.per_domain, dict(self._running), window=max(4 * free, 64))
+        planner = Planner(
+            free, d.per_domain, dict(self._running), window=max(4 * free, 64),
+            large_budget=self.large_budget, large_running=self._large,
+        )  # fmt: skip
         claimed = await self.store.claim_due(
-            self.owner, lease=d.lease, limit=planner.window, pick=planner, skip_domains=planner.full_domains
-        )
+            self.owner, lease=d.lease, limit=planner.window, pick=planner,
+            skip_domains=planner.full_domains, max_size=planner.max_size,
+        )  # fmt: skip
         lease_ends = time.time() + d.lease  # the store's lease ends a moment before this
         fresh = [c for c in claimed if c.recipient_id not in self._held]  # re-claims only renewed our lease
         for job in group(fresh):
             self._start(job, lease_ends)
         # Due work left behind (or possibly behind a full domain): a finishing job looks again.
-        self._backlog = planner.waiting or bool(planner.full_domains)
+        self._backlog = planner.waiting or bool(planner.full_domains) or planner.max_size is not None
         return bool(fresh) and planner.waiting and len(self._jobs) < d.concurrency
 
     def _start(self, job: Job, lease_ends: float) -> None:
         self._held.update(c.recipient_id for c in job.recipients)
         self._running[job.domain] = self._running.get(job.domain, 0) + 1
+        self._large += job.large
         task = asyncio.get_running_loop().create_task(self._run(job, lease_ends), name=f"deliver-{job.message_id}")
         self._jobs.add(task)
         task.add_done_callback(self._job_done)
@@ -241,6 +276,7 @@ class DeliveryEngine:
                 await self._record(outcomes, lease_ends)
             finally:
                 self._held.difference_update(c.recipient_id for c in job.recipients)
+                self._large -= job.large
                 left = self._running.get(job.domain, 1) - 1
                 if left > 0:
                     self._running[job.domain] = left

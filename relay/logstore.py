@@ -280,6 +280,7 @@ _claim_columns = (
     messages.c.mail_from,
     messages.c.received_at,
     messages.c.track,
+    messages.c.size,
 )
 _lease_stmt = (
     recipients.update()
@@ -644,12 +645,14 @@ class LogStore:
         limit: int = 100,
         pick: Callable[[Sequence[Claimed]], Sequence[Claimed]] | None = None,
         skip_domains: Collection[str] = (),
+        max_size: int | None = None,
         now: float | None = None,
     ) -> list[Claimed]:
         """Lease due recipients to ``owner`` until now + lease, oldest due first. A recipient
         whose lease has run out is due again.
 
-        Up to ``limit`` due recipients (outside ``skip_domains``) are candidates; ``pick``
+        Up to ``limit`` due recipients (outside ``skip_domains``, of messages up to ``max_size``
+        bytes) are candidates; ``pick``
         chooses which of them to lease (default: all), inside the claiming transaction, so that
         a worker leases only what it can start at once and nothing waits while its lease runs."""
         now = time.time() if now is None else now
@@ -662,6 +665,8 @@ class LogStore:
         )
         if skip_domains:
             due = due.where(recipients.c.domain.not_in(list(skip_domains)))
+        if max_size is not None:
+            due = due.where(messages.c.size <= max_size)
         if self.is_postgres:
             due = due.with_for_update(skip_locked=True, of=recipients)
 

@@ -79,6 +79,7 @@ class Claimed:
     mail_from: str
     received_at: float
     track: str = ""
+    size: int = 0  # the message's, in bytes
 
 
 @dataclass(frozen=True, slots=True)

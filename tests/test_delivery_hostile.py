@@ -224,6 +224,32 @@ async def test_a_stalled_domain_does_not_hold_mail_for_another(tmp_path: Path, z
             assert fast.rcpts == ["jane@fast.example"]
 
 
+async def test_large_messages_in_flight_stay_within_the_budget(tmp_path: Path, zone: Zone) -> None:
+    """Each large message in flight holds its body and copies of it: past the budget they wait
+    (one always goes), and small mail goes past them."""
+    big = b"From: app@example.com\r\nSubject: big\r\n\r\n" + (b"y" * 98 + b"\r\n") * 6000  # 600 KB
+    async with sinks("127.0.0.2", "127.0.0.3") as (large, small):
+        large.behaviour.data_delay = 1.0
+        zone.a("large.example", "127.0.0.2")
+        zone.a("small.example", "127.0.0.3")
+        async with running_relay(delivery_config(tmp_path, zone, large.port), deliver=True) as relay:
+            assert relay.delivery is not None
+            assert relay.store is not None
+            store = relay.store
+            relay.delivery.large_budget = 1_000_000  # 600 KB messages: one at a time
+            bigs = [await submit(relay, [f"u{i}@large.example"], big) for i in range(4)]
+            await wait_for(lambda: large.active >= 1)
+            msg = await final(relay, await submit(relay, ["jane@small.example"]))
+            assert status(msg) == {"jane@small.example": "delivered"}
+            pending = [q for q in bigs if [r.status for r in (await store.lookup(q))[0].recipients] != ["delivered"]]
+            assert pending  # the small message went past the large ones
+            for qid in bigs:
+                assert list(status(await final(relay, qid, timeout=30)).values()) == ["delivered"]
+    assert large.max_active == 1  # connections: never a second large transaction at once
+    assert len(large.messages) == 4
+    assert small.rcpts == ["jane@small.example"]
+
+
 # -- 3. no double delivery while a lease holds, with two worker processes
 
 
