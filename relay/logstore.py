@@ -896,14 +896,13 @@ class LogStore:
                 # at once cannot both be first, nor both miss the other as a repeat. (SQLite
                 # write transactions are serial already.)
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_key)))
-            earlier = conn.execute(
-                sa.select(events.c.at, events.c.details)
-                .where(events.c.message_id == message_id, events.c.recipient == address, events.c.type == kind)
-            ).all()  # fmt: skip
-            for row in earlier:
-                if row.at > at - window and tuple(row.details.get(key) for key in ("ip", "user_agent", "url")) == same:
+            params = {"message_id": message_id, "recipient": address, "type": kind}
+            # Only the last `window` seconds, and one row for `first`: a flood of distinct
+            # clients must not make each hit read every hit before it.
+            for (recent,) in conn.execute(_recent_engagements, {**params, "since": at - window}):
+                if tuple(recent.get(key) for key in ("ip", "user_agent", "url")) == same:
                     return None
-            first = human and not any(row.details.get("first") and not row.details.get("machine") for row in earlier)
+            first = human and conn.scalar(_first_engagement, params) is None
             conn.execute(
                 events.insert().values(
                     message_id=message_id, recipient=address, at=at, type=kind, details={**details, "first": first}
@@ -1085,6 +1084,24 @@ _queue_list = (
     .limit(sa.bindparam("limit"))
 )
 _queue_list_domain = _queue_list.where(recipients.c.domain == sa.bindparam("domain"))
+
+# Tracking hits of one recipient and kind: those of the last seconds (repeats), and its first.
+_engagement_of = (
+    events.c.message_id == sa.bindparam("message_id"),
+    events.c.recipient == sa.bindparam("recipient"),
+    events.c.type == sa.bindparam("type"),
+)
+_recent_engagements = sa.select(events.c.details).where(*_engagement_of, events.c.at > sa.bindparam("since"))
+_first_engagement = (
+    sa.select(events.c.id)
+    .where(
+        *_engagement_of,
+        events.c.details["first"].as_boolean().is_(True),
+        # an older Relay marked machine hits first too
+        sa.not_(events.c.details["machine"].as_boolean().is_(True)),
+    )
+    .limit(1)
+)
 
 # A click's link: the one chunk of the message's URLs that holds it (see LINK_CHUNK).
 _link_chunk = sa.select(link_chunks.c.urls).where(
