@@ -17,6 +17,9 @@ module that imports the library, with the cause kept (``raise ... from exc``).
 
 from __future__ import annotations
 
+import os
+import socket
+
 
 class RelayError(Exception):
     """Relay failed."""
@@ -102,3 +105,16 @@ class PermanentFailure(DeliveryFailure):
     """The attempt failed for good."""
 
     permanent = True
+
+
+def one_line(exc: BaseException, *, filename: bool = True) -> str:
+    """An error in one line, for a person: an OSError as a few lowercase words ("address
+    already in use", "connection refused"), with its file name first unless ``filename`` is
+    false; anything else as the first line of its text."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host ({exc.strerror})"
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
+        reason = os.strerror(exc.errno).lower()
+        return f"{exc.filename}: {reason}" if filename and exc.filename else reason
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

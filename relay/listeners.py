@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from relay.config import Config, Listen
-from relay.errors import RelayError
+from relay.errors import RelayError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def bind(listen: Listen, *, reuse_port: bool = False) -> socket.socket:
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
-        raise StartError(f"cannot listen on {listen}: {describe(exc)}") from exc
+        raise StartError(f"cannot listen on {listen}: {one_line(exc)}") from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
@@ -40,7 +40,7 @@ def bind(listen: Listen, *, reuse_port: bool = False) -> socket.socket:
         sock.listen(1024)
     except OSError as exc:
         sock.close()
-        raise StartError(f"cannot listen on {listen}: {describe(exc)}") from exc
+        raise StartError(f"cannot listen on {listen}: {one_line(exc)}") from exc
     sock.setblocking(False)
     return sock
 
@@ -48,17 +48,6 @@ def bind(listen: Listen, *, reuse_port: bool = False) -> socket.socket:
 def bound_address(sock: socket.socket) -> Listen:
     host, port = sock.getsockname()[:2]
     return Listen(host, port)
-
-
-def describe(exc: BaseException) -> str:
-    """An error in one line; an OSError as a few lowercase words: "address already in use"."""
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host ({exc.strerror})"
-    if isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
-        reason = os.strerror(exc.errno).lower()
-        return f"{exc.filename}: {reason}" if exc.filename else reason
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 @dataclass
@@ -104,7 +93,7 @@ def make_data_dir(config: Config) -> None:
         if st.st_uid == os.geteuid() and st.st_mode & 0o077 and not st.st_mode & stat.S_ISVTX:
             path.chmod(0o700)
     except OSError as exc:
-        reason = os.strerror(exc.errno).lower() if exc.errno else describe(exc)
+        reason = one_line(exc, filename=False)
         raise StartError(f"cannot create the data directory {path}: {reason}") from exc
 
 
@@ -118,7 +107,7 @@ def check_tls(config: Config) -> None:
             with open(path, "rb"):
                 pass
         except OSError as exc:
-            reason = os.strerror(exc.errno).lower() if exc.errno else describe(exc)
+            reason = one_line(exc, filename=False)
             raise StartError(f"cannot read the TLS file {path}: {reason}") from exc
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(smtp.tls_cert, smtp.tls_key)

@@ -38,7 +38,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from relay.errors import Conflict, NotFound, RelayError, StoreError
+from relay.errors import Conflict, NotFound, RelayError, StoreError, one_line
 from relay.model import (
     ACTIVE_STATES,
     CANCELLED,
@@ -558,10 +558,7 @@ def _reason(exc: BaseException) -> str:
     """The driver's own words on one line (SQLAlchemy adds the statement and a link below)."""
     if isinstance(exc, DBAPIError) and exc.orig is not None:
         exc = exc.orig
-    if isinstance(exc, OSError) and exc.errno:  # "connection refused", as the start errors say it
-        return os.strerror(exc.errno).lower()
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return one_line(exc)
 
 
 class LogStore:

@@ -24,9 +24,9 @@ from relay import tracking
 from relay.auth import Authenticator
 from relay.config import Config, Listen
 from relay.delivery import DeliveryEngine
-from relay.errors import RelayError, StoreError
+from relay.errors import RelayError, one_line
 from relay.http import HttpContext, HttpServer, create_app
-from relay.listeners import StartError, bind, bound_address, check_tls, describe, warn_if_tracking_loopback
+from relay.listeners import StartError, bind, bound_address, check_tls, warn_if_tracking_loopback
 from relay.logstore import LogStore
 from relay.mx import MxResolver
 from relay.smtp_in import SmtpServer
@@ -71,7 +71,7 @@ class Relay:
             await self._stop_started()
             if isinstance(exc, RelayError | asyncio.CancelledError | KeyboardInterrupt | SystemExit):
                 raise
-            raise StartError(f"cannot start: {describe(exc)}") from exc
+            raise StartError(f"cannot start: {one_line(exc)}") from exc
         if announce:
             for address in self.smtp_addresses:
                 log.info("smtp listening on %s", address)
@@ -89,17 +89,14 @@ class Relay:
         deliver: bool,
     ) -> None:
         config = self.config
-        try:
-            self.store = store = await LogStore.open(config.store.url)
-            if upgrade:
-                await store.upgrade()
-        except OSError as exc:  # e.g. PostgreSQL refusing the connection
-            raise StoreError(f"cannot open the store: {describe(exc)}") from exc
+        self.store = store = await LogStore.open(config.store.url)
+        if upgrade:
+            await store.upgrade()
         signer = tracking.TokenSigner(tracking_secret(config))
-        check_tls(config)  # a readable error here rather than an ssl traceback below
-        self.smtp = SmtpServer(config, store, Authenticator(store.password_hash))
-        if smtp_sockets is None:
+        if smtp_sockets is None:  # else listeners.prepare has bound them and checked the TLS files
+            check_tls(config)  # a readable error here rather than an ssl traceback below
             smtp_sockets = [bind(listen) for listen in config.smtp.listen]
+        self.smtp = SmtpServer(config, store, Authenticator(store.password_hash))
         http_socks = list(http_sockets) if http_sockets is not None else [bind(config.http.listen)]
         if tracking_sockets is None and config.tracking.listen is not None:
             tracking_sockets = [bind(config.tracking.listen)]
@@ -223,7 +220,7 @@ async def serve(
         except RelayError as exc:
             if ready_fd is None:
                 raise
-            _report(ready_fd, f"error {describe(exc)}")
+            _report(ready_fd, f"error {one_line(exc)}")
             return 1
         if ready_fd is not None:
             _report(ready_fd, "ready")

@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 
 from relay.config import Config
-from relay.listeners import Sockets, StartError, bound_address, describe, prepare, warn_if_tracking_loopback
+from relay.errors import one_line
+from relay.listeners import Sockets, StartError, bound_address, prepare, warn_if_tracking_loopback
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,9 @@ def _upgrade(config: Config) -> str | None:
     try:
         asyncio.run(upgrade())
     except RelayError as exc:
-        return describe(exc)
+        return one_line(exc)
     except Exception as exc:  # e.g. PostgreSQL refusing the connection (OSError)
-        return f"cannot open the store: {describe(exc)}"
+        return f"cannot open the store: {one_line(exc)}"
     return None
 
 
@@ -133,7 +134,7 @@ def _run_workers(config: Config, processes: int, sockets: Sockets) -> int:
                     code = _worker(config, sockets, write_end)
                 except BaseException as exc:  # report it: the parent prints the one line
                     with contextlib.suppress(OSError):
-                        os.write(write_end, f"error cannot start: {describe(exc)}\n".encode(errors="replace"))
+                        os.write(write_end, f"error cannot start: {one_line(exc)}\n".encode(errors="replace"))
                 finally:
                     os._exit(code)
             os.close(write_end)
