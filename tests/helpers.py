@@ -269,6 +269,17 @@ async def pg_database() -> AsyncIterator[str]:
         await run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# Config text: delivery never leaves the machine (no real DNS in tests; nothing listens on
+# port 9) and retries wait an hour, so what a test queued stays queued.
+NOWHERE = """[delivery]
+retry_schedule = ["1h"]
+[[routes]]
+domains = ["*"]
+host = "127.0.0.1"
+port = 9
+"""
+
+
 async def store_url(kind: str, sqlite_file: Path, stack: AsyncExitStack) -> str:
     """A fresh store's URL: ``kind`` "sqlite" (at ``sqlite_file``) or "postgres" (a database of
     its own, dropped when ``stack`` closes)."""

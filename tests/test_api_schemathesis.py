@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import aiosmtplib
-from helpers import ServeProcess, serve_config
+from helpers import NOWHERE, ServeProcess, serve_config
 
 TOKEN = "schemathesis-token-0123456789"
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance", "response_schema_conformance")
@@ -20,13 +20,7 @@ async def test_schemathesis_finds_no_server_error(tmp_path: Path) -> None:
         f"""[http]
 listen = "127.0.0.1:0"
 api_tokens = ["{TOKEN}"]
-[delivery]
-retry_schedule = ["1h"]
-[[routes]]
-domains = ["*"]
-host = "127.0.0.1"
-port = 9
-""",
+{NOWHERE}""",
     )
     server = await ServeProcess(cfg).start()
     try:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import aiosmtplib
-from helpers import ServeProcess, queue_id_of, relay_cli, serve_config, write_config
+from helpers import NOWHERE, ServeProcess, queue_id_of, relay_cli, serve_config, write_config
 
 from relay.logstore import LogStore
 
@@ -17,13 +17,7 @@ def _config(tmp_path: Path, extra: str = "") -> Path:
         tmp_path,
         f"""shutdown_grace = "3s"
 {extra}
-[delivery]
-retry_schedule = ["1h"]
-[[routes]]                # no real DNS in tests: everything goes to a port where nothing listens
-domains = ["*"]
-host = "127.0.0.1"
-port = 9
-""",
+{NOWHERE}""",
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from helpers import ServeProcess, relay_cli, store_url, write_config
+from helpers import NOWHERE, ServeProcess, relay_cli, store_url, write_config
 
 from relay.logstore import LogStore, recipients
 from relay.model import HistoricEvent, Imported, MessageView, NewMessage
@@ -69,13 +69,7 @@ listen = "127.0.0.1:0"
 api_tokens = ["{TOKEN}"]
 [store]
 url = "{url}"
-[delivery]
-retry_schedule = ["1h"]
-[[routes]]                # no real DNS in tests: everything goes to a port where nothing listens
-domains = ["*"]
-host = "127.0.0.1"
-port = 9
-""",
+{NOWHERE}""",
         )
         yield Store(url, config)
 
