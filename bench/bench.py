@@ -227,8 +227,11 @@ def _payload(size: int, n: int) -> bytes:
     return head + line * max(1, size // len(line))
 
 
-async def one_message(host: str, port: int, body: bytes, rcpt: str = f"b@{DOMAIN}") -> float:
-    """One message on a new connection, as smtp-source sends them; returns end-of-DATA -> 250 seconds."""
+async def one_message(
+    host: str, port: int, body: bytes, rcpt: str = f"b@{DOMAIN}", sender: str = "probe@bench.test"
+) -> float:
+    """One message on a new connection, as smtp-source sends them, the body in 64 KB pieces;
+    returns end-of-DATA -> 250 seconds."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
 
@@ -241,12 +244,16 @@ async def one_message(host: str, port: int, body: bytes, rcpt: str = f"b@{DOMAIN
                     return line
 
         await reply()
-        for cmd in (b"EHLO probe.bench.test", b"MAIL FROM:<probe@bench.test>", f"RCPT TO:<{rcpt}>".encode(), b"DATA"):
+        for cmd in (b"EHLO probe.bench.test", f"MAIL FROM:<{sender}>".encode(), f"RCPT TO:<{rcpt}>".encode(), b"DATA"):
             writer.write(cmd + b"\r\n")
             line = await reply()
             if line[:1] not in (b"2", b"3"):
                 raise RuntimeError(f"{cmd!r}: {line!r}")
-        writer.write(body + b".\r\n")
+        view = memoryview(body)
+        for start in range(0, len(view), 1 << 16):
+            writer.write(view[start : start + (1 << 16)])
+            await writer.drain()
+        writer.write(b".\r\n")
         t0 = time.perf_counter()
         line = await reply()
         took = time.perf_counter() - t0

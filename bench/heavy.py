@@ -154,41 +154,8 @@ class Probe:
 
 
 async def send_heavy(port: int, body: bytes) -> float:
-    """One big message on a new connection, written in 64 KB pieces; returns end of DATA -> 250."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-
-        async def reply() -> bytes:
-            while True:
-                line = await asyncio.wait_for(reader.readline(), 600)
-                if not line or line[3:4] != b"-":
-                    return line
-
-        await reply()
-        for cmd in (
-            b"EHLO heavy.bench.test",
-            b"MAIL FROM:<news@bench.test>",
-            f"RCPT TO:<b@{DOMAIN}>".encode(),
-            b"DATA",
-        ):
-            writer.write(cmd + b"\r\n")
-            if (await reply())[:1] not in (b"2", b"3"):
-                raise RuntimeError(f"{cmd!r} refused")
-        view = memoryview(body)
-        for start in range(0, len(view), 1 << 16):
-            writer.write(view[start : start + (1 << 16)])
-            await writer.drain()
-        writer.write(b".\r\n")
-        t0 = time.perf_counter()
-        line = await reply()
-        took = time.perf_counter() - t0
-        if not line.startswith(b"250"):
-            raise RuntimeError(f"DATA: {line!r}")
-        writer.write(b"QUIT\r\n")
-        await writer.drain()
-        return took
-    finally:
-        writer.close()
+    """One big message on a new connection; returns end of DATA -> 250."""
+    return await one_message("127.0.0.1", port, body, sender="news@bench.test")
 
 
 async def main(args: argparse.Namespace) -> int:
