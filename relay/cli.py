@@ -224,7 +224,7 @@ def _local(ts: float | None) -> str:
 
 def format_timeline(m: MessageView) -> str:
     lines = [
-        f"{m.id}  <{m.message_id}>",
+        f"{m.queue_id}  <{m.message_id}>",
         f"  from     {m.mail_from}",
         f"  subject  {m.subject}",
         f"  size     {m.size} bytes   client {m.client_ip}   user {m.user or '-'}"

@@ -77,7 +77,7 @@ class RetryPolicy:
 class Job:
     """One SMTP transaction: one message, the recipients of one domain."""
 
-    message_id: str
+    queue_id: str
     mail_from: str
     received_at: float
     domain: str
@@ -94,7 +94,7 @@ class Job:
 def job_key(c: Claimed) -> tuple[str, str, int]:
     """Recipients with the same key go in one transaction: a message's recipients per domain;
     a tracked message is rewritten per recipient, so each of its recipients is a job alone."""
-    return c.message_id, c.domain, c.recipient_id if c.track else 0
+    return c.queue_id, c.domain, c.recipient_id if c.track else 0
 
 
 def group(claimed: Sequence[Claimed]) -> list[Job]:
@@ -244,7 +244,7 @@ class DeliveryEngine:
         self._held.update(c.recipient_id for c in job.recipients)
         self._running[job.domain] = self._running.get(job.domain, 0) + 1
         self._large += job.large
-        task = asyncio.get_running_loop().create_task(self._run(job, lease_ends), name=f"deliver-{job.message_id}")
+        task = asyncio.get_running_loop().create_task(self._run(job, lease_ends), name=f"deliver-{job.queue_id}")
         self._jobs.add(task)
         task.add_done_callback(self._job_done)
 
@@ -258,7 +258,7 @@ class DeliveryEngine:
     async def _run(self, job: Job, lease_ends: float) -> None:
         """One attempt, always ending as a recorded outcome for every recipient: whatever
         goes wrong inside it (a library error, a cancelled task) is a temporary failure."""
-        with with_ids(queue_id=job.message_id, domain=job.domain):
+        with with_ids(queue_id=job.queue_id, domain=job.domain):
             started = time.monotonic()
             try:
                 result = await self._attempt(job, deadline=lease_ends - 0.2 * self.config.delivery.lease)
@@ -309,7 +309,7 @@ class DeliveryEngine:
     async def _attempt(self, job: Job, deadline: float) -> Result:
         """Send the message; give up at ``deadline`` (well before the lease runs out)."""
         addresses = [c.address for c in job.recipients]
-        body = (await self.store.load_bodies([job.message_id])).get(job.message_id)
+        body = (await self.store.load_bodies([job.queue_id])).get(job.queue_id)
         if body is None:
             return _failed(job, Reply(None, "5.3.0", "message body missing from the store"))
         if job.track and self.tracker is not None:
@@ -353,7 +353,7 @@ class DeliveryEngine:
             outcomes.append(
                 Outcome(
                     recipient_id=c.recipient_id,
-                    message_id=job.message_id,
+                    queue_id=job.queue_id,
                     address=c.address,
                     status=decision.status,
                     attempts=attempt,

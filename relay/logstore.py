@@ -211,7 +211,7 @@ class _Enqueue(_Op):
             m = op.msg
             msg_rows.append(
                 {
-                    "id": m.id,
+                    "id": m.queue_id,
                     "message_id": m.message_id,
                     "mail_from": m.mail_from,
                     "subject": m.subject,
@@ -223,15 +223,19 @@ class _Enqueue(_Op):
                     "track": m.track,
                 }
             )
-            body_rows.append({"message_id": m.id, "data": m.raw})
+            body_rows.append({"message_id": m.queue_id, "data": m.raw})
             link_rows.extend(
-                {"message_id": m.id, "chunk": start // LINK_CHUNK, "urls": list(m.links[start : start + LINK_CHUNK])}
+                {
+                    "message_id": m.queue_id,
+                    "chunk": start // LINK_CHUNK,
+                    "urls": list(m.links[start : start + LINK_CHUNK]),
+                }
                 for start in range(0, len(m.links), LINK_CHUNK)
             )
-            tag_rows.extend({"message_id": m.id, "tag": t} for t in m.tags)
+            tag_rows.extend({"message_id": m.queue_id, "tag": t} for t in m.tags)
             rcpt_rows.extend(
                 {
-                    "message_id": m.id,
+                    "message_id": m.queue_id,
                     "address": a,
                     "domain": a.rpartition("@")[2].lower(),
                     "status": QUEUED,
@@ -242,7 +246,7 @@ class _Enqueue(_Op):
                 for a in m.recipients
             )
             if op.announce:
-                received = {"message_id": m.id, "recipient": None, "at": m.received_at, "type": "received"}
+                received = {"message_id": m.queue_id, "recipient": None, "at": m.received_at, "type": "received"}
                 event_rows.append({**received, "details": dict(m.details)})
         conn.execute(messages.insert(), msg_rows)
         conn.execute(bodies.insert(), body_rows)
@@ -331,7 +335,7 @@ class _Record(_Op):
                 )
                 event_rows.append(
                     {
-                        "message_id": o.message_id,
+                        "message_id": o.queue_id,
                         "recipient": o.address,
                         "at": o.at,
                         "type": o.event,
@@ -628,7 +632,7 @@ class LogStore:
         """Store the message, its body, tags, a queued row per recipient and a "received"
         event in one transaction. Returns once that transaction has committed."""
         await self._write(_Enqueue(msg))
-        self._bodies.put(msg.id, msg.raw)
+        self._bodies.put(msg.queue_id, msg.raw)
         for callback in self.on_enqueued:
             callback(msg)
 
@@ -675,7 +679,7 @@ class LogStore:
                     _lease_stmt,
                     {"ids": [c.recipient_id for c in chosen], "owner": owner, "until": now + lease, "at": now},
                 )
-            chosen.sort(key=lambda c: (c.message_id, c.recipient_id))
+            chosen.sort(key=lambda c: (c.queue_id, c.recipient_id))
             return chosen
 
         result: list[Claimed] = await self._write(_Call(claim))
@@ -687,7 +691,7 @@ class LogStore:
         await self._write(_Record(owner, outcomes))
         for o in outcomes:
             if o.next_attempt_at is None:  # a later attempt (a retry) reads the body back from the store
-                self._bodies.drop(o.message_id)
+                self._bodies.drop(o.queue_id)
 
     async def release(self, owner: str, recipient_ids: Iterable[int], now: float | None = None) -> int:
         """Give leased recipients back untouched, due at once (graceful shutdown)."""
@@ -918,7 +922,7 @@ class LogStore:
 
         def load(conn: Connection) -> None:
             _Enqueue.run_many(conn, [_Enqueue(i.message, announce=False) for i in items])
-            by_id = {i.message.id: i for i in items}
+            by_id = {i.message.queue_id: i for i in items}
             ids = list(by_id)
             rows = conn.execute(
                 sa.select(recipients.c.id, recipients.c.message_id).where(recipients.c.message_id.in_(ids))
@@ -932,7 +936,7 @@ class LogStore:
             if updates:
                 conn.execute(_import_stmt, updates)
             event_rows = [
-                {"message_id": i.message.id, "recipient": ev.recipient, "at": ev.at, "type": ev.type,
+                {"message_id": i.message.queue_id, "recipient": ev.recipient, "at": ev.at, "type": ev.type,
                  "details": dict(ev.details)}
                 for i in items
                 for ev in i.events
@@ -1149,7 +1153,7 @@ def _views(conn: Connection, ids: Sequence[str]) -> list[MessageView]:
         evs.setdefault(e.message_id, []).append(EventView(e.at, e.type, e.recipient, details))
     return [
         MessageView(
-            id=m.id,
+            queue_id=m.id,
             message_id=m.message_id,
             mail_from=m.mail_from,
             subject=m.subject,

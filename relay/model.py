@@ -48,8 +48,8 @@ def iso(ts: float | None) -> str | None:
 class NewMessage:
     """A message accepted at intake, ready to be stored in one transaction."""
 
-    id: str
-    message_id: str
+    queue_id: str
+    message_id: str  # the Message-ID header, without <>
     mail_from: str
     recipients: tuple[str, ...]
     subject: str
@@ -72,7 +72,7 @@ class Claimed:
     """A recipient leased to one delivery worker."""
 
     recipient_id: int
-    message_id: str  # the queue id
+    queue_id: str
     address: str
     domain: str
     attempts: int  # attempts made before this one
@@ -86,7 +86,7 @@ class Claimed:
 class TrackTarget:
     """What a tracking token points at."""
 
-    message_id: str
+    queue_id: str
     address: str
     delivered_at: float | None
     url: str | None  # for clicks
@@ -97,7 +97,7 @@ class Outcome:
     """What one attempt decided for one recipient; the store writes it as given."""
 
     recipient_id: int
-    message_id: str
+    queue_id: str
     address: str
     status: str  # delivered | deferred | bounced | expired | ...
     attempts: int
@@ -141,8 +141,8 @@ class EventView:
 class MessageView:
     """A message as support sees it: envelope, recipients' states and the timeline."""
 
-    id: str
-    message_id: str
+    queue_id: str
+    message_id: str  # the Message-ID header, without <>
     mail_from: str
     subject: str
     size: int
@@ -155,7 +155,7 @@ class MessageView:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "id": self.id,
+            "id": self.queue_id,
             "message_id": self.message_id,
             "mail_from": self.mail_from,
             "subject": self.subject,

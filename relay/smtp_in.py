@@ -550,7 +550,7 @@ class RelayHandler:
             log.info("refused message from %s: %s", ip, exc.reply)
             return exc.reply
         msg = NewMessage(
-            id=queue_id,
+            queue_id=queue_id,
             message_id=prepared.message_id,
             mail_from=envelope.mail_from or "",
             recipients=tuple(envelope.rcpt_tos),

@@ -465,7 +465,7 @@ class EngagementLog(Protocol):
     async def tracking_target(self, recipient_id: int, ordinal: int | None) -> TrackTarget | None: ...
 
     async def record_engagement(
-        self, message_id: str, address: str, kind: EventType, details: dict[str, Any], *, window: float
+        self, queue_id: str, address: str, kind: EventType, details: dict[str, Any], *, window: float
     ) -> bool | None: ...
 
 
@@ -484,7 +484,7 @@ async def record_hit(store: EngagementLog, signer: TokenSigner, token: str, kind
     if kind == "click":
         details["url"] = target.url
     first = await store.record_engagement(
-        target.message_id, target.address, "opened" if kind == "open" else "clicked", details, window=COALESCE_WINDOW
+        target.queue_id, target.address, "opened" if kind == "open" else "clicked", details, window=COALESCE_WINDOW
     )
     return Hit(target.url, machine, bool(first), coalesced=first is None)
 

@@ -47,7 +47,7 @@ async def relay_env(*args: str, env: dict[str, str], cwd: Path | None = None) ->
 
 def message(qid: str, rcpt: str, at: float) -> NewMessage:
     return NewMessage(
-        id=qid, message_id=f"{qid.lower()}@app.example", mail_from="app@example.com", recipients=(rcpt,),
+        queue_id=qid, message_id=f"{qid.lower()}@app.example", mail_from="app@example.com", recipients=(rcpt,),
         subject="Hello", tags=("welcome",), user="app", client_ip="127.0.0.1", received_at=at,
         raw=b"Subject: Hello\r\n\r\nbody\r\n",
     )  # fmt: skip

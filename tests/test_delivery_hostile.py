@@ -111,7 +111,7 @@ async def test_an_address_the_client_library_refuses_is_deferred_not_injected(
         assert relay.store is not None
         evil = "x\r\nRSET\r\nMAIL FROM:<evil@hostile.example>@hostile.example"
         await relay.store.enqueue(
-            NewMessage(id="01JAAAAAAAAAAAAAAAAAAAAAAA", message_id="evil@test", mail_from="app@example.com",
+            NewMessage(queue_id="01JAAAAAAAAAAAAAAAAAAAAAAA", message_id="evil@test", mail_from="app@example.com",
                        recipients=(evil,), subject="", tags=(), user=None, client_ip="127.0.0.1",
                        received_at=time.time(), raw=MSG)
         )  # fmt: skip

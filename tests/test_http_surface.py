@@ -157,7 +157,7 @@ async def two_stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
         stack.push_async_callback(second.close)
         await first.enqueue(
             NewMessage(
-                id="01JTRACKTEST0000000000000A",
+                queue_id="01JTRACKTEST0000000000000A",
                 message_id="t@app.example",
                 mail_from="app@example.com",
                 recipients=("jane@example.com",),

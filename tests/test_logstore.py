@@ -35,7 +35,7 @@ def message(
     qid: str, rcpts: tuple[str, ...] = ("jane@example.com",), *, at: float | None = None, **kw: object
 ) -> NewMessage:
     fields: dict[str, object] = {
-        "id": qid,
+        "queue_id": qid,
         "message_id": f"{qid.lower()}@app.example",
         "mail_from": "app@example.com",
         "recipients": rcpts,
@@ -56,7 +56,7 @@ def outcome(
 ) -> Outcome:
     event = "delivered" if status == "delivered" else "deferred"
     return Outcome(
-        recipient_id=c_id, message_id=qid, address=address, status=status, attempts=attempts,
+        recipient_id=c_id, queue_id=qid, address=address, status=status, attempts=attempts,
         next_attempt_at=next_at, last_response="250 2.0.0 ok", event=event,
         details={"attempt": attempts, "code": 250}, at=time.time(),
     )  # fmt: skip
@@ -74,8 +74,8 @@ async def test_enqueue_and_lookup(store: LogStore) -> None:
     assert m.tags == ("welcome",)
     assert [r.address for r in m.recipients] == ["jane@example.com", "Bob@Example.org"]
     assert [e.type for e in m.events] == ["received"]
-    assert [x.id for x in await store.lookup("bob@example.org")] == ["01AAA"]
-    assert [x.id for x in await store.lookup("<01aaa@app.example>")] == ["01AAA"]
+    assert [x.queue_id for x in await store.lookup("bob@example.org")] == ["01AAA"]
+    assert [x.queue_id for x in await store.lookup("<01aaa@app.example>")] == ["01AAA"]
     assert await store.lookup("nobody@example.com") == []
     assert (await store.get_message("01AAA")) is not None
     assert (await store.get_message("01ZZZ")) is None
@@ -85,8 +85,8 @@ async def test_lookup_by_recipient_is_newest_first(store: LogStore) -> None:
     now = time.time()
     for i, qid in enumerate(["01A1", "01A2", "01A3"]):
         await store.enqueue(message(qid, at=now + i))
-    assert [m.id for m in await store.lookup("jane@example.com")] == ["01A3", "01A2", "01A1"]
-    assert [m.id for m in await store.lookup("jane@example.com", limit=2)] == ["01A3", "01A2"]
+    assert [m.queue_id for m in await store.lookup("jane@example.com")] == ["01A3", "01A2", "01A1"]
+    assert [m.queue_id for m in await store.lookup("jane@example.com", limit=2)] == ["01A3", "01A2"]
 
 
 async def test_group_commit_keeps_each_message_whole(store: LogStore) -> None:
@@ -249,7 +249,7 @@ async def test_a_click_resolves_its_link_in_its_chunk(store: LogStore) -> None:
     for ordinal in (0, 255, 256, 599):
         target = await store.tracking_target(ids["01L1"], ordinal)
         assert target is not None
-        assert (target.message_id, target.address, target.url) == (
+        assert (target.queue_id, target.address, target.url) == (
             "01L1",
             "jane@example.com",
             f"https://example.com/01L1/{ordinal}",

@@ -93,7 +93,7 @@ def recipient(
 ) -> Imported:
     """One message with one recipient in a given state (and its history of events)."""
     msg = NewMessage(
-        id=qid(short_id), message_id=f"{short_id.lower()}@app.example", mail_from="app@example.com",
+        queue_id=qid(short_id), message_id=f"{short_id.lower()}@app.example", mail_from="app@example.com",
         recipients=(address,), subject="Hello", tags=(tag,), user="app", client_ip="127.0.0.1", received_at=at,
         raw=b"Subject: Hello\r\n\r\nbody\r\n",
     )  # fmt: skip

@@ -32,7 +32,7 @@ async def test_accepted_mail_is_in_the_log(relay: Relay) -> None:
     assert relay.store is not None
 
     (msg,) = await relay.store.lookup(qid)
-    assert msg.id == qid
+    assert msg.queue_id == qid
     assert msg.mail_from == "app@example.com"
     assert msg.subject == "Password reset"
     assert msg.client_ip == "127.0.0.1"
@@ -42,9 +42,9 @@ async def test_accepted_mail_is_in_the_log(relay: Relay) -> None:
     assert msg.events[0].details["client_ip"] == "127.0.0.1"
 
     by_rcpt = await relay.store.lookup("JANE@example.com")
-    assert [m.id for m in by_rcpt] == [qid]
-    assert [m.id for m in await relay.store.lookup(msg.message_id)] == [qid]
-    assert [m.id for m in await relay.store.lookup(f"<{msg.message_id}>")] == [qid]
+    assert [m.queue_id for m in by_rcpt] == [qid]
+    assert [m.queue_id for m in await relay.store.lookup(msg.message_id)] == [qid]
+    assert [m.queue_id for m in await relay.store.lookup(f"<{msg.message_id}>")] == [qid]
 
     body = (await relay.store.load_bodies([qid]))[qid]
     assert body.startswith(
@@ -69,7 +69,7 @@ async def test_message_id_added_when_missing_and_kept_when_present(relay: Relay)
     assert b"\r\nDate: " in body
 
     (kept,) = await relay.store.lookup("abc.123@app.example")
-    assert kept.id == qid2
+    assert kept.queue_id == qid2
     body2 = (await relay.store.load_bodies([qid2]))[qid2]
     assert body2.count(b"Message-ID:") == 1
 
@@ -157,7 +157,7 @@ async def test_auth_over_starttls(
         details = msg.events[0].details
         assert details["protocol"] == "ESMTPSA"
         assert details["tls"].startswith("TLSv1.")
-        body = (await relay.store.load_bodies([msg.id]))[msg.id]
+        body = (await relay.store.load_bodies([msg.queue_id]))[msg.queue_id]
         assert b"with ESMTPSA id" in body
 
 
