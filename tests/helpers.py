@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import aiosmtplib
 import pytest
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from relay import config as cfgmod
 from relay.server import Relay
@@ -297,3 +299,14 @@ async def wait_drained(store: Any, timeout: float = 60) -> None:
         return sum(summary.counts[s] for s in ACTIVE_STATES) == 0
 
     await wait_for(drained, timeout=timeout)
+
+
+async def raw_sql(url: str, fn: Callable[[Connection], T], *, write: bool = False) -> T:
+    """Run ``fn`` on a connection of its own to the store at ``url``, from outside Relay: what a
+    test reads or plants behind the store's back (committed when ``write``)."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() if write else engine.connect() as conn:
+            return await conn.run_sync(fn)
+    finally:
+        await engine.dispose()
