@@ -50,7 +50,7 @@ bench-heavy: $(VENV)/.test
 
 # kill -9 at 50 random moments under load; prints the report and keeps it in bench/results/chaos.md
 chaos: $(VENV)/.test
-	CHAOS_KILLS=50 CHAOS_REPORT=bench/results/chaos.md $(BIN)/pytest -s -p no:cacheprovider --timeout 1800 tests/test_chaos.py
+	CHAOS_KILLS=50 CHAOS_REPORT=bench/results/chaos.md $(BIN)/pytest -s -p no:cacheprovider --timeout 1800 tests/delivery/test_chaos.py
 
 clean:
 	rm -rf $(VENV) relay-data .pytest_cache .mypy_cache .ruff_cache
