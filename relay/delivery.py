@@ -9,7 +9,7 @@ domain go in one SMTP transaction (a ``Job``).
 Every job ends as one recorded attempt per recipient (``LogStore.record``: new states and one
 event each, in one transaction), whatever happens inside it: a library error, a store error, a
 cancelled task are temporary failures. The attempt gives up at 80 % of the lease, counted from
-the claim. What a reply means is decided by ``RetryPolicy``, a pure value.
+the claim. What a reply means is decided by ``relay.retry.RetryPolicy``, a pure value.
 
 New mail wakes the dispatcher at once; retries are found by polling the next due time.
 On shutdown, transactions in flight get a grace period, then they are cancelled and recorded.
@@ -28,12 +28,13 @@ from dataclasses import dataclass
 
 from relay import metrics
 from relay.config import Config
-from relay.errors import StoreError
+from relay.errors import Reply, StoreError
 from relay.logs import with_ids
 from relay.logstore import LogStore
-from relay.model import BOUNCED, DEFERRED, DELIVERED, EXPIRED, Claimed, EventType, Outcome, iso
+from relay.model import Claimed, Outcome, iso
+from relay.retry import RetryPolicy
 from relay.tracking import Tracker
-from relay.transport import Hop, Reply, Result, Transport
+from relay.transport import Hop, Result, Transport
 
 log = logging.getLogger(__name__)
 
@@ -42,35 +43,6 @@ REWRITE_IN_THREAD = 256 * 1024  # bytes; a larger message is rewritten off the e
 # its rewrite and the client's encoded copy, so `concurrency` of them could take gigabytes.
 # One always may start; small messages never count.
 LARGE_IN_FLIGHT = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    status: EventType  # delivered | deferred | bounced | expired
-    next_attempt_at: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """What an attempt's reply means for a recipient.
-
-    2xx: delivered. 5xx: bounced. Anything else is temporary: retry after the schedule step
-    for this attempt (the last step repeats), but never later than received_at + max_age;
-    an attempt that fails at or after that moment expires the recipient."""
-
-    schedule: tuple[float, ...]
-    max_age: float
-
-    def decide(self, reply: Reply, *, attempt: int, received_at: float, now: float) -> Decision:
-        if reply.ok:
-            return Decision(DELIVERED)
-        if reply.permanent:
-            return Decision(BOUNCED)
-        deadline = received_at + self.max_age
-        if now >= deadline:
-            return Decision(EXPIRED)
-        delay = self.schedule[min(attempt, len(self.schedule)) - 1]
-        return Decision(DEFERRED, min(now + delay, deadline))
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,9 @@
         ├── TemporaryFailure   4xx, timeouts, refused connections, DNS trouble: try again later
         └── PermanentFailure   5xx, NXDOMAIN, null MX: do not try again
 
+Both that carry an SMTP reply are ``SmtpReplyError``s: ``exc.reply`` is a ``Reply``, the same
+value that delivery records for every recipient, and ``str(exc.reply)`` is the wire line.
+
 Library exceptions (SQLAlchemy, aiosmtplib, dnspython) are mapped to these at the one
 module that imports the library, with the cause kept (``raise ... from exc``).
 """
@@ -18,7 +21,9 @@ module that imports the library, with the cause kept (``raise ... from exc``).
 from __future__ import annotations
 
 import os
+import re
 import socket
+from dataclasses import dataclass
 
 
 class RelayError(Exception):
@@ -49,18 +54,49 @@ class Conflict(RelayError):
     """It exists already."""
 
 
-class SmtpReplyError(RelayError):
-    """A failure that is answered with an SMTP reply."""
+_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s*")  # an enhanced status code (RFC 3463) opening the text
 
-    def __init__(self, code: int | None, enhanced: str | None, text: str) -> None:
-        self.code = code  # None when no SMTP server answered (DNS, connection)
-        self.enhanced = enhanced
-        self.text = text
-        super().__init__(self.reply)
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply: a server's, or one Relay gives in its place (``code`` None: no server answered)."""
+
+    code: int | None
+    enhanced: str | None
+    text: str
+    temporary: bool = False  # Relay treats it as temporary whatever the code (e.g. a 535 from a smarthost)
+
+    @classmethod
+    def parse(cls, code: int, message: str) -> Reply:
+        text = " ".join(message.split())
+        m = _ENHANCED.match(text)
+        if m:
+            return cls(code, m.group(1), text[m.end() :])
+        return cls(code, None, text)
 
     @property
-    def reply(self) -> str:
+    def ok(self) -> bool:
+        return self.code is not None and 200 <= self.code < 300
+
+    @property
+    def permanent(self) -> bool:
+        if self.temporary:
+            return False
+        if self.code is not None:
+            return self.code >= 500
+        return (self.enhanced or "").startswith("5")
+
+    def __str__(self) -> str:
+        """The wire line: "554 5.4.6 Too many hops" (the parts that are present)."""
         return " ".join(str(p) for p in (self.code, self.enhanced, self.text) if p)
+
+
+class SmtpReplyError(RelayError):
+    """A failure that is answered with an SMTP reply (``reply``)."""
+
+    def __init__(self, code: int | None, enhanced: str | None, text: str, *, temporary: bool = False) -> None:
+        self.reply = Reply(code, enhanced, text, temporary)
+        super().__init__(str(self.reply))
 
 
 class InvalidMessage(SmtpReplyError):
@@ -90,7 +126,7 @@ class DeliveryFailure(SmtpReplyError):
         port: int | None = None,
         tls: str | None = None,
     ) -> None:
-        super().__init__(code, enhanced, text)
+        super().__init__(code, enhanced, text, temporary=not self.permanent)
         self.host = host
         self.ip = ip
         self.port = port

@@ -548,7 +548,7 @@ class RelayHandler:
                 prepared, track, links = self._inspect(box, arrival)
         except InvalidMessage as exc:
             log.info("refused message from %s: %s", ip, exc.reply)
-            return exc.reply
+            return str(exc.reply)
         msg = NewMessage(
             queue_id=queue_id,
             message_id=prepared.message_id,

@@ -1,8 +1,9 @@
 """Outbound SMTP on aiosmtplib: routes, MX fallback, STARTTLS policy, connection reuse.
 
 The only module that imports aiosmtplib. ``Transport.send`` makes one delivery attempt for
-one message to the recipients of one domain and returns each recipient's reply; it never
-raises for a delivery problem. Library errors become replies in ``_failure``.
+one message to the recipients of one domain and returns each recipient's reply (a
+``relay.errors.Reply``); it never raises for a delivery problem. Library errors become
+failures in ``_failure``, and a failure's reply is what the recipients get.
 
 Connection-level trouble (refused, timed out, non-2xx greeting, dropped, EHLO/STARTTLS/AUTH
 failing) moves on to the next address, at most ``MAX_ADDRESSES`` of them; when none takes
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import ssl
 import time
 from collections.abc import Sequence
@@ -24,48 +24,12 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from relay.config import Config
-from relay.errors import DeliveryFailure, PermanentFailure, TemporaryFailure
+from relay.errors import DeliveryFailure, PermanentFailure, Reply, TemporaryFailure
 from relay.mx import MxResolver
 
 log = logging.getLogger(__name__)
 
 MAX_ADDRESSES = 5
-_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s*")
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    code: int | None  # None when no server answered
-    enhanced: str | None
-    text: str
-    temporary: bool = False  # Relay treats it as temporary whatever the code (e.g. a 535 from a smarthost)
-
-    @classmethod
-    def parse(cls, code: int, message: str) -> Reply:
-        text = " ".join(message.split())
-        m = _ENHANCED.match(text)
-        if m:
-            return cls(code, m.group(1), text[m.end() :])
-        return cls(code, None, text)
-
-    @classmethod
-    def of(cls, failure: DeliveryFailure) -> Reply:
-        return cls(failure.code, failure.enhanced, failure.text, temporary=not failure.permanent)
-
-    @property
-    def ok(self) -> bool:
-        return self.code is not None and 200 <= self.code < 300
-
-    @property
-    def permanent(self) -> bool:
-        if self.temporary:
-            return False
-        if self.code is not None:
-            return self.code >= 500
-        return (self.enhanced or "").startswith("5")
-
-    def __str__(self) -> str:
-        return " ".join(str(p) for p in (self.code, self.enhanced, self.text) if p)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +73,7 @@ class _Unusable(Exception):
     """This address cannot take mail now; try the next one."""
 
     def __init__(self, failure: DeliveryFailure) -> None:
-        super().__init__(failure.reply)
+        super().__init__(str(failure.reply))
         self.failure = failure
 
 
@@ -129,7 +93,7 @@ class Transport:
         try:
             targets = await self._targets(domain)
         except DeliveryFailure as failure:
-            return Result(dict.fromkeys(recipients, Reply.of(failure)), Hop())
+            return Result(dict.fromkeys(recipients, failure.reply), Hop())
         tried: list[str] = []
         last: DeliveryFailure = TemporaryFailure(None, "4.4.1", f"no usable address for {domain}")
         hop = Hop()
@@ -146,11 +110,11 @@ class Transport:
                 return Result(dict.fromkeys(recipients, loop), hop, tuple(tried))
             except _Unusable as exc:
                 last = exc.failure
-                tried.append(exc.failure.reply)
+                tried.append(str(exc.failure.reply))
                 log.info("%s [%s]:%d unusable: %s", target.host, target.ip, target.port, exc.failure.reply)
                 continue
             return Result(replies, hop, tuple(tried))
-        return Result(dict.fromkeys(recipients, Reply.of(last)), hop, tuple(tried[:-1]))
+        return Result(dict.fromkeys(recipients, last.reply), hop, tuple(tried[:-1]))
 
     async def _targets(self, domain: str) -> list[_Target]:
         route = self.config.route_for(domain)

@@ -13,10 +13,8 @@ import trustme
 from helpers import make_config, queue_id_of, running_relay, send, smtp_client, wait_for
 from peers import Greeter, Sink, Zone, dns_server, sinks
 
-from relay.delivery import RetryPolicy
 from relay.model import MessageView
 from relay.server import Relay
-from relay.transport import Reply
 
 MSG = b"From: app@example.com\r\nSubject: Hi\r\n\r\nHello\r\n"
 
@@ -408,20 +406,6 @@ async def test_queue_retry_and_delete(relay_and_sinks: tuple[Relay, list[Sink]],
     (m,) = await store.lookup(qid)
     assert status(m) == {"a@example.net": "cancelled"}
     assert m.events[-1].type == "cancelled"
-
-
-def test_retry_policy_is_a_pure_decision() -> None:
-    policy = RetryPolicy(schedule=(60.0, 300.0), max_age=3600.0)
-    temp = Reply(451, "4.3.0", "later")
-    assert policy.decide(Reply(250, "2.0.0", "ok"), attempt=1, received_at=0, now=10).status == "delivered"
-    assert policy.decide(Reply(550, "5.1.1", "no"), attempt=1, received_at=0, now=10).status == "bounced"
-    assert policy.decide(Reply(None, "5.1.2", "nx"), attempt=1, received_at=0, now=10).status == "bounced"
-    first = policy.decide(temp, attempt=1, received_at=0, now=10)
-    assert (first.status, first.next_attempt_at) == ("deferred", 70.0)
-    assert policy.decide(temp, attempt=2, received_at=0, now=100).next_attempt_at == 400.0
-    assert policy.decide(temp, attempt=9, received_at=0, now=1000).next_attempt_at == 1300.0  # the last step repeats
-    assert policy.decide(temp, attempt=9, received_at=0, now=3500).next_attempt_at == 3600.0  # never past max_age
-    assert policy.decide(temp, attempt=10, received_at=0, now=3600).status == "expired"
 
 
 async def test_shutdown_records_the_attempts_it_cancels(tmp_path: Path, zone: Zone) -> None:
