@@ -13,6 +13,9 @@ the claim. What a reply means is decided by ``relay.retry.RetryPolicy``, a pure 
 
 New mail wakes the dispatcher at once; retries are found by polling the next due time.
 On shutdown, transactions in flight get a grace period, then they are cancelled and recorded.
+
+Beside this front door: ``relay.retry`` (the policy value), ``relay.transport`` (SMTP out, the
+only aiosmtplib import) and ``relay.mx`` (MX and addresses, the only dnspython import).
 """
 
 from __future__ import annotations
