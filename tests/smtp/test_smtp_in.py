@@ -173,7 +173,13 @@ async def test_auth_garbage_gets_a_precise_reply(
     cert, key = server_tls_files
     config = make_config(tmp_path, smtp={"trusted_networks": [], "tls_cert": cert, "tls_key": key})
     async with running_relay(config) as relay, smtp_client(relay, tls=client_tls) as client:
+        # PLAIN and LOGIN read their first response the same way, from the AUTH line or a 334 challenge.
         assert await command(client, "AUTH PLAIN !!!notbase64") == (501, "5.5.2 Cannot decode base64")
+        assert await command(client, "AUTH LOGIN !!!notbase64") == (501, "5.5.2 Cannot decode base64")
+        assert await command(client, "AUTH PLAIN") == (334, "")
+        assert await command(client, "*") == (501, "5.7.0 Auth aborted")
+        assert await command(client, "AUTH LOGIN") == (334, base64.b64encode(b"Username:").decode())
+        assert await command(client, "!!!notbase64") == (501, "5.5.2 Can't decode base64")  # aiosmtpd's wording
         assert await command(client, "AUTH PLAIN " + base64.b64encode(b"only-one-part").decode()) == (
             501,
             "5.5.2 Malformed AUTH PLAIN response",
