@@ -16,6 +16,7 @@ from aiosmtpd.smtp import SMTP
 from helpers import command, make_config, queue_id_of, raw_smtp, raw_sql, running_relay, send, smtp_client
 
 from relay.auth import hash_password
+from relay.config import Config
 from relay.model import NewMessage
 from relay.server import Relay
 from relay.smtp_in import RelaySMTP, SessionTemplate
@@ -114,14 +115,14 @@ async def test_untrusted_client_without_auth_is_refused(tmp_path: Path) -> None:
         assert await message_count(relay) == 0
 
 
-async def _tls_relay(tmp_path: Path, tls_files: tuple[str, str]) -> Relay:
+def _tls_only(tmp_path: Path, tls_files: tuple[str, str]) -> Config:
+    """STARTTLS offered, no trusted network: AUTH only after STARTTLS."""
     cert, key = tls_files
-    return Relay(make_config(tmp_path, smtp={"trusted_networks": [], "tls_cert": cert, "tls_key": key}))
+    return make_config(tmp_path, smtp={"trusted_networks": [], "tls_cert": cert, "tls_key": key})
 
 
 async def test_auth_before_starttls_is_refused(tmp_path: Path, server_tls_files: tuple[str, str]) -> None:
-    cert, key = server_tls_files
-    config = make_config(tmp_path, smtp={"trusted_networks": [], "tls_cert": cert, "tls_key": key})
+    config = _tls_only(tmp_path, server_tls_files)
     async with running_relay(config) as relay, smtp_client(relay) as client:
         assert "starttls" in client.esmtp_extensions
         token = base64.b64encode(b"\0app\0secret").decode()
@@ -134,8 +135,7 @@ async def test_auth_before_starttls_is_refused(tmp_path: Path, server_tls_files:
 async def test_auth_over_starttls(
     tmp_path: Path, server_tls_files: tuple[str, str], client_tls: ssl.SSLContext
 ) -> None:
-    cert, key = server_tls_files
-    config = make_config(tmp_path, smtp={"trusted_networks": [], "tls_cert": cert, "tls_key": key})
+    config = _tls_only(tmp_path, server_tls_files)
     async with running_relay(config) as relay:
         assert relay.store is not None
         await relay.store.add_user("app", hash_password("s3cret pass"))
@@ -170,8 +170,7 @@ async def test_auth_over_starttls(
 async def test_auth_garbage_gets_a_precise_reply(
     tmp_path: Path, server_tls_files: tuple[str, str], client_tls: ssl.SSLContext
 ) -> None:
-    cert, key = server_tls_files
-    config = make_config(tmp_path, smtp={"trusted_networks": [], "tls_cert": cert, "tls_key": key})
+    config = _tls_only(tmp_path, server_tls_files)
     async with running_relay(config) as relay, smtp_client(relay, tls=client_tls) as client:
         # PLAIN and LOGIN read their first response the same way, from the AUTH line or a 334 challenge.
         assert await command(client, "AUTH PLAIN !!!notbase64") == (501, "5.5.2 Cannot decode base64")
@@ -323,18 +322,23 @@ async def test_long_line_is_refused(relay: Relay) -> None:
     assert await message_count(relay) == 0
 
 
+async def _fail_inserts_of(relay: Relay, address: str, error: str) -> None:
+    """Plant a trigger, from outside Relay, that aborts the insert of this recipient."""
+    await raw_sql(
+        relay.config.store.url,
+        lambda conn: conn.exec_driver_sql(
+            f"CREATE TRIGGER fail_rcpt BEFORE INSERT ON recipients WHEN NEW.address = '{address}' "
+            f"BEGIN SELECT RAISE(ABORT, '{error}'); END"
+        ),
+        write=True,
+    )
+
+
 async def test_store_failure_gives_451_and_stores_nothing(relay: Relay) -> None:
     assert relay.store is not None
     # A real failure inside the real transaction: the recipient insert aborts after the
     # message row was written, so only a rollback leaves nothing behind.
-    await raw_sql(
-        relay.config.store.url,
-        lambda conn: conn.exec_driver_sql(
-            "CREATE TRIGGER fail_rcpt BEFORE INSERT ON recipients WHEN NEW.address = 'fail@example.com' "
-            "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
-        ),
-        write=True,
-    )
+    await _fail_inserts_of(relay, "fail@example.com", "disk on fire")
     async with smtp_client(relay) as client:
         code, text = await send(client, "app@example.com", ["ok@example.com", "fail@example.com"], SIMPLE)
         assert (code, text) == (451, "4.3.0 Temporary failure storing the message, try again later")
@@ -347,14 +351,7 @@ async def test_store_failure_gives_451_and_stores_nothing(relay: Relay) -> None:
 
 async def test_one_bad_message_does_not_fail_others_in_the_same_commit(relay: Relay) -> None:
     assert relay.store is not None
-    await raw_sql(
-        relay.config.store.url,
-        lambda conn: conn.exec_driver_sql(
-            "CREATE TRIGGER fail_rcpt BEFORE INSERT ON recipients WHEN NEW.address = 'fail@example.com' "
-            "BEGIN SELECT RAISE(ABORT, 'boom'); END"
-        ),
-        write=True,
-    )
+    await _fail_inserts_of(relay, "fail@example.com", "boom")
 
     async def one(rcpt: str) -> int:
         async with smtp_client(relay) as client:
