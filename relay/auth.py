@@ -71,6 +71,10 @@ class Throttle:
     clock: Callable[[], float] = time.monotonic
     _failures: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
 
+    def __len__(self) -> int:
+        """The IPs and user names counted now: what ``max_entries`` bounds."""
+        return len(self._failures)
+
     def failed(self, ip: str, user: str = "") -> float:
         """Count a failure; return how long to wait before replying."""
         now = self.clock()

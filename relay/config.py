@@ -239,9 +239,6 @@ class RouteConfig:
     password: str = setting("", _str)
     tls: str = setting("", _choice("", *TLS_MODES))  # empty: delivery.tls
 
-    def matches(self, domain: str) -> bool:
-        return "*" in self.domains or domain in self.domains
-
 
 HTTP_DEFAULT = Listen("127.0.0.1", 8025)
 

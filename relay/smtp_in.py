@@ -1,6 +1,10 @@
-"""SMTP intake on aiosmtpd: AUTH, relay policy and limits, then ``LogStore.enqueue``.
+"""SMTP intake: the aiosmtpd adapter and the relay policy (AUTH, who may relay, limits), then
+``LogStore.enqueue``. ``intake`` (the message's header section) and ``auth`` (users, throttle)
+sit beside it and know nothing of aiosmtpd.
 
-The only module that imports aiosmtpd. Every reply carries an enhanced status code
+The only module that imports aiosmtpd, pinned in pyproject.toml to the version ``RelaySMTP``
+was written against: tests/smtp checks that a session gets every attribute aiosmtpd's own
+``SMTP.__init__`` sets. Every reply carries an enhanced status code
 (RFC 2034); aiosmtpd's own texts are mapped to ours in ``RelaySMTP.push`` and no internal
 detail reaches a client: an unexpected error is ``451 4.3.0``, logged with its traceback.
 """
@@ -160,7 +164,7 @@ class RelaySMTP(SMTP):
     def __init__(
         self, template: SessionTemplate, *, sessions: set[RelaySMTP], per_ip: collections.Counter[str]
     ) -> None:
-        # The attributes SMTP.__init__ sets (aiosmtpd 1.4), without its per-connection introspection.
+        # The attributes SMTP.__init__ sets (aiosmtpd 1.4.6, pinned), without its per-connection introspection.
         o = template.options
         self.loop = asyncio.get_running_loop()
         asyncio.StreamReaderProtocol.__init__(
@@ -547,8 +551,9 @@ class RelayHandler:
             else:
                 prepared, track, links = self._inspect(box, arrival)
         except InvalidMessage as exc:
-            log.info("refused message from %s: %s", ip, exc.reply)
-            return str(exc.reply)
+            reply = str(exc.reply)
+            log.info("refused message from %s: %s", ip, reply)
+            return reply
         msg = NewMessage(
             queue_id=queue_id,
             message_id=prepared.message_id,
@@ -602,16 +607,9 @@ class RelayHandler:
     # AUTH mechanisms: aiosmtpd calls these instead of its built-in ones.
 
     async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            blob = await server.challenge_auth("")
-            if blob is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                blob = b64decode(args[1].encode(), validate=True)
-            except (Base64Error, ValueError):
-                await server.push("501 5.5.2 Cannot decode base64")
-                return AuthResult(success=False, handled=True)
+        blob = await _first_response(server, args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
         parts = blob.split(b"\0")
         if len(parts) != 3:
             await server.push("501 5.5.2 Malformed AUTH PLAIN response")
@@ -619,16 +617,9 @@ class RelayHandler:
         return await self._verify(server, parts[1], parts[2])
 
     async def auth_LOGIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await server.challenge_auth("Username:")
-            if login is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                login = b64decode(args[1].encode(), validate=True)
-            except (Base64Error, ValueError):
-                await server.push("501 5.5.2 Cannot decode base64")
-                return AuthResult(success=False, handled=True)
+        login = await _first_response(server, args, "Username:")
+        if login is None:
+            return AuthResult(success=False, handled=True)
         password = await server.challenge_auth("Password:")
         if password is MISSING:
             return AuthResult(success=False, handled=True)
@@ -646,6 +637,19 @@ class RelayHandler:
         return AuthResult(success=False, handled=False)
 
 
+async def _first_response(server: RelaySMTP, args: list[str], prompt: str) -> bytes | None:
+    """The client's first AUTH response, decoded: from the AUTH line (the initial response), else
+    asked for with ``prompt``. None once answered with a 501: cancelled, or not base64."""
+    if len(args) == 1:
+        blob = await server.challenge_auth(prompt)  # answers a cancel or bad base64 itself
+        return blob if isinstance(blob, bytes) else None
+    try:
+        return b64decode(args[1].encode(), validate=True)
+    except (Base64Error, ValueError):
+        await server.push("501 5.5.2 Cannot decode base64")
+        return None
+
+
 class SmtpServer:
     """The SMTP listeners and their sessions: start, then shutdown(grace)."""
 
@@ -658,6 +662,19 @@ class SmtpServer:
         self._tls = _tls_context(config) if config.smtp.tls_enabled else None
         self._template: SessionTemplate | None = None
 
+    def session_options(self) -> dict[str, Any]:
+        """The keyword arguments of aiosmtpd's ``SMTP`` for these listeners' sessions."""
+        return {
+            "hostname": self.config.server.hostname,
+            "ident": "ESMTP Relay",
+            "data_size_limit": self.config.smtp.max_message_size,
+            "enable_SMTPUTF8": True,
+            "decode_data": False,
+            "tls_context": self._tls,
+            "auth_require_tls": False,
+            "timeout": self.config.smtp.timeout,
+        }
+
     def _factory(self) -> RelaySMTP:
         assert self._template is not None
         return RelaySMTP(self._template, sessions=self.sessions, per_ip=self.per_ip)
@@ -665,18 +682,7 @@ class SmtpServer:
     async def start(self, sockets: Sequence[socket.socket] | None = None) -> list[Listen]:
         """Listen on ``sockets`` if given, else on ``[smtp] listen``. Returns the bound addresses."""
         loop = asyncio.get_running_loop()
-        smtp = self.config.smtp
-        self._template = SessionTemplate(
-            self.handler,
-            hostname=self.config.server.hostname,
-            ident="ESMTP Relay",
-            data_size_limit=smtp.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            tls_context=self._tls,
-            auth_require_tls=False,
-            timeout=smtp.timeout,
-        )
+        self._template = SessionTemplate(self.handler, **self.session_options())
         if sockets is None:
             sockets = [bind(listen) for listen in self.config.smtp.listen]
         for sock in sockets:

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import logging
 import ssl
 from pathlib import Path
 
+import aiosmtpd
 import aiosmtplib
 import pytest
-from helpers import command, make_config, queue_id_of, raw_smtp, running_relay, send, smtp_client
+from aiosmtpd.smtp import SMTP
+from helpers import command, make_config, queue_id_of, raw_smtp, raw_sql, running_relay, send, smtp_client
 
 from relay.auth import hash_password
+from relay.config import Config
+from relay.model import NewMessage
 from relay.server import Relay
+from relay.smtp_in import RelaySMTP, SessionTemplate
 
 SIMPLE = b"From: App <app@example.com>\r\nTo: jane@example.com\r\nSubject: Password reset\r\n\r\nHello Jane\r\n"
 
@@ -108,14 +115,14 @@ async def test_untrusted_client_without_auth_is_refused(tmp_path: Path) -> None:
         assert await message_count(relay) == 0
 
 
-async def _tls_relay(tmp_path: Path, tls_files: tuple[str, str]) -> Relay:
+def _tls_only(tmp_path: Path, tls_files: tuple[str, str]) -> Config:
+    """STARTTLS offered, no trusted network: AUTH only after STARTTLS."""
     cert, key = tls_files
-    return Relay(make_config(tmp_path, smtp={"trusted_networks": [], "tls_cert": cert, "tls_key": key}))
+    return make_config(tmp_path, smtp={"trusted_networks": [], "tls_cert": cert, "tls_key": key})
 
 
 async def test_auth_before_starttls_is_refused(tmp_path: Path, server_tls_files: tuple[str, str]) -> None:
-    cert, key = server_tls_files
-    config = make_config(tmp_path, smtp={"trusted_networks": [], "tls_cert": cert, "tls_key": key})
+    config = _tls_only(tmp_path, server_tls_files)
     async with running_relay(config) as relay, smtp_client(relay) as client:
         assert "starttls" in client.esmtp_extensions
         token = base64.b64encode(b"\0app\0secret").decode()
@@ -128,8 +135,7 @@ async def test_auth_before_starttls_is_refused(tmp_path: Path, server_tls_files:
 async def test_auth_over_starttls(
     tmp_path: Path, server_tls_files: tuple[str, str], client_tls: ssl.SSLContext
 ) -> None:
-    cert, key = server_tls_files
-    config = make_config(tmp_path, smtp={"trusted_networks": [], "tls_cert": cert, "tls_key": key})
+    config = _tls_only(tmp_path, server_tls_files)
     async with running_relay(config) as relay:
         assert relay.store is not None
         await relay.store.add_user("app", hash_password("s3cret pass"))
@@ -164,10 +170,15 @@ async def test_auth_over_starttls(
 async def test_auth_garbage_gets_a_precise_reply(
     tmp_path: Path, server_tls_files: tuple[str, str], client_tls: ssl.SSLContext
 ) -> None:
-    cert, key = server_tls_files
-    config = make_config(tmp_path, smtp={"trusted_networks": [], "tls_cert": cert, "tls_key": key})
+    config = _tls_only(tmp_path, server_tls_files)
     async with running_relay(config) as relay, smtp_client(relay, tls=client_tls) as client:
+        # PLAIN and LOGIN read their first response the same way, from the AUTH line or a 334 challenge.
         assert await command(client, "AUTH PLAIN !!!notbase64") == (501, "5.5.2 Cannot decode base64")
+        assert await command(client, "AUTH LOGIN !!!notbase64") == (501, "5.5.2 Cannot decode base64")
+        assert await command(client, "AUTH PLAIN") == (334, "")
+        assert await command(client, "*") == (501, "5.7.0 Auth aborted")
+        assert await command(client, "AUTH LOGIN") == (334, base64.b64encode(b"Username:").decode())
+        assert await command(client, "!!!notbase64") == (501, "5.5.2 Can't decode base64")  # aiosmtpd's wording
         assert await command(client, "AUTH PLAIN " + base64.b64encode(b"only-one-part").decode()) == (
             501,
             "5.5.2 Malformed AUTH PLAIN response",
@@ -311,16 +322,23 @@ async def test_long_line_is_refused(relay: Relay) -> None:
     assert await message_count(relay) == 0
 
 
+async def _fail_inserts_of(relay: Relay, address: str, error: str) -> None:
+    """Plant a trigger, from outside Relay, that aborts the insert of this recipient."""
+    await raw_sql(
+        relay.config.store.url,
+        lambda conn: conn.exec_driver_sql(
+            f"CREATE TRIGGER fail_rcpt BEFORE INSERT ON recipients WHEN NEW.address = '{address}' "
+            f"BEGIN SELECT RAISE(ABORT, '{error}'); END"
+        ),
+        write=True,
+    )
+
+
 async def test_store_failure_gives_451_and_stores_nothing(relay: Relay) -> None:
     assert relay.store is not None
     # A real failure inside the real transaction: the recipient insert aborts after the
     # message row was written, so only a rollback leaves nothing behind.
-    await relay.store._engines.write(
-        lambda conn: conn.exec_driver_sql(
-            "CREATE TRIGGER fail_rcpt BEFORE INSERT ON recipients WHEN NEW.address = 'fail@example.com' "
-            "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
-        )
-    )
+    await _fail_inserts_of(relay, "fail@example.com", "disk on fire")
     async with smtp_client(relay) as client:
         code, text = await send(client, "app@example.com", ["ok@example.com", "fail@example.com"], SIMPLE)
         assert (code, text) == (451, "4.3.0 Temporary failure storing the message, try again later")
@@ -333,12 +351,7 @@ async def test_store_failure_gives_451_and_stores_nothing(relay: Relay) -> None:
 
 async def test_one_bad_message_does_not_fail_others_in_the_same_commit(relay: Relay) -> None:
     assert relay.store is not None
-    await relay.store._engines.write(
-        lambda conn: conn.exec_driver_sql(
-            "CREATE TRIGGER fail_rcpt BEFORE INSERT ON recipients WHEN NEW.address = 'fail@example.com' "
-            "BEGIN SELECT RAISE(ABORT, 'boom'); END"
-        )
-    )
+    await _fail_inserts_of(relay, "fail@example.com", "boom")
 
     async def one(rcpt: str) -> int:
         async with smtp_client(relay) as client:
@@ -421,3 +434,50 @@ async def test_empty_message_is_accepted_with_headers_added(relay: Relay) -> Non
     body = (await relay.store.load_bodies([qid]))[qid]
     assert body.startswith(b"Received: ")
     assert b"Message-ID: <" in body
+
+
+async def test_a_raising_post_commit_callback_still_gets_250(relay: Relay, caplog: pytest.LogCaptureFixture) -> None:
+    """One write path: once the transaction has committed, the message is Relay's. A callback
+    run after the commit (the wake-up on enqueue) that raises is logged, and the client still
+    gets its 250."""
+    assert relay.store is not None
+
+    def on_fire(msg: NewMessage) -> None:
+        raise RuntimeError(f"callback on fire for {msg.queue_id}")
+
+    relay.store.on_enqueued.append(on_fire)
+    with caplog.at_level(logging.WARNING):
+        async with smtp_client(relay) as client:
+            code, text = await send(client, "app@example.com", ["jane@example.com"], SIMPLE)
+            assert code == 250, text
+            (msg,) = await relay.store.lookup(queue_id_of(text))
+            assert [r.address for r in msg.recipients] == ["jane@example.com"]
+            code, text = await send(client, "app@example.com", ["bob@example.org"], SIMPLE)  # the session goes on
+            assert code == 250, text
+    assert await message_count(relay) == 2
+    logged = [r for r in caplog.records if "callback on fire" in r.getMessage() + str(r.exc_info and r.exc_info[1])]
+    assert logged, "the raising callback was not logged"
+
+
+def _attributes(obj: object) -> set[str]:
+    """The instance attributes ``obj`` holds: its __dict__, and any slot that is set."""
+    names = set(vars(obj))
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        names.update(n for n in ((slots,) if isinstance(slots, str) else slots) if hasattr(obj, n))
+    return names
+
+
+async def test_sessions_get_every_attribute_aiosmtpd_sets(relay: Relay) -> None:
+    """RelaySMTP sets SMTP.__init__'s attributes itself (the hot path skips aiosmtpd's
+    introspection): an aiosmtpd that sets one more would break sessions in ways no other test
+    may show, so the pin in pyproject.toml moves only together with RelaySMTP.__init__."""
+    assert relay.smtp is not None
+    handler, options = relay.smtp.handler, relay.smtp.session_options()
+    theirs = SMTP(handler, loop=asyncio.get_running_loop(), **options)
+    ours = RelaySMTP(SessionTemplate(handler, **options), sessions=set(), per_ip=collections.Counter())
+    missing = sorted(_attributes(theirs) - _attributes(ours))
+    assert not missing, (
+        f"aiosmtpd {aiosmtpd.__version__}'s SMTP.__init__ sets {', '.join(missing)}, "
+        "which RelaySMTP.__init__ (relay/smtp_in.py) does not"
+    )
