@@ -212,7 +212,9 @@ async def _log(store: Any, args: argparse.Namespace) -> int:
         print(f"relay: no message matches {args.query!r}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"messages": [m.to_json() for m in found]}, indent=2, ensure_ascii=False))
+        from relay.http.schemas import messages_json  # the JSON shape only: pydantic, not FastAPI
+
+        print(json.dumps(messages_json(found), indent=2, ensure_ascii=False))
     else:
         print("\n\n".join(format_timeline(m) for m in found))
     return 0
@@ -335,8 +337,9 @@ async def _stats(store: Any, args: argparse.Namespace) -> int:
         return _complain("--since must not be after --until", 2)
     rows: list[StatsRow] = await store.stats(since, until, args.group_by)
     if args.json:  # the object GET /api/v1/stats returns
-        groups = [r.to_json() for r in rows]
-        doc = {"since": iso(since), "until": iso(until), "group_by": args.group_by, "groups": groups}
+        from relay.http import schemas
+
+        doc = schemas.stats(since, until, args.group_by, rows).model_dump(mode="json")
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return 0
     print(f"{iso(since)} .. {iso(until)}, by {args.group_by}; counts are recipients, deferrals are attempts")

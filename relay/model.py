@@ -116,15 +116,6 @@ class RecipientView:
     next_attempt_at: float | None
     last_response: str | None
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "address": self.address,
-            "status": self.status,
-            "attempts": self.attempts,
-            "next_attempt_at": iso(self.next_attempt_at),
-            "last_response": self.last_response,
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class EventView:
@@ -132,9 +123,6 @@ class EventView:
     type: str
     recipient: str | None
     details: Mapping[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {**self.details, "at": iso(self.at), "type": self.type, "recipient": self.recipient}
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,21 +140,6 @@ class MessageView:
     received_at: float
     recipients: tuple[RecipientView, ...]
     events: tuple[EventView, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.queue_id,
-            "message_id": self.message_id,
-            "mail_from": self.mail_from,
-            "subject": self.subject,
-            "size": self.size,
-            "tags": list(self.tags),
-            "user": self.user,
-            "client_ip": self.client_ip,
-            "received_at": iso(self.received_at),
-            "recipients": [r.to_json() for r in self.recipients],
-            "events": [e.to_json() for e in self.events],
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,17 +212,3 @@ class StatsRow:
     unique_clicks_machine: int
     latency_p50: float | None  # seconds from received to delivered
     latency_p95: float | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "group": self.group,
-            "received": self.received,
-            "delivered": self.delivered,
-            "deferred": self.deferred,
-            "bounced": self.bounced,
-            "expired": self.expired,
-            "deferrals": self.deferrals,
-            "unique_opens": {"human": self.unique_opens, "machine": self.unique_opens_machine},
-            "unique_clicks": {"human": self.unique_clicks, "machine": self.unique_clicks_machine},
-            "delivery_latency_seconds": {"p50": self.latency_p50, "p95": self.latency_p95},
-        }

@@ -1,7 +1,7 @@
-"""The HTTP side, in the same process and event loop as SMTP and delivery.
+"""The apps and the server, in the same process and event loop as SMTP and delivery.
 
 The private side (``[http] listen``): /metrics (with ``[http] metrics_token``, a bearer token),
-/healthz, /readyz, the JSON API (relay.api), its OpenAPI document at /api/openapi.json and
+/healthz, /readyz, the JSON API (relay.http.api), its OpenAPI document at /api/openapi.json and
 Swagger UI at /api/docs. The public side: the tracking endpoints (/t/o/{token}, /t/c/{token}),
 on ``[tracking] listen`` when set (and then only there), else beside the private side.
 FastAPI on uvicorn."""
@@ -26,9 +26,10 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from relay import api, metrics, tracking
+from relay import metrics, tracking
 from relay.config import Config
 from relay.errors import StoreError
+from relay.http import api
 from relay.logstore import LogStore
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """The JSON API under /api/v1: find messages, show one, retry one, stats. Bearer tokens.
 
-A message is the same object ``relay log --json`` prints. Parameters are validated by
+A message is the same object ``relay log --json`` prints: both are built by relay.http.schemas,
+which also holds every model of the OpenAPI document. Parameters are validated by
 FastAPI/pydantic: a bad one is 422 with the field named in ``detail[].loc``. Every query is
 parameterised (SQLAlchemy Core, in LogStore).
 """
@@ -17,87 +18,15 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
 
 from relay.errors import NotFound
+from relay.http import schemas
+from relay.http.schemas import Message, MessagePage, Problem, RetryRequest, RetryResult, Stats
 from relay.logstore import LogStore
-from relay.model import iso
 
 State = Literal["queued", "deferred", "sending", "delivered", "bounced", "expired", "suppressed", "cancelled"]
 QUEUE_ID = r"^[0-9A-Za-z]{26}$"
 _bearer = HTTPBearer(auto_error=False, description="One of the tokens in [http] api_tokens")
-
-
-class Recipient(BaseModel):
-    address: str
-    status: str
-    attempts: int
-    next_attempt_at: str | None
-    last_response: str | None
-
-
-class Event(BaseModel, extra="allow"):
-    at: str
-    type: str
-    recipient: str | None
-
-
-class Message(BaseModel):
-    id: str
-    message_id: str
-    mail_from: str
-    subject: str
-    size: int
-    tags: list[str]
-    user: str | None
-    client_ip: str
-    received_at: str
-    recipients: list[Recipient]
-    events: list[Event]
-
-
-class MessagePage(BaseModel):
-    messages: list[Message]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")
-
-
-class RetryRequest(BaseModel, extra="forbid"):
-    reason: str = Field("", max_length=1000, description="Why; logged with the retried events")
-
-
-class RetryResult(BaseModel):
-    id: str
-    retried: int = Field(description="Recipients made due now")
-
-
-class Counts(BaseModel):
-    human: int
-    machine: int
-
-
-class Latency(BaseModel):
-    p50: float | None
-    p95: float | None
-
-
-class StatsGroup(BaseModel):
-    group: str | None
-    received: int
-    delivered: int = Field(description="Recipients whose latest outcome in the window is delivered")
-    deferred: int = Field(description="Recipients deferred at least once in the window")
-    bounced: int = Field(description="Recipients whose latest outcome in the window is bounced")
-    expired: int = Field(description="Recipients whose latest outcome in the window is expired")
-    deferrals: int = Field(description="Deferred attempts in the window")
-    unique_opens: Counts
-    unique_clicks: Counts
-    delivery_latency_seconds: Latency
-
-
-class Stats(BaseModel):
-    since: str
-    until: str
-    group_by: str
-    groups: list[StatsGroup]
 
 
 class Tokens:
@@ -130,10 +59,6 @@ def _caller(request: Request, credentials: Annotated[HTTPAuthorizationCredential
             status.HTTP_401_UNAUTHORIZED, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
         )
     return who
-
-
-class Problem(BaseModel):
-    detail: Any
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -184,20 +109,20 @@ async def list_messages(
     until: Annotated[datetime | None, Query(description="received before (ISO-8601 or epoch seconds)")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
-) -> dict[str, Any]:
+) -> MessagePage:
     views, after = await store.search(
         queue_id=id, message_id=message_id, recipient=recipient, tag=tag, status=status,
         since=_ts(since), until=_ts(until), limit=limit, after=None if cursor is None else _parse_cursor(cursor),
     )  # fmt: skip
-    return {"messages": [v.to_json() for v in views], "next_cursor": _cursor(after)}
+    return MessagePage(messages=[schemas.message(v) for v in views], next_cursor=_cursor(after))
 
 
 @router.get("/messages/{id}", response_model=Message, summary="One message and its timeline", responses=_NOT_FOUND)
-async def get_message(store: Store, id: Annotated[str, Path(pattern=QUEUE_ID)]) -> dict[str, Any]:
+async def get_message(store: Store, id: Annotated[str, Path(pattern=QUEUE_ID)]) -> Message:
     view = await store.get_message(id.upper())
     if view is None:
         raise HTTPException(404, "no such message")
-    return view.to_json()
+    return schemas.message(view)
 
 
 @router.post(
@@ -212,13 +137,13 @@ async def retry_message(
     caller: Caller,
     id: Annotated[str, Path(pattern=QUEUE_ID)],
     body: RetryRequest | None = None,
-) -> dict[str, Any]:
+) -> RetryResult:
     try:
         count = await store.retry(id.upper(), by=caller, reason=body.reason if body else "")  # RETRY_STATES
     except NotFound as exc:
         raise HTTPException(404, "no such message") from exc
     request.app.state.wake_delivery()
-    return {"id": id.upper(), "retried": count}
+    return RetryResult(id=id.upper(), retried=count)
 
 
 @router.get("/stats", response_model=Stats, summary="What happened per tag, domain or user")
@@ -227,10 +152,10 @@ async def stats(
     group_by: Annotated[Literal["tag", "domain", "user"], Query()] = "tag",
     since: Annotated[datetime | None, Query(description="default: 24 hours ago")] = None,
     until: Annotated[datetime | None, Query(description="default: now")] = None,
-) -> dict[str, Any]:
+) -> Stats:
     end = until.timestamp() if until is not None else time.time()
     start = since.timestamp() if since is not None else end - 86400
     if start > end:
         raise _invalid("query", "since", "must not be after until")
     rows = await store.stats(start, end, group_by)
-    return {"since": iso(start), "until": iso(end), "group_by": group_by, "groups": [r.to_json() for r in rows]}
+    return schemas.stats(start, end, group_by, rows)
