@@ -15,7 +15,7 @@ from peers import Greeter, Sink, Zone, dns_server, sinks
 
 from relay.delivery import RetryPolicy
 from relay.model import MessageView
-from relay.server import Relay
+from relay.service.lifecycle import Relay
 from relay.transport import Reply
 
 MSG = b"From: app@example.com\r\nSubject: Hi\r\n\r\nHello\r\n"

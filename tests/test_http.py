@@ -16,7 +16,7 @@ from helpers import make_config, queue_id_of, running_relay, send, smtp_client, 
 from peers import Sink, Zone, dns_server, sinks
 
 from relay import tracking
-from relay.server import Relay
+from relay.service.lifecycle import Relay
 
 TOKEN = "s3cret-api-token-0123456789"
 BROWSER = (

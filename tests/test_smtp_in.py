@@ -12,7 +12,7 @@ import pytest
 from helpers import command, make_config, queue_id_of, raw_smtp, running_relay, send, smtp_client
 
 from relay.auth import hash_password
-from relay.server import Relay
+from relay.service.lifecycle import Relay
 
 SIMPLE = b"From: App <app@example.com>\r\nTo: jane@example.com\r\nSubject: Password reset\r\n\r\nHello Jane\r\n"
 
