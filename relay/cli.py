@@ -15,11 +15,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from relay import config as config_mod
 from relay.errors import ConfigError, RelayError
 from relay.model import ACTIVE_STATES, RETRY_ALL_STATES, RETRY_STATES, MessageView, QueueEntry, StatsRow, iso
+
+if TYPE_CHECKING:
+    from relay.logstore import LogStore  # imported when a command runs: `serve` and --help stay light
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -150,7 +153,7 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
             raise CommandError("--processes must be at least 1", 2)
         return _serve(cfg, args.processes)
     logs.setup(logging.WARNING)
-    commands: dict[str, Callable[[Any, argparse.Namespace], Awaitable[int]]] = {
+    commands: dict[str, Callable[[LogStore, argparse.Namespace], Awaitable[int]]] = {
         "db": _db,
         "log": _log,
         "queue": _queue,
@@ -181,7 +184,7 @@ def _serve(cfg: config_mod.Config, processes: int) -> int:
 
 
 async def _with_store(
-    cfg: config_mod.Config, args: argparse.Namespace, fn: Callable[[Any, argparse.Namespace], Awaitable[int]]
+    cfg: config_mod.Config, args: argparse.Namespace, fn: Callable[[LogStore, argparse.Namespace], Awaitable[int]]
 ) -> int:
     from relay.logstore import LogStore, display_url, sqlite_file
 
@@ -208,7 +211,7 @@ async def _with_store(
         await store.close()
 
 
-async def _db(store: Any, args: argparse.Namespace) -> int:
+async def _db(store: LogStore, args: argparse.Namespace) -> int:
     print("schema is up to date")  # _with_store has upgraded it
     return 0
 
@@ -273,7 +276,7 @@ def _describe(kind: str, d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items() if v not in (None, ""))
 
 
-async def _queue(store: Any, args: argparse.Namespace) -> int:
+async def _queue(store: LogStore, args: argparse.Namespace) -> int:
     if args.queue_command == "list":
         return await _queue_list(store, args)
     if args.queue_command == "retry":
@@ -293,7 +296,7 @@ async def _queue(store: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _queue_list(store: Any, args: argparse.Namespace) -> int:
+async def _queue_list(store: LogStore, args: argparse.Namespace) -> int:
     limit = max(1, args.limit)
     entries: list[QueueEntry] = await store.queue_list(state=args.state, domain=args.domain, limit=limit + 1)
     now = time.time()
@@ -331,7 +334,7 @@ def _span(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-async def _stats(store: Any, args: argparse.Namespace) -> int:
+async def _stats(store: LogStore, args: argparse.Namespace) -> int:
     until = time.time() if args.until is None else args.until
     since = until - 86400 if args.since is None else args.since
     if since > until:
@@ -356,7 +359,7 @@ async def _stats(store: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _users(store: Any, args: argparse.Namespace) -> int:
+async def _users(store: LogStore, args: argparse.Namespace) -> int:
     from relay.auth import USERNAME, hash_password
 
     if args.users_command == "add":
