@@ -1,6 +1,7 @@
 """The service: one Relay process, or several sharing the listeners.
 
-relay.service wires the parts together; nothing below it imports relay.service.
+relay.service wires the parts together; nothing below it imports relay.service (only the
+command line, relay.cli, is above it).
 
     listeners   the sockets and checks of a start, made before the event loop (light)
     lifecycle   startup -> serve -> shutdown of one process: ``Relay``, ``serve``, ``run``
