@@ -15,14 +15,26 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from relay import config as config_mod
-from relay.errors import ConfigError, Conflict, NotFound, RelayError, StoreError
+from relay.errors import ConfigError, RelayError
 from relay.model import ACTIVE_STATES, RETRY_ALL_STATES, RETRY_STATES, MessageView, QueueEntry, StatsRow, iso
+
+if TYPE_CHECKING:
+    from relay.logstore import LogStore  # imported when a command runs: `serve` and --help stay light
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+class CommandError(RelayError):
+    """A command cannot do what was asked: ``main`` prints the message and exits with ``code``
+    (2 for a usage problem, as argparse does; 1 otherwise)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,6 +114,8 @@ def _when(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Run one command. Commands raise; this prints ``relay: <message>`` on stderr and picks
+    the exit code, once for all: 2 for the config or usage, 1 for any other RelayError."""
     args = _parser().parse_args(argv)
     try:
         cfg = config_mod.load(args.config or os.environ.get("RELAY_CONFIG") or None)
@@ -115,8 +129,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         # of a process killed by SIGPIPE; devnull keeps the final flush at exit from failing again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 128 + 13
-    except (StoreError, RelayError) as exc:
-        _fail(str(exc), 1)
+    except RelayError as exc:
+        message = str(exc)
+        if args.command == "serve":  # a failed start is one line: no traceback, nothing else
+            message = (message.strip().splitlines() or [type(exc).__name__])[0]
+        _fail(message, exc.code if isinstance(exc, CommandError) else 1)
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
@@ -133,10 +150,10 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     if args.command == "serve":
         logs.setup()
         if args.processes < 1:
-            _fail("--processes must be at least 1", 2)
+            raise CommandError("--processes must be at least 1", 2)
         return _serve(cfg, args.processes)
     logs.setup(logging.WARNING)
-    commands: dict[str, Callable[[Any, argparse.Namespace], Awaitable[int]]] = {
+    commands: dict[str, Callable[[LogStore, argparse.Namespace], Awaitable[int]]] = {
         "db": _db,
         "log": _log,
         "queue": _queue,
@@ -148,28 +165,26 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
 def _serve(cfg: config_mod.Config, processes: int) -> int:
     """A start that fails says why in one line on stderr and exits 1, having started nothing:
-    every listener is bound before the store opens, and delivery starts last."""
-    from relay import listeners
+    every listener is bound before the store opens, and a step that fails after that stops what
+    the steps before it started (relay.service.lifecycle)."""
+    from relay.service import listeners
 
-    try:
-        sockets = listeners.prepare(cfg)
-        if processes > 1:
-            from relay import workers  # before anything imports prometheus_client: see relay.metrics
+    sockets = listeners.prepare(cfg)
+    if processes > 1:
+        from relay.service import workers  # before anything imports prometheus_client: see relay.metrics
 
-            return workers.serve(cfg, processes, sockets)
-        from relay import server
+        return workers.serve(cfg, processes, sockets)
+    from relay.service import lifecycle
 
-        return server.run(
-            lambda: server.serve(
-                cfg, smtp_sockets=sockets.smtp, http_sockets=sockets.http, tracking_sockets=sockets.tracking
-            )
+    return lifecycle.run(
+        lambda: lifecycle.serve(
+            cfg, smtp_sockets=sockets.smtp, http_sockets=sockets.http, tracking_sockets=sockets.tracking
         )
-    except RelayError as exc:
-        _fail((str(exc).strip().splitlines() or [type(exc).__name__])[0], 1)
+    )
 
 
 async def _with_store(
-    cfg: config_mod.Config, args: argparse.Namespace, fn: Callable[[Any, argparse.Namespace], Awaitable[int]]
+    cfg: config_mod.Config, args: argparse.Namespace, fn: Callable[[LogStore, argparse.Namespace], Awaitable[int]]
 ) -> int:
     from relay.logstore import LogStore, display_url, sqlite_file
 
@@ -178,7 +193,7 @@ async def _with_store(
     file = sqlite_file(url)
     where = str(file) if file is not None else display_url(url)
     if not creates and file is not None and not file.is_file():  # before opening: that would create it
-        return _complain(f"no store at {where} (use --config or RELAY_CONFIG)", 2)
+        raise CommandError(f"no store at {where} (use --config or RELAY_CONFIG)", 2)
     store = await LogStore.open(url)
     try:
         if creates:
@@ -186,22 +201,17 @@ async def _with_store(
         else:
             state = await store.schema_state()
             if state == "missing":
-                return _complain(f"no store at {where} (use --config or RELAY_CONFIG)", 2)
+                raise CommandError(f"no store at {where} (use --config or RELAY_CONFIG)", 2)
             if state == "behind":
-                return _complain('the store needs "relay db upgrade"', 2)
+                raise CommandError('the store needs "relay db upgrade"', 2)
             if state == "ahead":
-                return _complain("the store was upgraded by a newer relay: run that version", 2)
+                raise CommandError("the store was upgraded by a newer relay: run that version", 2)
         return await fn(store, args)
     finally:
         await store.close()
 
 
-def _complain(message: str, code: int) -> int:
-    print(f"relay: {message}", file=sys.stderr)
-    return code
-
-
-async def _db(store: Any, args: argparse.Namespace) -> int:
+async def _db(store: LogStore, args: argparse.Namespace) -> int:
     print("schema is up to date")  # _with_store has upgraded it
     return 0
 
@@ -268,7 +278,7 @@ def _describe(kind: str, d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items() if v not in (None, ""))
 
 
-async def _queue(store: Any, args: argparse.Namespace) -> int:
+async def _queue(store: LogStore, args: argparse.Namespace) -> int:
     if args.queue_command == "list":
         return await _queue_list(store, args)
     if args.queue_command == "retry":
@@ -276,11 +286,7 @@ async def _queue(store: Any, args: argparse.Namespace) -> int:
         print(f"{n} recipient(s) due now")
         return 0
     if args.queue_command == "delete":
-        try:
-            n = await store.cancel(args.id, by="cli")
-        except NotFound as exc:
-            print(f"relay: {exc}", file=sys.stderr)
-            return 1
+        n = await store.cancel(args.id, by="cli")
         print(f"{n} recipient(s) cancelled" if n else "nothing to cancel: every recipient is final already")
         return 0
     summary = await store.queue_summary()
@@ -292,7 +298,7 @@ async def _queue(store: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _queue_list(store: Any, args: argparse.Namespace) -> int:
+async def _queue_list(store: LogStore, args: argparse.Namespace) -> int:
     limit = max(1, args.limit)
     entries: list[QueueEntry] = await store.queue_list(state=args.state, domain=args.domain, limit=limit + 1)
     now = time.time()
@@ -330,11 +336,11 @@ def _span(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-async def _stats(store: Any, args: argparse.Namespace) -> int:
+async def _stats(store: LogStore, args: argparse.Namespace) -> int:
     until = time.time() if args.until is None else args.until
     since = until - 86400 if args.since is None else args.since
     if since > until:
-        return _complain("--since must not be after --until", 2)
+        raise CommandError("--since must not be after --until", 2)
     rows: list[StatsRow] = await store.stats(since, until, args.group_by)
     if args.json:  # the object GET /api/v1/stats returns
         from relay.http import schemas
@@ -356,29 +362,19 @@ async def _stats(store: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _users(store: Any, args: argparse.Namespace) -> int:
+async def _users(store: LogStore, args: argparse.Namespace) -> int:
     from relay.auth import USERNAME, hash_password
 
     if args.users_command == "add":
         if not USERNAME.match(args.name):
-            print("relay: a user name is 1-128 of A-Z a-z 0-9 . _ @ + -", file=sys.stderr)
-            return 2
+            raise CommandError("a user name is 1-128 of A-Z a-z 0-9 . _ @ + -", 2)
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
-            print("relay: empty password on standard input", file=sys.stderr)
-            return 2
-        try:
-            await store.add_user(args.name, await asyncio.to_thread(hash_password, password))
-        except Conflict as exc:
-            print(f"relay: {exc}", file=sys.stderr)
-            return 1
+            raise CommandError("empty password on standard input", 2)
+        await store.add_user(args.name, await asyncio.to_thread(hash_password, password))
         print(f"added user {args.name}")
     elif args.users_command == "remove":
-        try:
-            await store.remove_user(args.name)
-        except NotFound as exc:
-            print(f"relay: {exc}", file=sys.stderr)
-            return 1
+        await store.remove_user(args.name)
         print(f"removed user {args.name}")
     else:
         for name, created in await store.list_users():

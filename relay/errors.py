@@ -5,6 +5,7 @@
     ├── StoreError             the log store failed; nothing of the operation was written
     ├── NotFound               no message, user or token matches
     ├── Conflict               the thing exists already (a user name)
+    ├── StartError             Relay cannot start (a listener, the TLS files, the store); one line
     ├── InvalidMessage         content refused at intake; carries the SMTP reply
     │   └── TooManyHops        more Received headers than [smtp] max_hops: a mail loop
     └── DeliveryFailure        one delivery attempt failed; carries the SMTP reply
@@ -52,6 +53,10 @@ class NotFound(RelayError):
 
 class Conflict(RelayError):
     """It exists already."""
+
+
+class StartError(RelayError):
+    """Relay cannot start (a listener, the TLS files, the store); the message is one line."""
 
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s*")  # an enhanced status code (RFC 3463) opening the text

@@ -31,10 +31,10 @@ from relay import intake, metrics, tracking
 from relay.auth import Authenticator
 from relay.config import Config, IPNetwork, Listen
 from relay.errors import InvalidMessage, StoreError
-from relay.listeners import bind, bound_address
 from relay.logs import with_ids
 from relay.logstore import LogStore
 from relay.model import NewMessage
+from relay.net import bind, bound_address
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import pytest
 import trustme
 from helpers import make_config, pg_database, running_relay
 
-from relay.server import Relay
+from relay.service.lifecycle import Relay
 
 
 @pytest.fixture

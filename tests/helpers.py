@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from relay import config as cfgmod
-from relay.server import Relay
+from relay.service.lifecycle import Relay
 
 T = TypeVar("T")
 # Read once, then taken out of the environment: it is not a Relay setting, and `relay` (run as a

@@ -14,7 +14,7 @@ from helpers import make_config, queue_id_of, running_relay, send, smtp_client, 
 from peers import Greeter, Sink, Zone, dns_server, sinks
 
 from relay.model import MessageView
-from relay.server import Relay
+from relay.service.lifecycle import Relay
 
 MSG = b"From: app@example.com\r\nSubject: Hi\r\n\r\nHello\r\n"
 

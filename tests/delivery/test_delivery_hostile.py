@@ -20,10 +20,10 @@ from peers import Zone, dns_server, sinks
 from test_delivery import attempts, delivery_config, final, first_attempt, status, submit
 
 from relay.config import Listen
-from relay.listeners import bind
 from relay.logstore import LogStore
 from relay.model import NewMessage
-from relay.server import Relay
+from relay.net import bind
+from relay.service.lifecycle import Relay
 
 MSG = b"From: app@example.com\r\nSubject: Hi\r\n\r\nHello\r\n"
 

@@ -17,7 +17,7 @@ from peers import Sink, Zone, dns_server, sinks
 
 from relay import tracking
 from relay.http import schemas
-from relay.server import Relay
+from relay.service.lifecycle import Relay
 
 TOKEN = "s3cret-api-token-0123456789"
 BROWSER = (

@@ -28,7 +28,7 @@ from helpers import (
 from prometheus_client import REGISTRY
 
 from relay.auth import Throttle, hash_password
-from relay.server import Relay
+from relay.service.lifecycle import Relay
 
 SIMPLE = b"From: App <app@example.com>\r\nTo: jane@example.com\r\nSubject: Hello\r\n\r\nHello Jane\r\n"
 

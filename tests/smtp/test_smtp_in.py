@@ -18,7 +18,7 @@ from helpers import command, make_config, queue_id_of, raw_smtp, raw_sql, runnin
 from relay.auth import hash_password
 from relay.config import Config
 from relay.model import NewMessage
-from relay.server import Relay
+from relay.service.lifecycle import Relay
 from relay.smtp_in import RelaySMTP, SessionTemplate
 
 SIMPLE = b"From: App <app@example.com>\r\nTo: jane@example.com\r\nSubject: Password reset\r\n\r\nHello Jane\r\n"

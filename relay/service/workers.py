@@ -18,12 +18,13 @@ import os
 import select
 import shutil
 import signal
-import time
 from collections.abc import Callable
 
 from relay.config import Config
-from relay.errors import one_line
-from relay.listeners import Sockets, StartError, bound_address, prepare, warn_if_tracking_loopback
+from relay.errors import StartError, one_line
+from relay.net import bound_address
+from relay.service.listeners import Sockets, prepare, warn_if_tracking_loopback
+from relay.service.signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,10 @@ def _upgrade(config: Config) -> str | None:
 
 
 def _worker(config: Config, sockets: Sockets, ready_fd: int) -> int:
-    from relay import server
+    from relay.service import lifecycle
 
-    return server.run(
-        lambda: server.serve(
+    return lifecycle.run(
+        lambda: lifecycle.serve(
             config, smtp_sockets=sockets.smtp, http_sockets=sockets.http, tracking_sockets=sockets.tracking,
             upgrade=False, quiet=True, ready_fd=ready_fd,
         )
@@ -190,25 +191,29 @@ class _Supervisor:
 
     def __init__(self, children: dict[int, int]) -> None:
         self.children = children
-        self.stopping = False
-        self._first_signal = 0.0
+        self.signals = StopSignals(self._on_signal, self._kill_all)
+
+    @property
+    def stopping(self) -> bool:
+        return self.signals.stopping
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._forward)
-        signal.signal(signal.SIGINT, self._forward)
+        signal.signal(signal.SIGTERM, self.signals)
+        signal.signal(signal.SIGINT, self.signals)
 
-    def _forward(self, signum: int, _frame: object) -> None:
-        if self.stopping:
-            if time.monotonic() - self._first_signal > 1.0:  # a later signal, not the same stop twice
-                for pid in self.children:
-                    _kill(pid, signal.SIGKILL)
-            return
-        self._first_signal = time.monotonic()
-        log.info("received %s; stopping workers", signal.Signals(signum).name)
-        self.stop()
+    def _on_signal(self, signum: signal.Signals) -> None:
+        log.info("received %s; stopping workers", signum.name)
+        self._terminate()
+
+    def _kill_all(self) -> None:
+        for pid in self.children:
+            _kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
-        self.stopping = True
+        self.signals.stop_without_signal()
+        self._terminate()
+
+    def _terminate(self) -> None:
         for pid in self.children:
             _kill(pid, signal.SIGTERM)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from alembic import command
-from helpers import pg_database, relay_cli, write_config
+from helpers import pg_database, raw_sql, relay_cli, write_config
 
 from relay.logstore import LogStore
 from relay.migrations import alembic_config
@@ -117,11 +117,8 @@ async def test_an_unreachable_postgresql_is_one_line(tmp_path: Path) -> None:
 
 async def test_an_older_schema_needs_db_upgrade(tmp_path: Path, store_url: str) -> None:
     cfg = str(config_for(tmp_path, store_url))
-    store = await LogStore.open(store_url)
-    try:
-        await store._engines.write(lambda conn: command.upgrade(alembic_config(conn), "0001"))
-    finally:
-        await store.close()
+    (tmp_path / "data").mkdir()
+    await raw_sql(store_url, lambda conn: command.upgrade(alembic_config(conn), "0001"), write=True)
     for args in STORE_COMMANDS:
         code, out, err = await relay_cli(*args, "--config", cfg)
         assert (code, out) == (2, ""), args
@@ -136,13 +133,9 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'data' / 'relay.db'}"
     cfg = str(config_for(tmp_path, url))
     assert (await relay_cli("db", "upgrade", "--config", cfg))[0] == 0
-    store = await LogStore.open(url)
-    try:
-        await store._engines.write(
-            lambda conn: conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
-        )
-    finally:
-        await store.close()
+    await raw_sql(
+        url, lambda conn: conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'")), write=True
+    )
     code, out, err = await relay_cli("queue", "list", "--config", cfg)
     assert (code, out) == (2, "")
     assert err.splitlines() == ["relay: the store was upgraded by a newer relay: run that version"]

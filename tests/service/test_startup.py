@@ -1,6 +1,7 @@
 """How `relay serve` starts: a failed start is one line on stderr and exit 1 with nothing
-started; a stop while workers start is clean; the loopback tracking warning, once; tracking off
-until configured; the SQLite files private to Relay."""
+started; a step that fails stops what the steps before it started (the ports free again, the
+store closed, delivery stopped); a stop while workers start is clean; the loopback tracking
+warning, once; tracking off until configured; the SQLite files private to Relay."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import aiosmtplib
 import pytest
 from helpers import ServeProcess, make_config, relay_cli, running_relay, send, serve_config, smtp_client, wait_for
 from peers import dns_server, sinks
+
+from relay.errors import StartError
+from relay.service.lifecycle import Relay
 
 PROCESSES = pytest.mark.parametrize("processes", ["1", "2"])
 
@@ -97,6 +101,78 @@ async def test_tls_files_that_cannot_be_read_or_loaded_are_one_line(tmp_path: Pa
     config = serve_config(tmp_path, f'tls_cert = "{garbage}"\ntls_key = "{garbage}"\n')
     line = await _serve_fails(config, processes)
     assert line.startswith(f"relay: cannot load the TLS certificate {garbage}: "), line
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def can_listen(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        except OSError:
+            return False
+        return True
+
+
+def store_is_closed(data: Path) -> bool:
+    """The store was opened (and migrated), then closed: SQLite removes the -wal file when its
+    last connection closes."""
+    return (data / "relay.db").is_file() and not (data / "relay.db-wal").exists()
+
+
+@pytest.mark.parametrize("failing", ["http", "tracking"])  # bound after SMTP; tracking after HTTP too
+async def test_a_listener_that_cannot_be_had_stops_what_had_started(
+    tmp_path: Path, taken_port: int, failing: str
+) -> None:
+    ports = {"smtp": free_port(), "http": free_port(), "tracking": free_port(), failing: taken_port}
+
+    def config_on(ports: dict[str, int]) -> Relay:
+        return Relay(
+            make_config(
+                tmp_path,
+                smtp={"listen": [f"127.0.0.1:{ports['smtp']}"]},
+                http={"listen": f"127.0.0.1:{ports['http']}"},
+                tracking={"base_url": "https://track.example.com", "listen": f"127.0.0.1:{ports['tracking']}"},
+            )
+        )
+
+    relay = config_on(ports)
+    with pytest.raises(StartError) as failed:
+        await relay.startup()
+    assert str(failed.value) == f"cannot listen on 127.0.0.1:{taken_port}: address already in use"
+    assert store_is_closed(tmp_path / "data")
+    started = [name for name in ("smtp", "http") if name != failing]
+    assert started
+    for name in started:
+        assert can_listen(ports[name]), f"{name} still bound"
+
+    # Another Relay starts on the same data directory and the same ports (the taken one given up).
+    ports[failing] = free_port()
+    async with running_relay(config_on(ports).config, deliver=True) as again:
+        assert again.smtp_addresses[0].port == ports["smtp"]
+        assert again.delivery_task is not None
+        assert not again.delivery_task.done()
+    assert again.delivery_task.done()
+
+
+async def test_a_failure_after_delivery_started_stops_delivery_and_the_rest(tmp_path: Path) -> None:
+    # SMTP starts last: given a socket it cannot serve on, its start fails with delivery running.
+    http_port = free_port()
+    relay = Relay(make_config(tmp_path, http={"listen": f"127.0.0.1:{http_port}"}))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as not_a_listener:
+        not_a_listener.bind(("127.0.0.1", 0))
+        with pytest.raises(StartError, match=r"^cannot start: "):
+            await relay.startup(smtp_sockets=[not_a_listener])
+    assert relay.delivery_task is not None
+    assert relay.delivery_task.done()
+    assert can_listen(http_port)
+    assert store_is_closed(tmp_path / "data")
 
 
 async def test_a_stop_while_the_workers_start_is_a_clean_stop(tmp_path: Path) -> None:

@@ -1,9 +1,14 @@
 """The service's lifecycle: startup -> serve -> shutdown(grace).
 
-SIGTERM or SIGINT starts a graceful shutdown: listeners close, sessions in a transaction
-finish (bounded by ``[smtp] shutdown_grace``), delivery stops claiming and gives back what it
-has not started. A second signal exits at once. A background task that crashes stops the
-process with exit code 1 instead of dying silently.
+Start-up runs under one ``AsyncExitStack``: every step that starts something registers how to
+stop it, so a failure at any step stops exactly what had started, in reverse, and shutdown is
+that same stack unwound. The steps start the store, the HTTP listeners, delivery and SMTP in
+that order, so that they stop as the service always has: SMTP stops listening and lets
+sessions in a transaction finish (bounded by ``[smtp] shutdown_grace``), delivery stops
+claiming and gives back what it has not started, HTTP closes, the store closes last.
+
+SIGTERM or SIGINT starts that shutdown; a later signal exits at once (``signals``). A
+background task that crashes stops the process with exit code 1 instead of dying silently.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from relay import tracking
 from relay.auth import Authenticator
 from relay.config import Config, Listen
 from relay.delivery import DeliveryEngine
-from relay.errors import RelayError, one_line
+from relay.errors import RelayError, StartError, one_line
 from relay.http import HttpContext, HttpServer, create_app
-from relay.listeners import StartError, bind, bound_address, check_tls, warn_if_tracking_loopback
 from relay.logstore import LogStore
 from relay.mx import MxResolver
+from relay.net import bind, bound_address
+from relay.service.listeners import check_tls, warn_if_tracking_loopback
+from relay.service.signals import StopSignals
 from relay.smtp_in import SmtpServer
 from relay.transport import Transport
 
@@ -36,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 class Relay:
-    """Owns the store, the SMTP listeners and the background tasks of one process."""
+    """Owns the store, the listeners and the background tasks of one process."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -48,9 +55,15 @@ class Relay:
         self.smtp_addresses: list[Listen] = []
         self.http_address: Listen | None = None
         self.tracking_address: Listen | None = None
-        self._delivery_task: asyncio.Task[Any] | None = None
         self.failed = asyncio.Event()
+        self._delivery_task: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stack = contextlib.AsyncExitStack()  # how to stop what has started, newest first
+
+    @property
+    def delivery_task(self) -> asyncio.Task[Any] | None:
+        """The task running delivery (None when this Relay does not deliver)."""
+        return self._delivery_task
 
     async def startup(
         self,
@@ -62,13 +75,13 @@ class Relay:
         deliver: bool = True,
         announce: bool = True,
     ) -> None:
-        """Open the store, then listen, then deliver: delivery starts only once every listener
-        serves. On failure, what has started is stopped and the error raised (a RelayError,
-        one line, for anything expected)."""
+        """Open the store, then listen, then deliver, then take mail. On failure, what has
+        started is stopped and the error raised (a RelayError, one line, for anything expected)."""
         try:
             await self._startup(smtp_sockets, http_sockets, tracking_sockets, upgrade=upgrade, deliver=deliver)
         except BaseException as exc:
-            await self._stop_started()
+            with contextlib.suppress(Exception):  # quietly: the start's error says it all
+                await self._stack.aclose()
             if isinstance(exc, RelayError | asyncio.CancelledError | KeyboardInterrupt | SystemExit):
                 raise
             raise StartError(f"cannot start: {one_line(exc)}") from exc
@@ -89,48 +102,51 @@ class Relay:
         deliver: bool,
     ) -> None:
         config = self.config
+        stack = self._stack
         self.store = store = await LogStore.open(config.store.url)
+        stack.push_async_callback(store.close)
+        stack.push_async_callback(self._cancel_tasks)
         if upgrade:
             await store.upgrade()
         signer = tracking.TokenSigner(tracking_secret(config))
-        if smtp_sockets is None:  # else listeners.prepare has bound them and checked the TLS files
+
+        # Every listener bound (unless given: listeners.prepare has bound them and checked the
+        # TLS files), each closed again if a later step fails.
+        if smtp_sockets is None:
             check_tls(config)  # a readable error here rather than an ssl traceback below
-            smtp_sockets = [bind(listen) for listen in config.smtp.listen]
-        self.smtp = SmtpServer(config, store, Authenticator(store.password_hash))
-        http_socks = list(http_sockets) if http_sockets is not None else [bind(config.http.listen)]
+            smtp_sockets = [stack.enter_context(bind(listen)) for listen in config.smtp.listen]
+        http_socks = list(http_sockets) if http_sockets is not None else [stack.enter_context(bind(config.http.listen))]
         if tracking_sockets is None and config.tracking.listen is not None:
-            tracking_sockets = [bind(config.tracking.listen)]
-        self.smtp_addresses = await self.smtp.start(smtp_sockets)
-        context = HttpContext(config, store, signer, self._not_ready, self._wake_delivery)
+            tracking_sockets = [stack.enter_context(bind(config.tracking.listen))]
+        self.smtp = smtp = SmtpServer(config, store, Authenticator(store.password_hash))
+
         # With [tracking] listen, /t/... are served there and only there; the private side
-        # (metrics, health, API) never on the public listener.
-        separate = tracking_sockets is not None
-        self.http = HttpServer(create_app(context, public=not separate))
-        await self.http.start(http_socks)
-        self.http_address = bound_address(http_socks[0])
+        # (metrics, health, API) never on the public listener. The public side starts first
+        # so that it stops last.
+        context = HttpContext(config, store, signer, self._not_ready, self._wake_delivery)
         if tracking_sockets is not None:
             tracking_socks = list(tracking_sockets)
-            self.tracking_http = HttpServer(create_app(context, private=False))
-            await self.tracking_http.start(tracking_socks)
+            self.tracking_http = tracking_http = HttpServer(create_app(context, private=False))
+            stack.push_async_callback(tracking_http.shutdown)
+            await tracking_http.start(tracking_socks)
             self.tracking_address = bound_address(tracking_socks[0])
+        self.http = http = HttpServer(create_app(context, public=tracking_sockets is None))
+        stack.push_async_callback(http.shutdown)
+        await http.start(http_socks)
+        self.http_address = bound_address(http_socks[0])
+
         if deliver:
             # Tracking is off until [tracking] base_url says where recipients reach Relay: then
             # no Tracker, and even mail queued with tracking on goes out unchanged.
             tracker = tracking.Tracker(config.tracking.base_url, signer) if config.tracking.enabled else None
             transport = Transport(config, MxResolver(config.dns))
-            self.delivery = DeliveryEngine(config, store, transport, tracker)
-            self._delivery_task = self.spawn(self.delivery.run(), "delivery")
+            self.delivery = delivery = DeliveryEngine(config, store, transport, tracker)
+            self._delivery_task = self.spawn(delivery.run(), "delivery")
+            stack.push_async_callback(delivery.shutdown, config.delivery.shutdown_grace)
 
-    async def _stop_started(self) -> None:
-        """After a failed start: stop what did start, quietly (the error says it all)."""
-        with contextlib.suppress(Exception):
-            if self.smtp is not None:
-                await self.smtp.shutdown(0)
-            for http in (self.http, self.tracking_http):
-                if http is not None:
-                    await http.shutdown()
-            if self.store is not None:
-                await self.store.close()
+        # Last to start, first to stop: SMTP stops taking mail before delivery stops.
+        stack.push_async_callback(smtp.shutdown, config.smtp.shutdown_grace)
+        self.smtp_addresses = await smtp.start(smtp_sockets)
 
     def _not_ready(self) -> list[str]:
         problems = []
@@ -157,21 +173,16 @@ class Relay:
             log.critical("background task %s crashed; stopping", task.get_name(), exc_info=task.exception())
             self.failed.set()
 
-    async def shutdown(self) -> None:
-        log.info("shutting down")
-        if self.smtp is not None:
-            await self.smtp.shutdown(self.config.smtp.shutdown_grace)
-        if self.delivery is not None:
-            await self.delivery.shutdown(self.config.delivery.shutdown_grace)
-        for http in (self.http, self.tracking_http):
-            if http is not None:
-                await http.shutdown()
+    async def _cancel_tasks(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.store is not None:
-            await self.store.close()
+
+    async def shutdown(self) -> None:
+        """Stop what startup started, newest first (see the module's docstring)."""
+        log.info("shutting down")
+        await self._stack.aclose()
         log.info("stopped")
 
 
@@ -193,22 +204,16 @@ async def serve(
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
 
-    first_signal = 0.0
+    def force() -> None:
+        log.warning("second signal: exiting now")
+        if main is not None:
+            main.cancel()
 
-    def on_signal(signum: int) -> None:
-        nonlocal first_signal
-        if stop.is_set():
-            # The same stop can arrive twice at once (the service manager signals the whole
-            # process group, and the --processes parent passes it on): only a later one forces.
-            if time.monotonic() - first_signal > 1.0:
-                log.warning("second signal: exiting now")
-                if main is not None:
-                    main.cancel()
-            return
-        first_signal = time.monotonic()
-        log.info("received %s", signal.Signals(signum).name)
+    def graceful(signum: signal.Signals) -> None:
+        log.info("received %s", signum.name)
         stop.set()
 
+    on_signal = StopSignals(graceful, force)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     try:

@@ -14,9 +14,10 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from helpers import NOWHERE, ServeProcess, relay_cli, store_url, write_config
+from helpers import NOWHERE, ServeProcess, raw_sql, relay_cli, store_url, write_config
+from sqlalchemy.engine import Connection
 
-from relay.logstore import LogStore, recipients
+from relay.logstore import LogStore
 from relay.model import HistoricEvent, Imported, MessageView, NewMessage
 
 TOKEN = "queue-ops-test-token-0123456789"
@@ -119,27 +120,27 @@ RETRIED = {"q@example.net": "queued", "d@example.net": "deferred", "e@example.ne
            "b@example.net": "deferred"}  # fmt: skip
 
 
+# Today's schema; with migration 0004, recipients.message_id is recipients.queue_id.
+PLANT_RECIPIENT = sa.text(
+    "INSERT INTO recipients (message_id, address, domain, status, attempts, next_attempt_at, last_response, updated_at)"
+    " VALUES (:qid, :address, 'example.net', :status, :attempts, :next_at, :response, :now)"
+)
+
+
 async def load_every_state(store: Store, *short_ids: str) -> None:
     await store.load(*(recipient(short, "x@example.net", "queued") for short in short_ids))
     rows = [
         {"qid": qid(short), "address": address, "status": status, "attempts": attempts, "next_at": next_at,
-         "response": response}
+         "response": response, "now": NOW}
         for short in short_ids
         for address, (status, attempts, next_at, response) in EVERY_STATE.items()
     ]  # fmt: skip
-    s = await LogStore.open(store.url)
-    try:
-        await s._engines.write(lambda conn: conn.execute(recipients.delete()))
-        await s._engines.write(lambda conn: conn.execute(
-            recipients.insert().values(
-                message_id=sa.bindparam("qid"), address=sa.bindparam("address"), domain="example.net",
-                status=sa.bindparam("status"), attempts=sa.bindparam("attempts"),
-                next_attempt_at=sa.bindparam("next_at"), last_response=sa.bindparam("response"), updated_at=NOW,
-            ),
-            rows,
-        ))  # fmt: skip
-    finally:
-        await s.close()
+
+    def plant(conn: Connection) -> None:
+        conn.execute(sa.text("DELETE FROM recipients"))
+        conn.execute(PLANT_RECIPIENT, rows)
+
+    await raw_sql(store.url, plant, write=True)
 
 
 def retried(view: MessageView) -> dict[str, Any]:

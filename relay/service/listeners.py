@@ -16,38 +16,11 @@ import stat
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from relay.config import Config, Listen
-from relay.errors import RelayError, one_line
+from relay.config import Config
+from relay.errors import StartError, one_line
+from relay.net import bind
 
 log = logging.getLogger(__name__)
-
-
-class StartError(RelayError):
-    """Relay cannot start (a listener, the TLS files, the store); the message is one line."""
-
-
-def bind(listen: Listen, *, reuse_port: bool = False) -> socket.socket:
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise StartError(f"cannot listen on {listen}: {one_line(exc)}") from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((listen.host, listen.port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise StartError(f"cannot listen on {listen}: {one_line(exc)}") from exc
-    sock.setblocking(False)
-    return sock
-
-
-def bound_address(sock: socket.socket) -> Listen:
-    host, port = sock.getsockname()[:2]
-    return Listen(host, port)
 
 
 @dataclass
