@@ -14,10 +14,10 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from helpers import store_url
+from relay.migrations import alembic_config
 
 from relay.errors import Conflict, NotFound
 from relay.logstore import LogStore, metadata
-from relay.migrations import alembic_config
 from relay.model import HistoricEvent, Imported, NewMessage, Outcome
 
 
