@@ -178,9 +178,11 @@ class Engine:
         return await self._writer.submit(op)
 
     async def _transaction(self, fn: Callable[[Connection], T]) -> T:
-        if self._write_sync is None:
+        if self.dialect != "sqlite":
             async with self._async.begin() as conn:
                 return await conn.run_sync(fn)
+        if self._write_sync is None:
+            raise StoreError("the store is closed")
         engine, lock = self._write_sync, self._write_lock
 
         def transaction() -> T:
@@ -201,6 +203,7 @@ class Engine:
         if self._write_sync is not None and self._write_thread is not None:
             await asyncio.get_running_loop().run_in_executor(self._write_thread, self._write_sync.dispose)
             self._write_thread.shutdown(wait=True)
+            self._write_sync = self._write_thread = None  # closed: a second close has nothing to do
         if self._write_lock is not None:
             os.close(self._write_lock)
             self._write_lock = None
