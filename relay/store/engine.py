@@ -2,8 +2,9 @@
 
 SQLite (WAL, synchronous=FULL): writes run in a dedicated writer thread on SQLAlchemy's sync
 engine, one thread hop per transaction, behind an flock that the processes sharing the file
-queue on. PostgreSQL: the asyncpg engine. Reads run through ``AsyncConnection.run_sync`` on
-both (aiosqlite readers on SQLite).
+queue on; reads run in reader threads, also one hop per read (a hop per statement through
+aiosqlite doubled a lookup's time: bench/store_reads.py). PostgreSQL: the asyncpg engine, the
+same functions of a connection run through ``AsyncConnection.run_sync``.
 
 Writes go through one writer task per process. Operations that arrive while a commit is in
 progress are applied together in the next transaction (group commit), each kind as one
@@ -127,6 +128,9 @@ class Engine:
         self._write_sync: sa.Engine | None = None
         self._write_thread: ThreadPoolExecutor | None = None
         self._write_lock: int | None = None
+        self._read_sync: sa.Engine | None = None
+        self._read_threads: ThreadPoolExecutor | None = None
+        self._async: AsyncEngine | None = None
         if self.dialect == "sqlite":
             database = parsed.database or ""
             if database and database != ":memory:":
@@ -139,10 +143,11 @@ class Engine:
             self._write_sync = sa.create_engine(sync_url, pool_size=1, max_overflow=0, connect_args=args)
             _sqlite_setup(self._write_sync, begin="BEGIN IMMEDIATE")
             self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="relay-store-write")
-            self._async: AsyncEngine = create_async_engine(
-                parsed.set(drivername="sqlite+aiosqlite"), pool_size=2, max_overflow=2
-            )
-            _sqlite_setup(self._async.sync_engine, begin="BEGIN")
+            # Readers in threads too, one hop per read: through aiosqlite (a hop per statement)
+            # lookups took twice as long (bench/store_reads.py).
+            self._read_sync = sa.create_engine(sync_url, pool_size=2, max_overflow=2, connect_args=args)
+            _sqlite_setup(self._read_sync, begin="BEGIN")
+            self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="relay-store-read")
         else:
             self._async = create_async_engine(url, pool_size=4, max_overflow=8, pool_pre_ping=True)
         self._writer = _Writer(self)
@@ -161,8 +166,7 @@ class Engine:
     async def read(self, fn: Callable[[Connection], T], failure: Failure = READ_FAILED) -> T:
         """Run fn in a read-only snapshot."""
         try:
-            async with self._async.connect() as conn:
-                return await conn.run_sync(fn)
+            return await self._read(fn)
         except Exception as exc:
             err = store_error(exc, failure)
             if err is exc:
@@ -177,8 +181,22 @@ class Engine:
         """Apply a batched write operation in the writer's next shared transaction."""
         return await self._writer.submit(op)
 
+    async def _read(self, fn: Callable[[Connection], T]) -> T:
+        if self._async is not None:
+            async with self._async.connect() as conn:
+                return await conn.run_sync(fn)
+        engine = self._read_sync
+        if engine is None:
+            raise StoreError("the store is closed")
+
+        def snapshot() -> T:
+            with engine.connect() as conn:
+                return fn(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._read_threads, snapshot)
+
     async def _transaction(self, fn: Callable[[Connection], T]) -> T:
-        if self.dialect != "sqlite":
+        if self._async is not None:
             async with self._async.begin() as conn:
                 return await conn.run_sync(fn)
         if self._write_sync is None:
@@ -199,11 +217,14 @@ class Engine:
 
     async def dispose(self) -> None:
         await self._writer.close()
-        await self._async.dispose()
-        if self._write_sync is not None and self._write_thread is not None:
-            await asyncio.get_running_loop().run_in_executor(self._write_thread, self._write_sync.dispose)
-            self._write_thread.shutdown(wait=True)
-            self._write_sync = self._write_thread = None  # closed: a second close has nothing to do
+        if self._async is not None:
+            await self._async.dispose()
+        loop = asyncio.get_running_loop()
+        for engine, pool in ((self._write_sync, self._write_thread), (self._read_sync, self._read_threads)):
+            if engine is not None and pool is not None:
+                await loop.run_in_executor(pool, engine.dispose)
+                pool.shutdown(wait=True)
+        self._write_sync = self._read_sync = None  # closed: a second close has nothing to do
         if self._write_lock is not None:
             os.close(self._write_lock)
             self._write_lock = None
