@@ -1,7 +1,8 @@
 """Read latency of the store on SQLite: lookups, get_message, queue_summary, stats.
 
 Bulk-imports MESSAGES messages into a temporary SQLite store, then times N calls of each read
-and prints p50/p99 in milliseconds. Compares how SQLite readers run (threads or aiosqlite):
+and prints p50/p99 in milliseconds: run it before and after a change to how the store reads
+(it measured SQLite readers in threads against aiosqlite; see relay/store/engine.py):
 
     .venv/bin/python bench/store_reads.py [--messages 50000] [--n 500]
 """

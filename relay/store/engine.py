@@ -3,7 +3,7 @@
 SQLite (WAL, synchronous=FULL): writes run in a dedicated writer thread on SQLAlchemy's sync
 engine, one thread hop per transaction, behind an flock that the processes sharing the file
 queue on; reads run in reader threads, also one hop per read (a hop per statement through
-aiosqlite doubled a lookup's time: bench/store_reads.py). PostgreSQL: the asyncpg engine, the
+aiosqlite made a lookup 3-4 times slower: bench/store_reads.py). PostgreSQL: the asyncpg engine, the
 same functions of a connection run through ``AsyncConnection.run_sync``.
 
 Writes go through one writer task per process. Operations that arrive while a commit is in
@@ -144,7 +144,7 @@ class Engine:
             _sqlite_setup(self._write_sync, begin="BEGIN IMMEDIATE")
             self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="relay-store-write")
             # Readers in threads too, one hop per read: through aiosqlite (a hop per statement)
-            # lookups took twice as long (bench/store_reads.py).
+            # lookups took 3-4 times as long (bench/store_reads.py).
             self._read_sync = sa.create_engine(sync_url, pool_size=2, max_overflow=2, connect_args=args)
             _sqlite_setup(self._read_sync, begin="BEGIN")
             self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="relay-store-read")
