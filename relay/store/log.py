@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from relay.model import DELIVERED, EventType, EventView, MessageView, RecipientView, StatsRow, TrackTarget
 from relay.store import statements as q
-from relay.store.schema import LINK_CHUNK, events, message_tags, messages, recipients
+from relay.store.schema import LINK_CHUNK, message_tags, messages, recipients
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,54 +201,24 @@ def record_engagement(
 # -- stats
 
 
-_OUTCOME_EVENTS = ("delivered", "bounced", "expired")
-
-
 def stats(conn: Connection, since: float, until: float, group_by: str) -> list[StatsRow]:
-    m, r, e, t = messages, recipients, events, message_tags
-    window_events = e.c.at.between(since, until)
-    if group_by == "domain":
-        group = r.c.domain
-        received = sa.select(group, sa.func.count()).select_from(r.join(m, m.c.queue_id == r.c.queue_id))
-        received = received.where(m.c.received_at.between(since, until))
-        by_event = e.join(r, (r.c.queue_id == e.c.queue_id) & (r.c.address == e.c.recipient))
-        with_message = by_event.join(m, m.c.queue_id == e.c.queue_id)
-    else:
-        group = t.c.tag if group_by == "tag" else m.c.username
-        base = m.outerjoin(t, t.c.queue_id == m.c.queue_id) if group_by == "tag" else m
-        received = sa.select(group, sa.func.count()).select_from(base).where(m.c.received_at.between(since, until))
-        with_message = e.join(base, m.c.queue_id == e.c.queue_id)
-        by_event = with_message
-
+    """Per tag, recipient domain or user: what happened between since and until."""
+    queries, window = q.STATS[group_by], {"since": since, "until": until}
     rows: dict[str | None, dict[str, Any]] = {}
 
     def row(key: str | None) -> dict[str, Any]:
         return rows.setdefault(key, {"received": 0, "latencies": [], "opened": [0, 0], "clicked": [0, 0],
-                                     "deferred": 0, "deferrals": 0, **dict.fromkeys(_OUTCOME_EVENTS, 0)})  # fmt: skip
+                                     "deferred": 0, "deferrals": 0, **dict.fromkeys(q.OUTCOME_EVENTS, 0)})  # fmt: skip
 
-    for key, n in conn.execute(received.group_by(group)):
+    for key, n in conn.execute(queries.received, window):
         row(key)["received"] = n
-    who = e.c.queue_id + "/" + sa.func.coalesce(e.c.recipient, "")
-    # Recipients, not attempts: each recipient counts once, by its latest outcome in the window
-    # (bounced, retried, bounced again: one bounce; bounced, retried, delivered: one delivery).
-    latest = sa.select(sa.func.max(e.c.id)).where(window_events, e.c.type.in_(_OUTCOME_EVENTS))
-    latest = latest.group_by(e.c.queue_id, e.c.recipient)
-    counted = sa.select(group, e.c.type, sa.func.count()).select_from(by_event)
-    for key, kind, n in conn.execute(counted.where(e.c.id.in_(latest)).group_by(group, e.c.type)):
+    for key, kind, n in conn.execute(queries.outcomes, window):
         row(key)[kind] = n
-    deferred = sa.select(group, sa.func.count(sa.distinct(who)), sa.func.count()).select_from(by_event)
-    for key, recipients_deferred, attempts in conn.execute(
-        deferred.where(window_events, e.c.type == "deferred").group_by(group)
-    ):
+    for key, recipients_deferred, attempts in conn.execute(queries.deferred, window):
         row(key).update(deferred=recipients_deferred, deferrals=attempts)
-    machine = e.c.details["machine"].as_boolean()
-    engaged = sa.select(group, e.c.type, sa.func.coalesce(machine, sa.false()), sa.func.count(sa.distinct(who)))
-    engaged = engaged.select_from(by_event).where(window_events, e.c.type.in_(("opened", "clicked")))
-    engaged = engaged.group_by(group, e.c.type, sa.func.coalesce(machine, sa.false()))
-    for key, kind, is_machine, n in conn.execute(engaged):
+    for key, kind, is_machine, n in conn.execute(queries.engaged, window):
         row(key)[kind][1 if is_machine else 0] += n
-    waits = sa.select(group, e.c.at - m.c.received_at).select_from(with_message)
-    for key, seconds in conn.execute(waits.where(window_events, e.c.type == "delivered")):
+    for key, seconds in conn.execute(queries.waits, window):
         row(key)["latencies"].append(float(seconds))
     out = []
     for key, v in sorted(rows.items(), key=lambda kv: (kv[0] is None, kv[0] or "")):

@@ -5,6 +5,9 @@ in each statement; a few are refined at the call (the claim's filters, search's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import sqlalchemy as sa
 
 from relay.model import ACTIVE_STATES, CANCELLED, DEFERRED, QUEUED, SENDING
@@ -230,6 +233,62 @@ FIRST_ENGAGEMENT = (
     )
     .limit(1)
 )
+
+# -- stats
+
+
+@dataclass(frozen=True, slots=True)
+class StatsQueries:
+    """What `relay stats` reads for one grouping, between :since and :until (rows: group first)."""
+
+    received: sa.Select[Any]  # messages received
+    outcomes: sa.Select[Any]  # recipients by their latest outcome in the window
+    deferred: sa.Select[Any]  # recipients deferred, and deferrals
+    engaged: sa.Select[Any]  # recipients who opened/clicked, human or machine
+    waits: sa.Select[Any]  # seconds from received to delivered, per delivery
+
+
+OUTCOME_EVENTS = ("delivered", "bounced", "expired")
+
+
+def _stats_queries(group_by: str) -> StatsQueries:
+    m, r, e, t = messages, recipients, events, message_tags
+    since, until = sa.bindparam("since", type_=sa.Float), sa.bindparam("until", type_=sa.Float)
+    window_events = e.c.at.between(since, until)
+    group: sa.ColumnElement[str | None]
+    if group_by == "domain":
+        group = r.c.domain
+        received = sa.select(group, sa.func.count()).select_from(r.join(m, m.c.queue_id == r.c.queue_id))
+        received = received.where(m.c.received_at.between(since, until))
+        by_event = e.join(r, (r.c.queue_id == e.c.queue_id) & (r.c.address == e.c.recipient))
+        with_message = by_event.join(m, m.c.queue_id == e.c.queue_id)
+    else:
+        group = t.c.tag if group_by == "tag" else m.c.username
+        base = m.outerjoin(t, t.c.queue_id == m.c.queue_id) if group_by == "tag" else m
+        received = sa.select(group, sa.func.count()).select_from(base).where(m.c.received_at.between(since, until))
+        with_message = e.join(base, m.c.queue_id == e.c.queue_id)
+        by_event = with_message
+    who = e.c.queue_id + "/" + sa.func.coalesce(e.c.recipient, "")
+    # Recipients, not attempts: each recipient counts once, by its latest outcome in the window
+    # (bounced, retried, bounced again: one bounce; bounced, retried, delivered: one delivery).
+    latest = sa.select(sa.func.max(e.c.id)).where(window_events, e.c.type.in_(OUTCOME_EVENTS))
+    latest = latest.group_by(e.c.queue_id, e.c.recipient)
+    outcomes = sa.select(group, e.c.type, sa.func.count()).select_from(by_event)
+    deferred = sa.select(group, sa.func.count(sa.distinct(who)), sa.func.count()).select_from(by_event)
+    machine = sa.func.coalesce(e.c.details["machine"].as_boolean(), sa.false())
+    engaged = sa.select(group, e.c.type, machine, sa.func.count(sa.distinct(who))).select_from(by_event)
+    waits = sa.select(group, e.c.at - m.c.received_at).select_from(with_message)
+    return StatsQueries(
+        received=received.group_by(group),
+        outcomes=outcomes.where(e.c.id.in_(latest)).group_by(group, e.c.type),
+        deferred=deferred.where(window_events, e.c.type == "deferred").group_by(group),
+        engaged=engaged.where(window_events, e.c.type.in_(("opened", "clicked"))).group_by(group, e.c.type, machine),
+        waits=waits.where(window_events, e.c.type == "delivered"),
+    )
+
+
+# What `relay stats` reads, per grouping: by tag, by recipient domain, by user.
+STATS = {group_by: _stats_queries(group_by) for group_by in ("tag", "domain", "user")}
 
 # -- users
 
