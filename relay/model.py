@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
-# Recipient states. A recipient is due when next_attempt_at <= now; terminal ones have none.
+# Recipient states, defined once. A recipient is due when next_attempt_at <= now; final ones have none.
+RecipientState = Literal["queued", "deferred", "sending", "delivered", "bounced", "expired", "suppressed", "cancelled"]
+STATES: Final[tuple[RecipientState, ...]] = get_args(RecipientState)
 QUEUED: Final = "queued"
 DEFERRED: Final = "deferred"
 SENDING: Final = "sending"
@@ -26,15 +28,12 @@ RETRY_STATES: Final = (QUEUED, DEFERRED, EXPIRED, BOUNCED)
 # that refused mail, possibly years ago.
 RETRY_ALL_STATES: Final = (QUEUED, DEFERRED)
 
-# Event types: fixed names, so later features add types rather than rename them.
-EVENT_TYPES: Final = (
-    "received", "delivered", "deferred", "bounced", "expired", "suppressed",
-    "cancelled", "opened", "clicked", "complained", "retried",
-)  # fmt: skip
+# Event types, defined once: fixed names, so later features add types rather than rename them.
 EventType = Literal[
     "received", "delivered", "deferred", "bounced", "expired", "suppressed",
     "cancelled", "opened", "clicked", "complained", "retried",
 ]  # fmt: skip
+EVENT_TYPES: Final[tuple[EventType, ...]] = get_args(EventType)
 
 
 def iso(ts: float | None) -> str | None:

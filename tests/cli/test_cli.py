@@ -18,8 +18,8 @@ from alembic import command
 from helpers import pg_database, raw_sql, relay_cli, write_config
 
 from relay.logstore import LogStore
-from relay.migrations import alembic_config
 from relay.model import HistoricEvent, Imported, NewMessage
+from relay.store.migrations import alembic_config
 
 # Every command that reads or changes a store (all but `serve` and `db upgrade`).
 STORE_COMMANDS = [

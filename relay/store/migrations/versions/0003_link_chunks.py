@@ -22,7 +22,7 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
-CHUNK = 256  # links per link_chunks row (relay.logstore.LINK_CHUNK when this was written)
+CHUNK = 256  # links per link_chunks row (relay.store.schema.LINK_CHUNK when this was written)
 PAGE = 20_000  # links read per statement while copying
 
 links = sa.table(

@@ -7,18 +7,21 @@ import asyncio
 import logging
 
 import pytest
-from test_logstore import message, store  # noqa: F401  (the store fixture, on both backends)
+import store_fixtures
+from store_fixtures import message
 
 from relay.errors import Conflict, NotFound
 from relay.logstore import LogStore
 
+store, url = store_fixtures.store, store_fixtures.url  # the fixtures, on both backends
+
 
 async def test_an_expected_error_does_not_roll_back_the_shared_commit(
-    store: LogStore,  # noqa: F811
+    store: LogStore,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     await store.add_user("app", "scrypt$x")
-    caplog.set_level(logging.WARNING, logger="relay.logstore")
+    caplog.set_level(logging.WARNING, logger="relay.store.engine")
     # All submitted in one go, so the writer applies them in one shared transaction.
     results = await asyncio.gather(
         *(store.enqueue(message(f"01G{i:03d}")) for i in range(10)),

@@ -1,0 +1,273 @@
+"""The queue: enqueue, claim, record, release, retry, cancel, bodies, and the queue as listed.
+
+Functions of a connection (run by the engine's reader or writer) and the two batched write
+kinds, ``Enqueue`` and ``Record``; every event they log goes through ``log.append_events``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy.engine import Connection
+
+from relay.errors import NotFound
+from relay.model import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    QUEUED,
+    RETRY_ALL_STATES,
+    RETRY_STATES,
+    Claimed,
+    Imported,
+    NewMessage,
+    Outcome,
+    QueueEntry,
+    QueueSummary,
+)
+from relay.store import statements as q
+from relay.store.engine import Op
+from relay.store.log import NewEvent, append_events
+from relay.store.schema import LINK_CHUNK, messages, recipients
+
+# -- intake
+
+
+@dataclass(slots=True)
+class Enqueue(Op):
+    """Store messages whole: message, body, tags, link chunks, a queued row per recipient, and
+    (``announce``) the "received" event; bulk import brings its own events."""
+
+    msg: NewMessage
+    announce: bool = True
+
+    @classmethod
+    def run_many(cls, conn: Connection, ops: Sequence[Op]) -> list[object]:
+        msg_rows: list[dict[str, object]] = []
+        body_rows: list[dict[str, object]] = []
+        tag_rows: list[dict[str, object]] = []
+        rcpt_rows: list[dict[str, object]] = []
+        link_rows: list[dict[str, object]] = []
+        received: list[NewEvent] = []
+        for op in ops:
+            assert isinstance(op, Enqueue)
+            m = op.msg
+            msg_rows.append(
+                {
+                    "queue_id": m.queue_id,
+                    "message_id": m.message_id,
+                    "mail_from": m.mail_from,
+                    "subject": m.subject,
+                    "size": m.size,
+                    "tags": list(m.tags),
+                    "username": m.user,
+                    "client_ip": m.client_ip,
+                    "received_at": m.received_at,
+                    "track": m.track,
+                }
+            )
+            body_rows.append({"queue_id": m.queue_id, "data": m.raw})
+            link_rows.extend(
+                {
+                    "queue_id": m.queue_id,
+                    "chunk": start // LINK_CHUNK,
+                    "urls": list(m.links[start : start + LINK_CHUNK]),
+                }
+                for start in range(0, len(m.links), LINK_CHUNK)
+            )
+            tag_rows.extend({"queue_id": m.queue_id, "tag": t} for t in m.tags)
+            rcpt_rows.extend(
+                {
+                    "queue_id": m.queue_id,
+                    "address": a,
+                    "domain": a.rpartition("@")[2].lower(),
+                    "status": QUEUED,
+                    "attempts": 0,
+                    "next_attempt_at": m.received_at,
+                    "updated_at": m.received_at,
+                }
+                for a in m.recipients
+            )
+            if op.announce:
+                received.append(NewEvent(m.queue_id, None, m.received_at, "received", m.details))
+        conn.execute(q.INSERT_MESSAGE, msg_rows)
+        conn.execute(q.INSERT_BODY, body_rows)
+        if tag_rows:
+            conn.execute(q.INSERT_TAG, tag_rows)
+        if link_rows:
+            conn.execute(q.INSERT_LINK_CHUNK, link_rows)
+        conn.execute(q.INSERT_RECIPIENT, rcpt_rows)
+        append_events(conn, received)
+        return [None] * len(ops)
+
+
+# -- delivery
+
+
+@dataclass(slots=True)
+class Record(Op):
+    """What attempts decided: the recipients' new states (while ``owner`` holds their lease)
+    and one event each."""
+
+    owner: str
+    outcomes: Sequence[Outcome]
+
+    @classmethod
+    def run_many(cls, conn: Connection, ops: Sequence[Op]) -> list[object]:
+        updates: list[dict[str, object]] = []
+        logged: list[NewEvent] = []
+        for op in ops:
+            assert isinstance(op, Record)
+            for o in op.outcomes:
+                updates.append(
+                    {
+                        "rid": o.recipient_id,
+                        "owner": op.owner,
+                        "status": o.status,
+                        "attempts": o.attempts,
+                        "next_at": o.next_attempt_at,
+                        "response": o.last_response,
+                        "at": o.at,
+                    }
+                )
+                logged.append(NewEvent(o.queue_id, o.address, o.at, o.event, o.details))
+        if updates:
+            conn.execute(q.RECORD, updates)
+            append_events(conn, logged)
+        return [None] * len(ops)
+
+
+def claim(
+    conn: Connection,
+    *,
+    owner: str,
+    lease: float,
+    limit: int,
+    pick: Callable[[Sequence[Claimed]], Sequence[Claimed]] | None,
+    skip_domains: Collection[str],
+    max_size: int | None,
+    now: float,
+) -> list[Claimed]:
+    """Lease due recipients (see LogStore.claim_due), in the claiming transaction."""
+    due = q.DUE.limit(limit)
+    if skip_domains:
+        due = due.where(recipients.c.domain.not_in(list(skip_domains)))
+    if max_size is not None:
+        due = due.where(messages.c.size <= max_size)
+    if conn.dialect.name == "postgresql":
+        due = due.with_for_update(skip_locked=True, of=recipients)
+    candidates = [Claimed(*row) for row in conn.execute(due, {"now": now})]
+    chosen = list(candidates if pick is None else pick(candidates))
+    if chosen:
+        conn.execute(
+            q.LEASE, {"ids": [c.recipient_id for c in chosen], "owner": owner, "until": now + lease, "at": now}
+        )
+    chosen.sort(key=lambda c: (c.queue_id, c.recipient_id))
+    return chosen
+
+
+def release(conn: Connection, owner: str, recipient_ids: list[int], now: float) -> int:
+    """Give leased recipients back untouched, due at once; how many were."""
+    return conn.execute(q.RELEASE, {"ids": recipient_ids, "owner": owner, "now": now}).rowcount
+
+
+def load_bodies(conn: Connection, queue_ids: Collection[str]) -> dict[str, bytes]:
+    return {r.queue_id: bytes(r.data) for r in conn.execute(q.BODIES, {"qids": list(queue_ids)})}
+
+
+def anything_due(conn: Connection, now: float) -> bool:
+    return conn.scalar(q.ANY_DUE, {"now": now}) is not None
+
+
+# -- queue control
+
+
+def must_exist(conn: Connection, queue_id: str) -> None:
+    if conn.scalar(q.MESSAGE_EXISTS, {"qid": queue_id}) is None:
+        raise NotFound(f"no message {queue_id}")
+
+
+def retry(conn: Connection, queue_id: str | None, *, by: str, reason: str, now: float) -> int:
+    """Make recipients due now (RETRY_STATES of one message, or RETRY_ALL_STATES of every
+    message) and log "retried" for each; NotFound for an unknown queue id."""
+    if queue_id is None:
+        rows = conn.execute(q.RETRY_ALL, {"states": list(RETRY_ALL_STATES), "now": now}).all()
+    else:
+        must_exist(conn, queue_id)
+        rows = conn.execute(q.RETRY_ONE, {"states": list(RETRY_STATES), "now": now, "qid": queue_id}).all()
+    details = {"by": by, "reason": reason}
+    append_events(conn, [NewEvent(r.queue_id, r.address, now, "retried", details) for r in rows])
+    return len(rows)
+
+
+def cancel(conn: Connection, queue_id: str, *, by: str, reason: str, now: float) -> int:
+    """Cancel the message's recipients that are not final yet and log "cancelled" for each."""
+    must_exist(conn, queue_id)
+    rows = conn.execute(q.CANCEL, {"qid": queue_id, "now": now}).all()
+    details = {"by": by, "reason": reason}
+    append_events(conn, [NewEvent(queue_id, r.address, now, "cancelled", details) for r in rows])
+    return len(rows)
+
+
+def summary(conn: Connection, *, active_only: bool) -> QueueSummary:
+    counts = dict.fromkeys(ACTIVE_STATES if active_only else (*ACTIVE_STATES, *FINAL_STATES), 0)
+    for status, n in conn.execute(q.COUNT_ACTIVE_BY_STATUS if active_only else q.COUNT_BY_STATUS):
+        counts[status] = n
+    oldest = conn.scalar(q.OLDEST_QUEUED)
+    return QueueSummary(counts, None if oldest is None else float(oldest))
+
+
+def queue_list(conn: Connection, *, state: str | None, domain: str | None, limit: int) -> list[QueueEntry]:
+    stmt = q.QUEUE_LIST if domain is None else q.QUEUE_LIST_DOMAIN
+    params = {"states": [state] if state else list(ACTIVE_STATES), "domain": (domain or "").lower(), "limit": limit}
+    return [
+        QueueEntry(r.queue_id, float(r.received_at), r.address, r.status, r.attempts,
+                   None if r.next_attempt_at is None else float(r.next_attempt_at), r.last_response)
+        for r in conn.execute(stmt, params)
+    ]  # fmt: skip
+
+
+# -- bulk import
+
+
+def bulk_import(conn: Connection, items: Sequence[Imported]) -> None:
+    """Write messages with their recipients' states and events as given, in a handful of statements."""
+    Enqueue.run_many(conn, [Enqueue(i.message, announce=False) for i in items])
+    by_id = {i.message.queue_id: i for i in items}
+    rows = conn.execute(q.IMPORTED_RECIPIENTS, {"qids": list(by_id)}).all()
+    updates = [
+        {"rid": r.id, "status": i.status, "attempts": i.attempts, "next_at": i.next_attempt_at,
+         "response": i.last_response, "at": i.message.received_at}
+        for r in rows
+        if (i := by_id[r.queue_id])
+    ]  # fmt: skip
+    if updates:
+        conn.execute(q.IMPORT_STATE, updates)
+    append_events(
+        conn, [NewEvent(i.message.queue_id, ev.recipient, ev.at, ev.type, ev.details) for i in items for ev in i.events]
+    )
+
+
+@dataclass(slots=True)
+class BodyCache:
+    """Bodies of recently accepted messages, so delivery rarely reads them back."""
+
+    max_bytes: int = 16 * 1024 * 1024
+    size: int = 0
+    items: OrderedDict[str, bytes] = field(default_factory=OrderedDict)
+
+    def put(self, key: str, data: bytes) -> None:
+        self.items[key] = data
+        self.size += len(data)
+        while self.size > self.max_bytes and self.items:
+            _, old = self.items.popitem(last=False)
+            self.size -= len(old)
+
+    def get(self, key: str) -> bytes | None:
+        return self.items.get(key)
+
+    def drop(self, key: str) -> None:
+        data = self.items.pop(key, None)
+        if data is not None:
+            self.size -= len(data)

@@ -1,0 +1,96 @@
+"""The tables. The migrations in relay/store/migrations create exactly these (a test compares).
+
+``queue_id`` is Relay's id in every table; ``message_id`` is only the Message-ID header.
+Times are seconds since the epoch (UTC) in float columns named ``*_at``.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+metadata = sa.MetaData()
+_BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite wants INTEGER for rowid aliases
+_Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("queue_id", sa.String(32), primary_key=True),  # the queue id (ULID)
+    sa.Column("message_id", sa.Text, nullable=False),  # the Message-ID header, without <>
+    sa.Column("mail_from", sa.Text, nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("tags", _Json, nullable=False),
+    sa.Column("username", sa.Text),
+    sa.Column("client_ip", sa.Text, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("track", sa.String(16), nullable=False, server_default=""),
+    sa.Index("ix_messages_message_id", "message_id"),
+    sa.Index("ix_messages_received_at", "received_at"),
+)
+
+bodies = sa.Table(
+    "bodies",
+    metadata,
+    sa.Column("queue_id", sa.String(32), sa.ForeignKey("messages.queue_id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+message_tags = sa.Table(
+    "message_tags",
+    metadata,
+    sa.Column("queue_id", sa.String(32), sa.ForeignKey("messages.queue_id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("tag", sa.Text, primary_key=True),
+    sa.Index("ix_message_tags_tag", "tag"),
+)
+
+recipients = sa.Table(
+    "recipients",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("queue_id", sa.String(32), sa.ForeignKey("messages.queue_id", ondelete="CASCADE"), nullable=False),
+    sa.Column("address", sa.Text, nullable=False),
+    sa.Column("domain", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float),  # due time; the lease expiry while sending; NULL when final
+    sa.Column("lease_owner", sa.Text),
+    sa.Column("last_response", sa.Text),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Index("ix_recipients_queue_id", "queue_id"),
+    sa.Index("ix_recipients_next_attempt_at", "next_attempt_at"),
+    sa.Index("ix_recipients_status", "status"),
+    sa.Index("ix_recipients_address_lower", sa.func.lower(sa.text("address"))),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("queue_id", sa.String(32), sa.ForeignKey("messages.queue_id", ondelete="CASCADE"), nullable=False),
+    sa.Column("recipient", sa.Text),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("type", sa.String(16), nullable=False),
+    sa.Column("details", _Json, nullable=False),
+    sa.Index("ix_events_queue_id", "queue_id"),
+    sa.Index("ix_events_type_at", "type", "at"),
+)
+
+LINK_CHUNK = 256  # links per link_chunks row: link ordinal n is urls[n % 256] of chunk n // 256
+
+link_chunks = sa.Table(
+    "link_chunks",
+    metadata,
+    sa.Column("queue_id", sa.String(32), sa.ForeignKey("messages.queue_id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("chunk", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("urls", sa.JSON, nullable=False),  # a JSON array of up to LINK_CHUNK URLs, in ordinal order
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("password_hash", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
