@@ -26,6 +26,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -521,9 +522,8 @@ async def lookup_bench(total: int) -> dict[str, Any]:
                 batch.append(Imported(msg, "delivered", 1, None, "250 2.0.0 ok", tuple(evs)))
             await store.bulk_import(batch)
         seed_seconds = round(time.perf_counter() - t, 1)
-    ids = await store._engines.read(
-        lambda c: [r[0] for r in c.exec_driver_sql("SELECT message_id FROM messages ORDER BY random() LIMIT 2000")]
-    )
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # sample Message-IDs from outside the store
+        ids = [r[0] for r in conn.execute("SELECT message_id FROM messages ORDER BY random() LIMIT 2000")]
     samples = []
     for mid in ids:
         t = time.perf_counter()

@@ -404,7 +404,7 @@ def _check(config: Config) -> Config:
         raise ConfigError(
             "smtp.tls_cert" if not smtp.tls_cert else "smtp.tls_key", "set both tls_cert and tls_key, or neither"
         )
-    # Whether the TLS files can be read and loaded is checked when `relay serve` starts (relay.listeners).
+    # Whether the TLS files can be read and loaded is checked when `relay serve` starts (relay.service.listeners).
     for i, route in enumerate(config.routes):
         if not route.domains:
             raise ConfigError(f"routes[{i}].domains", "required")

@@ -1,5 +1,5 @@
 """Crash safety, measured: `relay serve` under load from 10 SMTP clients, killed with SIGKILL at
-random moments and started again on the same store, N times. Used by tests/test_chaos.py (3 kills
+random moments and started again on the same store, N times. Used by tests/delivery/test_chaos.py (3 kills
 in `make test`) and `make chaos` (50 kills, with the report printed).
 
 What it checks, after a last start lets the queue drain:
@@ -185,7 +185,7 @@ def _check(report: Report, db: Path, accepted: dict[str, str], sink: ScriptedPee
     report.accepted = len(accepted)
     report.stored = int(_query(db, "SELECT count(*) FROM messages")[0][0])  # type: ignore[call-overload]
     report.stuck = _active(db)
-    states = {str(q): str(s) for q, s in _query(db, "SELECT message_id, status FROM recipients")}
+    states = {str(q): str(s) for q, s in _query(db, "SELECT queue_id, status FROM recipients")}
     report.lost = [q for q in accepted if states.get(q) != "delivered"]
     report.delivered = sum(1 for s in states.values() if s == "delivered")
     report.arrivals = len(sink.rcpts)

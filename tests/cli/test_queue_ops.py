@@ -122,7 +122,7 @@ RETRIED = {"q@example.net": "queued", "d@example.net": "deferred", "e@example.ne
 
 # Today's schema; with migration 0004, recipients.message_id is recipients.queue_id.
 PLANT_RECIPIENT = sa.text(
-    "INSERT INTO recipients (message_id, address, domain, status, attempts, next_attempt_at, last_response, updated_at)"
+    "INSERT INTO recipients (queue_id, address, domain, status, attempts, next_attempt_at, last_response, updated_at)"
     " VALUES (:qid, :address, 'example.net', :status, :attempts, :next_at, :response, :now)"
 )
 
