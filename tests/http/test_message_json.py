@@ -103,7 +103,7 @@ async def test_relay_log_json_prints_what_the_api_returns(tmp_path: Path, backen
 
         # opened and clicked for real, through the tracking endpoints
         def recipient_ids(conn: Any) -> list[int]:
-            query = text("SELECT id FROM recipients WHERE message_id = :q ORDER BY address")
+            query = text("SELECT id FROM recipients WHERE queue_id = :q ORDER BY address")
             return [row[0] for row in conn.execute(query, {"q": QID})]
 
         jane_id, _ = await raw_sql(url, recipient_ids)
