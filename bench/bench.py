@@ -395,7 +395,7 @@ async def seed_backlog(url: str, count: int) -> None:
     from ulid import ULID
 
     from relay.logstore import LogStore
-    from relay.model import HistoricEvent, Imported, NewMessage
+    from relay.model import EventView, Imported, NewMessage
 
     store = await LogStore.open(url)
     await store.upgrade()
@@ -409,8 +409,8 @@ async def seed_backlog(url: str, count: int) -> None:
                 rcpt = f"backlog{i}@slow.example"
                 msg = NewMessage(qid, f"{qid}@bench", "a@bench.test", (rcpt,), "backlog", ("backlog",), None,
                                  "127.0.0.1", now - 600, body)  # fmt: skip
-                evs = (HistoricEvent(now - 600, "received", None, {}),
-                       HistoricEvent(now - 300, "deferred", rcpt, {"attempt": 1, "code": 451}))  # fmt: skip
+                evs = (EventView(now - 600, "received", None, {}),
+                       EventView(now - 300, "deferred", rcpt, {"attempt": 1, "code": 451}))  # fmt: skip
                 batch.append(Imported(msg, "deferred", 1, now + 86400, "451 4.3.0 try later", evs))
             await store.bulk_import(batch)
     finally:
@@ -491,7 +491,7 @@ async def lookup_bench(total: int) -> dict[str, Any]:
     from ulid import ULID
 
     from relay.logstore import LogStore
-    from relay.model import HistoricEvent, Imported, NewMessage
+    from relay.model import EventView, Imported, NewMessage
 
     db = WORK / f"lookup-{total}.db"
     url = f"sqlite+aiosqlite:///{db}"
@@ -515,10 +515,10 @@ async def lookup_bench(total: int) -> dict[str, Any]:
                 rcpt = f"user{i}@d{i % 20}.example"
                 msg = NewMessage(qid, f"{qid.lower()}@app.example", "app@example.com", (rcpt,), f"hello {i}",
                                  (f"tag{i % 10}",), f"user{i % 5}", "10.0.0.1", at, body)  # fmt: skip
-                evs = [HistoricEvent(at, "received", None, {}),
-                       HistoricEvent(at + 1.5, "delivered", rcpt, {"attempt": 1, "code": 250})]  # fmt: skip
+                evs = [EventView(at, "received", None, {}),
+                       EventView(at + 1.5, "delivered", rcpt, {"attempt": 1, "code": 250})]  # fmt: skip
                 if rng.random() < 0.2:
-                    evs.append(HistoricEvent(at + 600, "opened", rcpt, {"machine": rng.random() < 0.3}))
+                    evs.append(EventView(at + 600, "opened", rcpt, {"machine": rng.random() < 0.3}))
                 batch.append(Imported(msg, "delivered", 1, None, "250 2.0.0 ok", tuple(evs)))
             await store.bulk_import(batch)
         seed_seconds = round(time.perf_counter() - t, 1)

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from relay.logstore import LogStore
-from relay.model import HistoricEvent, Imported, NewMessage
+from relay.model import EventView, Imported, NewMessage
 
 T0 = 1_800_000_000.0
 
@@ -40,8 +40,8 @@ def imported(i: int) -> Imported:
         raw=b"Subject: Hello\r\n\r\nbody\r\n",
     )
     events = (
-        HistoricEvent(at, "received", None, {"client_ip": "127.0.0.1"}),
-        HistoricEvent(at + 1.5, "delivered", rcpt, {"code": 250, "attempt": 1}),
+        EventView(at, "received", None, {"client_ip": "127.0.0.1"}),
+        EventView(at + 1.5, "delivered", rcpt, {"code": 250, "attempt": 1}),
     )
     return Imported(msg, "delivered", 1, None, "250 2.0.0 ok", events)
 

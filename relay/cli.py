@@ -216,11 +216,10 @@ async def _db(store: LogStore, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _log(store: Any, args: argparse.Namespace) -> int:
-    found: list[MessageView] = await store.lookup(args.query, limit=max(1, args.limit))
+async def _log(store: LogStore, args: argparse.Namespace) -> int:
+    found = await store.lookup(args.query, limit=max(1, args.limit))
     if not found:
-        print(f"relay: no message matches {args.query!r}", file=sys.stderr)
-        return 1
+        raise CommandError(f"no message matches {args.query!r}")
     if args.json:
         from relay.http.schemas import messages_json  # the JSON shape only: pydantic, not FastAPI
 

@@ -120,22 +120,8 @@ class DeliveryFailure(SmtpReplyError):
 
     permanent = False
 
-    def __init__(
-        self,
-        code: int | None,
-        enhanced: str | None,
-        text: str,
-        *,
-        host: str | None = None,
-        ip: str | None = None,
-        port: int | None = None,
-        tls: str | None = None,
-    ) -> None:
+    def __init__(self, code: int | None, enhanced: str | None, text: str) -> None:
         super().__init__(code, enhanced, text, temporary=not self.permanent)
-        self.host = host
-        self.ip = ip
-        self.port = port
-        self.tls = tls
 
 
 class TemporaryFailure(DeliveryFailure):

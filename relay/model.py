@@ -118,8 +118,10 @@ class RecipientView:
 
 @dataclass(frozen=True, slots=True)
 class EventView:
+    """One event of a message's timeline, as read back, or as given to bulk import."""
+
     at: float
-    type: str
+    type: EventType
     recipient: str | None
     details: Mapping[str, Any]
 
@@ -173,14 +175,6 @@ class QueueEntry:
 
 
 @dataclass(frozen=True, slots=True)
-class HistoricEvent:
-    at: float
-    type: EventType
-    recipient: str | None
-    details: Mapping[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
 class Imported:
     """A message with its recipients' states and events, for bulk import (migrations,
     benchmarks): written as given, no delivery decisions."""
@@ -190,7 +184,7 @@ class Imported:
     attempts: int
     next_attempt_at: float | None
     last_response: str | None
-    events: tuple[HistoricEvent, ...]
+    events: tuple[EventView, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,12 +4,13 @@ and the PostgreSQL test server. Servers start on port 0 and are torn down after 
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trustme
 from helpers import make_config, pg_database, running_relay
+from helpers.peers import Zone, dns_server
 
 from relay.service.lifecycle import Relay
 
@@ -47,3 +48,10 @@ def client_tls(ca: trustme.CA) -> ssl.SSLContext:
 async def postgres_url() -> AsyncIterator[str]:
     async with pg_database() as url:
         yield url
+
+
+@pytest.fixture
+def zone() -> Iterator[Zone]:
+    """A DNS server on loopback with an empty zone, for the test to fill."""
+    with dns_server() as z:
+        yield z

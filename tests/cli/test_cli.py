@@ -18,7 +18,7 @@ from alembic import command
 from helpers import pg_database, raw_sql, relay_cli, write_config
 
 from relay.logstore import LogStore
-from relay.model import HistoricEvent, Imported, NewMessage
+from relay.model import EventView, Imported, NewMessage
 from relay.store.migrations import alembic_config
 
 # Every command that reads or changes a store (all but `serve` and `db upgrade`).
@@ -170,7 +170,7 @@ async def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
         now = time.time()
         await store.bulk_import(
             [
-                Imported(m, "queued", 0, now, None, (HistoricEvent(m.received_at, "received", None, {"n": i}),))
+                Imported(m, "queued", 0, now, None, (EventView(m.received_at, "received", None, {"n": i}),))
                 for i in range(2000)
                 if (m := message(f"01P{i:05d}", "jane@example.com", now - 2000 + i))
             ]

@@ -18,7 +18,7 @@ from helpers import NOWHERE, ServeProcess, raw_sql, relay_cli, store_url, write_
 from sqlalchemy.engine import Connection
 
 from relay.logstore import LogStore
-from relay.model import HistoricEvent, Imported, MessageView, NewMessage
+from relay.model import EventView, Imported, MessageView, NewMessage
 
 TOKEN = "queue-ops-test-token-0123456789"
 NOW = time.time()
@@ -99,8 +99,8 @@ def recipient(
         raw=b"Subject: Hello\r\n\r\nbody\r\n",
     )  # fmt: skip
     history = (
-        HistoricEvent(at, "received", None, {}),
-        *(HistoricEvent(when, kind, address, {}) for when, kind in events),  # type: ignore[arg-type]
+        EventView(at, "received", None, {}),
+        *(EventView(when, kind, address, {}) for when, kind in events),  # type: ignore[arg-type]
     )
     return Imported(msg, status, attempts, next_at, last_response, history)
 

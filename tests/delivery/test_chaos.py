@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import chaos
+from helpers import chaos
 
 
 async def test_sigkill_at_random_moments_loses_and_strands_nothing(tmp_path: Path) -> None:

@@ -4,80 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
-from helpers import make_config, queue_id_of, running_relay, send, smtp_client, wait_for
-from peers import Greeter, Sink, Zone, dns_server, sinks
+from helpers import running_relay, wait_for
+from helpers.delivery import attempts, delivery_config, final, first_attempt, status, submit
+from helpers.peers import Greeter, Sink, Zone, sinks
 
-from relay.model import MessageView
 from relay.service.lifecycle import Relay
-
-MSG = b"From: app@example.com\r\nSubject: Hi\r\n\r\nHello\r\n"
-
-
-@pytest.fixture
-def zone() -> Iterator[Zone]:
-    with dns_server() as z:
-        yield z
-
-
-def delivery_config(tmp_path: Path, zone: Zone, port: int, **extra: Any) -> Any:
-    sections: dict[str, Any] = {
-        "delivery": {"port": port, "retry_schedule": ["200ms"], "connect_timeout": "2s", "command_timeout": "5s",
-                     "lease": "30s", "shutdown_grace": "2s"},
-        "dns": {"nameservers": [f"127.0.0.1:{zone.port}"], "timeout": "1s"},  # type: ignore[attr-defined]
-    }  # fmt: skip
-    for key, value in extra.items():
-        sections.setdefault(key, {}).update(value) if isinstance(value, dict) else sections.__setitem__(key, value)
-    return make_config(tmp_path, **sections)
-
-
-async def submit(relay: Relay, rcpts: list[str], data: bytes = MSG) -> str:
-    async with smtp_client(relay) as client:
-        code, text = await send(client, "app@example.com", rcpts, data)
-    assert code == 250, text
-    return queue_id_of(text)
-
-
-async def final(relay: Relay, qid: str, timeout: float = 15.0) -> MessageView:
-    """Wait until every recipient of the message is in a final state."""
-    assert relay.store is not None
-    store = relay.store
-
-    async def done() -> MessageView | None:
-        (msg,) = await store.lookup(qid)
-        return msg if all(r.status not in ("queued", "deferred", "sending") for r in msg.recipients) else None
-
-    return await wait_for(done, timeout)
-
-
-def status(msg: MessageView) -> dict[str, str]:
-    return {r.address: r.status for r in msg.recipients}
-
-
-def attempts(msg: MessageView, address: str | None = None) -> list[dict[str, Any]]:
-    kinds = {"delivered", "deferred", "bounced", "expired"}
-    return [
-        dict(e.details, type=e.type)
-        for e in msg.events
-        if e.type in kinds and (address is None or e.recipient == address)
-    ]
-
-
-async def first_attempt(relay: Relay, qid: str) -> MessageView:
-    """Wait until the message's first attempt is logged."""
-    assert relay.store is not None
-    store = relay.store
-
-    async def tried() -> MessageView | None:
-        (m,) = await store.lookup(qid)
-        return m if attempts(m) else None
-
-    return await wait_for(tried)
 
 
 @pytest.fixture

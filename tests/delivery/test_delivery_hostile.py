@@ -8,16 +8,16 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import ServeProcess, running_relay, serve_config, smtp_client, wait_drained, wait_for
-from hostile_peers import ScriptedPeer
-from peers import Zone, dns_server, sinks
-from test_delivery import attempts, delivery_config, final, first_attempt, status, submit
+from helpers.delivery import attempts, delivery_config, final, first_attempt, status, submit
+from helpers.hostile import ScriptedPeer
+from helpers.peers import Zone, dns_server, sinks
 
 from relay.config import Listen
 from relay.logstore import LogStore
@@ -26,12 +26,6 @@ from relay.net import bind
 from relay.service.lifecycle import Relay
 
 MSG = b"From: app@example.com\r\nSubject: Hi\r\n\r\nHello\r\n"
-
-
-@pytest.fixture
-def zone() -> Iterator[Zone]:
-    with dns_server() as z:
-        yield z
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiosmtplib
 import httpx
 from helpers import ServeProcess, queue_id_of, relay_cli, serve_config, wait_drained, wait_for
-from peers import Zone, dns_server, sinks
+from helpers.peers import Zone, dns_server, sinks
 
 from relay.logstore import LogStore
 

@@ -6,14 +6,14 @@ import asyncio
 import email
 import email.policy
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from helpers import make_config, queue_id_of, running_relay, send, smtp_client, wait_for
-from peers import Sink, Zone, dns_server, sinks
+from helpers import make_config, metric, queue_id_of, running_relay, send, smtp_client, wait_for
+from helpers.peers import Sink, Zone, sinks
 
 from relay import tracking
 from relay.http import schemas
@@ -35,12 +35,6 @@ HTML_MESSAGE = (
 
 
 @pytest.fixture
-def zone() -> Iterator[Zone]:
-    with dns_server() as z:
-        yield z
-
-
-@pytest.fixture
 async def stack(tmp_path: Path, zone: Zone) -> AsyncIterator[tuple[Relay, Sink, httpx.AsyncClient]]:
     async with sinks("127.0.0.2") as (sink,):
         zone.a("example.net", "127.0.0.2")
@@ -58,20 +52,6 @@ async def stack(tmp_path: Path, zone: Zone) -> AsyncIterator[tuple[Relay, Sink, 
             base = f"http://127.0.0.1:{relay.http_address.port}"
             async with httpx.AsyncClient(base_url=base, timeout=10) as client:
                 yield relay, sink, client
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        m = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})?", key)
-        if m and m.group(1) == name:
-            got = ",".join(sorted(p for p in (m.group(2) or "").split(",") if p))
-            if got == want:
-                return float(value)
-    return 0.0
 
 
 async def scrape(client: httpx.AsyncClient) -> str:

@@ -14,9 +14,18 @@ from pathlib import Path
 import aiosmtplib
 import httpx
 import pytest
-from helpers import ServeProcess, make_config, queue_id_of, running_relay, send, serve_config, smtp_client, store_url
-from peers import dns_server
-from test_http import metric
+from helpers import (
+    ServeProcess,
+    make_config,
+    metric,
+    queue_id_of,
+    running_relay,
+    send,
+    serve_config,
+    smtp_client,
+    store_url,
+)
+from helpers.peers import dns_server
 
 from relay import tracking
 from relay.logstore import LogStore

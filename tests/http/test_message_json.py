@@ -17,7 +17,7 @@ from helpers import make_config, raw_sql, relay_cli, running_relay, store_url, w
 from sqlalchemy import text
 
 from relay import tracking
-from relay.model import EVENT_TYPES, HistoricEvent, Imported, NewMessage
+from relay.model import EVENT_TYPES, EventView, Imported, NewMessage
 
 TOKEN = "message-json-token-0123456789"
 SECRET = "a-tracking-secret-for-the-tests-0123456789"
@@ -40,19 +40,19 @@ def _planted(now: float) -> Imported:
     that the test can retry, cancel and track them for real."""
     t = now - 7200
     events = (
-        HistoricEvent(t, "received", None, {
+        EventView(t, "received", None, {
             "client_ip": "192.0.2.1", "helo": "app.example", "protocol": "ESMTPSA", "tls": "TLSv1.3",
             "user": "app", "size": 4321,
         }),
-        HistoricEvent(t + 1, "deferred", JANE, _attempt(
+        EventView(t + 1, "deferred", JANE, _attempt(
             1, 451, "4.7.1", "greylisted, try again later",
             tried=["mx0.example.net [192.0.2.9]:25: connection refused"], next_attempt_at="2026-01-01T00:05:00.000Z",
         )),
-        HistoricEvent(t + 2, "delivered", JANE, _attempt(2, 250, "2.0.0", "OK queued as 4Xq1")),
-        HistoricEvent(t + 3, "bounced", JOE, _attempt(1, 550, "5.1.1", "no such user: «jöe»", tls="none")),
-        HistoricEvent(t + 4, "expired", JOE, _attempt(9, 421, None, "too many connections")),
-        HistoricEvent(t + 5, "suppressed", JOE, {"reason": "hard bounce", "since": "2026-01-01T00:00:00.000Z"}),
-        HistoricEvent(t + 6, "complained", JANE, {
+        EventView(t + 2, "delivered", JANE, _attempt(2, 250, "2.0.0", "OK queued as 4Xq1")),
+        EventView(t + 3, "bounced", JOE, _attempt(1, 550, "5.1.1", "no such user: «jöe»", tls="none")),
+        EventView(t + 4, "expired", JOE, _attempt(9, 421, None, "too many connections")),
+        EventView(t + 5, "suppressed", JOE, {"reason": "hard bounce", "since": "2026-01-01T00:00:00.000Z"}),
+        EventView(t + 6, "complained", JANE, {
             "feedback_type": "abuse", "source": "arf", "nested": {"a": [1, 2.5, None, True]},
         }),
     )  # fmt: skip

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 from helpers import ServeProcess, make_config, relay_cli, running_relay, send, serve_config, smtp_client, wait_for
-from peers import dns_server, sinks
+from helpers.peers import dns_server, sinks
 
 from relay.errors import StartError
 from relay.service.lifecycle import Relay

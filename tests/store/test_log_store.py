@@ -10,7 +10,7 @@ from helpers import raw_sql
 from store_fixtures import message, recipient_ids
 
 from relay.logstore import LogStore
-from relay.model import HistoricEvent, Imported
+from relay.model import EventView, Imported
 
 store, url = store_fixtures.store, store_fixtures.url  # the fixtures, on both backends
 
@@ -52,15 +52,15 @@ async def test_bulk_import_and_stats(store: LogStore) -> None:
         )
         status = "delivered" if i < 9 else "bounced"
         evs = [
-            HistoricEvent(at, "received", None, {}),
-            HistoricEvent(at + 2 + i, status, msg.recipients[0], {"code": 250}),
+            EventView(at, "received", None, {}),
+            EventView(at + 2 + i, status, msg.recipients[0], {"code": 250}),
         ]
         if i in (1, 3):
-            evs.append(HistoricEvent(at + 100, "opened", msg.recipients[0], {"machine": False}))
-            evs.append(HistoricEvent(at + 101, "opened", msg.recipients[0], {"machine": False}))  # still one unique
+            evs.append(EventView(at + 100, "opened", msg.recipients[0], {"machine": False}))
+            evs.append(EventView(at + 101, "opened", msg.recipients[0], {"machine": False}))  # still one unique
         if i == 5:
-            evs.append(HistoricEvent(at + 3, "opened", msg.recipients[0], {"machine": True}))
-            evs.append(HistoricEvent(at + 200, "clicked", msg.recipients[0], {"machine": False, "url": "https://x"}))
+            evs.append(EventView(at + 3, "opened", msg.recipients[0], {"machine": True}))
+            evs.append(EventView(at + 200, "clicked", msg.recipients[0], {"machine": False, "url": "https://x"}))
         items.append(Imported(msg, status, 1, None, "250 ok", tuple(evs)))
     await store.bulk_import(items)
     (m,) = await store.lookup("01B0003")

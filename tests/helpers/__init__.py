@@ -310,3 +310,18 @@ async def raw_sql(url: str, fn: Callable[[Connection], T], *, write: bool = Fals
             return await conn.run_sync(fn)
     finally:
         await engine.dispose()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition (0.0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        m = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})?", key)
+        if m and m.group(1) == name:
+            got = ",".join(sorted(p for p in (m.group(2) or "").split(",") if p))
+            if got == want:
+                return float(value)
+    return 0.0

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosmtplib
+
 from helpers import ServeProcess, queue_id_of, serve_config, wait_for
-from hostile_peers import Accepted, ScriptedPeer
-from peers import dns_server
+from helpers.hostile import Accepted, ScriptedPeer
+from helpers.peers import dns_server
 
 LEASE = 2.0  # seconds: a lease cut by a kill comes back quickly
 CLIENTS = 10
