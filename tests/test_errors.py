@@ -36,12 +36,10 @@ def test_parse_splits_the_enhanced_code_off_and_folds_whitespace() -> None:
 
 
 def test_a_delivery_failure_reply_is_temporary_unless_the_failure_is_permanent() -> None:
-    host = "mx.example.net"
-    temporary = TemporaryFailure(535, "5.7.8", "refused", host=host)
+    temporary = TemporaryFailure(535, "5.7.8", "refused")
     assert temporary.reply == Reply(535, "5.7.8", "refused", temporary=True)
     assert not temporary.reply.permanent
     assert not temporary.permanent
-    assert temporary.host == host
     assert str(temporary) == "535 5.7.8 refused"
     assert DeliveryFailure(None, "5.0.0", "unknown").reply.temporary
     permanent = PermanentFailure(None, "5.1.10", "null MX")
