@@ -7,7 +7,8 @@ stays small.
 Each worker is a whole Relay (intake, delivery) on the shared store; the kernel hands each
 new connection to one of them. SIGTERM/SIGINT to the parent is passed on to the workers,
 which shut down gracefully. A worker that dies unexpectedly stops the others, and the
-parent exits 1 so that the service manager can restart the whole.
+parent exits 1 so that the service manager can restart the whole. A parent that dies (even
+by SIGKILL) takes its workers along: each gets SIGTERM from the kernel and stops gracefully.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import select
 import shutil
 import signal
+import sys
 from collections.abc import Callable
 
 from relay.config import Config
@@ -61,6 +63,17 @@ def _worker(config: Config, sockets: Sockets, ready_fd: int) -> int:
             upgrade=False, quiet=True, ready_fd=ready_fd,
         )
     )  # fmt: skip
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGTERM (a graceful stop) when the parent dies, even by SIGKILL: an
+    orphaned worker would keep the listeners and its leases with nobody supervising it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _in_child(fn: Callable[[], str | None]) -> str | None:
@@ -119,6 +132,7 @@ def _run_workers(config: Config, processes: int, sockets: Sockets) -> int:
     # A signal that arrives while forking waits until the handler that passes it on to every
     # child is in place (a child forked after it would otherwise never hear of it).
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    parent = os.getpid()
     try:
         for index in range(processes):
             read_end, write_end = os.pipe()
@@ -132,6 +146,7 @@ def _run_workers(config: Config, processes: int, sockets: Sockets) -> int:
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
                     signal.signal(signal.SIGINT, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+                    _die_with_parent(parent)
                     code = _worker(config, sockets, write_end)
                 except BaseException as exc:  # report it: the parent prints the one line
                     with contextlib.suppress(OSError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 
 import aiosmtplib
@@ -157,3 +158,29 @@ async def test_bad_config_names_the_key_and_exits_2(tmp_path: Path) -> None:
     code, _, err = await relay_cli("queue", "--config", str(tmp_path / "missing.toml"))
     assert code == 2
     assert "no such file" in err
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and has not exited (a zombie nobody reaped has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+async def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
+    server = await ServeProcess(_config(tmp_path), "--processes", "2").start()
+    started = next(line for line in server.log if "started 2 worker processes" in line)
+    workers = [int(pid) for pid in started.rpartition(": ")[2].split(", ")]
+    assert all(_running(pid) for pid in workers)
+    port = server.smtp_port
+    server.kill()  # SIGKILL: the parent cannot pass anything on
+    await server.wait()
+    for _ in range(200):  # each worker hears SIGTERM from the kernel and stops gracefully (grace 3 s)
+        if not any(_running(pid) for pid in workers):
+            break
+        await asyncio.sleep(0.1)
+    assert not [pid for pid in workers if _running(pid)]
+    with socket.create_server(("127.0.0.1", port)):  # the listener went with them
+        pass
