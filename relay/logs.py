@@ -2,6 +2,10 @@
 
 Code that works on a message sets ``context.set("queue_id=... rcpt=...")`` (or uses
 ``with_ids``); every record emitted meanwhile, from any module, shows those ids.
+
+A record is one line whatever peers send: control characters in its text (a client's
+envelope, a remote server's reply) are written as ``\\xNN``, so nobody can forge a log line
+with CR/LF or drive a terminal with escape sequences. Tracebacks keep their lines.
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ def with_ids(**ids: object) -> Iterator[None]:
         context.reset(token)
 
 
+# C0 controls, DEL and C1 controls -> \\xNN (one table, built once)
+_ESCAPE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+class _OneLineFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_ESCAPE)
+
+
 class _IdsFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         ids = context.get()
@@ -40,7 +53,7 @@ def setup(level: int = logging.INFO) -> None:
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_IdsFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s%(ids)s"))
+    handler.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s%(ids)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -9,6 +9,7 @@ from pathlib import Path
 import aiosmtplib
 import httpx
 from helpers import ServeProcess, queue_id_of, relay_cli, serve_config, wait_drained, wait_for
+from helpers.hostile import ScriptedPeer
 from helpers.peers import Zone, dns_server, sinks
 
 from relay.logstore import LogStore
@@ -153,3 +154,28 @@ async def test_several_processes_share_the_listener_and_the_store(tmp_path: Path
                 server.terminate()
                 assert await server.wait() == 0
     assert any("stopped" in line for line in server.log)
+
+
+async def test_a_peer_cannot_forge_log_lines_or_drive_a_terminal(tmp_path: Path) -> None:
+    """A remote server's reply is logged, but its control characters come out as \\xNN: one
+    record stays one line, and no escape sequence reaches the operator's terminal."""
+    with dns_server() as zone:
+        peer = await ScriptedPeer("127.0.0.2").start()
+        try:
+            peer.replies["RCPT"] = b"550 5.1.1 \x1b[2J\x1b[31mno such user\x07\r"
+            peer.replies["RCPT"] += b"\x00 2026-01-01 00:00:00,000 INFO relay: forged\r\n"
+            zone.mx("example.com", (10, "mx.example.com"))
+            zone.a("mx.example.com", "127.0.0.2")
+            server = await ServeProcess(_config(tmp_path, zone, peer.port)).start()
+            try:
+                await _send(server.smtp_port, "jane@example.com")
+                line = await wait_for(lambda: next((t for t in server.log if "to=<jane@example.com>" in t), None))
+            finally:
+                server.terminate()
+                await server.wait()
+        finally:
+            await peer.close()
+    assert "\\x1b[2J\\x1b[31mno such user\\x07" in line
+    assert "\\x00 2026-01-01" in line  # CR ends the reply line for the client; what follows stays on ours
+    assert not [t for t in server.log if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in t)]
+    assert not [t for t in server.log if t.startswith("2026-01-01")]
