@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ServeProcess, running_relay, serve_config, smtp_client, wait_drained, wait_for
+from helpers import ServeProcess, running_relay, send_to, serve_config, smtp_client, wait_drained, wait_for
 from helpers.delivery import attempts, delivery_config, final, first_attempt, status, submit
 from helpers.hostile import ScriptedPeer
 from helpers.peers import Zone, dns_server, sinks
@@ -270,7 +270,7 @@ timeout = "1s"
             server = await ServeProcess(cfg, "--processes", "2").start()
             try:
                 rcpts = [f"user{i}@example.com" for i in range(20)]
-                await asyncio.gather(*(_send_one(server.smtp_port, r) for r in rcpts))
+                await asyncio.gather(*(send_to(server.smtp_port, r) for r in rcpts))
                 store = await LogStore.open(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'relay.db'}")
                 try:
                     await wait_drained(store)
@@ -282,17 +282,6 @@ timeout = "1s"
                 assert await server.wait() == 0
     assert sorted(sink.rcpts) == sorted(rcpts)  # each exactly once
     assert sink.max_active <= 2  # one per domain in each of the two processes
-
-
-async def _send_one(port: int, rcpt: str) -> None:
-    import aiosmtplib
-
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
-    await client.connect()
-    try:
-        await client.sendmail("app@example.com", [rcpt], f"Subject: to {rcpt}\r\n\r\nhi\r\n".encode())
-    finally:
-        client.close()
 
 
 async def test_two_nodes_on_one_postgres_deliver_each_recipient_once(

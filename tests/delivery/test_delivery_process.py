@@ -6,9 +6,8 @@ import asyncio
 import json
 from pathlib import Path
 
-import aiosmtplib
 import httpx
-from helpers import ServeProcess, queue_id_of, relay_cli, serve_config, wait_drained, wait_for
+from helpers import ServeProcess, relay_cli, send_to, serve_config, wait_drained, wait_for
 from helpers.hostile import ScriptedPeer
 from helpers.peers import Zone, dns_server, sinks
 
@@ -33,16 +32,6 @@ timeout = "1s"
     )
 
 
-async def _send(port: int, rcpt: str) -> str:
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
-    await client.connect()
-    try:
-        _, text = await client.sendmail("app@example.com", [rcpt], f"Subject: to {rcpt}\r\n\r\nhi\r\n".encode())
-        return queue_id_of(text)
-    finally:
-        client.close()
-
-
 async def test_kill_9_during_delivery_loses_nothing(tmp_path: Path) -> None:
     with dns_server() as zone:
         async with sinks("127.0.0.2") as (sink,):
@@ -52,7 +41,7 @@ async def test_kill_9_during_delivery_loses_nothing(tmp_path: Path) -> None:
             cfg = _config(tmp_path, zone, sink.port)
             server = await ServeProcess(cfg).start()
             rcpts = [f"user{i}@example.com" for i in range(30)]
-            await asyncio.gather(*(_send(server.smtp_port, r) for r in rcpts))
+            await asyncio.gather(*(send_to(server.smtp_port, r) for r in rcpts))
             await wait_for(lambda: len(sink.messages) >= 3)
             server.kill()  # transactions are in flight now
             await server.wait()
@@ -82,8 +71,8 @@ async def test_queue_commands(tmp_path: Path) -> None:
         cfg.write_text(text)
         server = await ServeProcess(cfg).start()
         try:
-            qid = await _send(server.smtp_port, "a@example.net")
-            qid2 = await _send(server.smtp_port, "b@example.net")
+            qid = await send_to(server.smtp_port, "a@example.net")
+            qid2 = await send_to(server.smtp_port, "b@example.net")
 
             async def both_deferred() -> bool:
                 code, out, _ = await relay_cli("queue", "--config", str(cfg))
@@ -132,7 +121,7 @@ async def test_several_processes_share_the_listener_and_the_store(tmp_path: Path
             server = await ServeProcess(cfg, "--processes", "2").start()
             try:
                 rcpts = [f"user{i}@example.com" for i in range(40)]
-                await asyncio.gather(*(_send(server.smtp_port, r) for r in rcpts))
+                await asyncio.gather(*(send_to(server.smtp_port, r) for r in rcpts))
                 await wait_for(lambda: len(sink.messages) >= 40, timeout=30)
                 assert sorted(sink.rcpts) == sorted(rcpts)
                 workers = {
@@ -168,7 +157,7 @@ async def test_a_peer_cannot_forge_log_lines_or_drive_a_terminal(tmp_path: Path)
             zone.a("mx.example.com", "127.0.0.2")
             server = await ServeProcess(_config(tmp_path, zone, peer.port)).start()
             try:
-                await _send(server.smtp_port, "jane@example.com")
+                await send_to(server.smtp_port, "jane@example.com")
                 line = await wait_for(lambda: next((t for t in server.log if "to=<jane@example.com>" in t), None))
             finally:
                 server.terminate()

@@ -228,6 +228,20 @@ class ServeProcess:
         return code
 
 
+async def send_to(port: int, rcpt: str, data: bytes | None = None) -> str:
+    """One message from app@example.com to ``rcpt`` over a new SMTP session with 127.0.0.1:port
+    (a `relay serve` process); the queue id of its 250."""
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
+    await client.connect()
+    try:
+        message = data if data is not None else f"Subject: to {rcpt}\r\n\r\nhi\r\n".encode()
+        errors, text = await client.sendmail("app@example.com", [rcpt], message)
+        assert not errors, errors
+        return queue_id_of(text)
+    finally:
+        client.close()
+
+
 async def relay_cli(*args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relay", *args,

@@ -12,7 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import make_config, metric, queue_id_of, running_relay, send, smtp_client, wait_for
+from helpers import make_config, metric, running_relay, smtp_client, wait_for
+from helpers.delivery import submit
 from helpers.peers import Sink, Zone, sinks
 
 from relay import tracking
@@ -59,13 +60,6 @@ async def scrape(client: httpx.AsyncClient) -> str:
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     return r.text
-
-
-async def submit(relay: Relay, rcpts: list[str], data: bytes = HTML_MESSAGE) -> str:
-    async with smtp_client(relay) as c:
-        code, text = await send(c, "app@example.com", rcpts, data)
-    assert code == 250, text
-    return queue_id_of(text)
 
 
 async def settled(relay: Relay, qid: str, states: tuple[str, ...] = ("delivered", "bounced", "deferred")) -> Any:
@@ -144,7 +138,7 @@ async def test_opens_and_clicks_are_logged(
     relay, sink, client = stack
     assert relay.store is not None
     monkeypatch.setattr(tracking, "MACHINE_WINDOW", 0.0)  # hits in a test come faster than any person
-    qid = await submit(relay, ["jane@example.net", "joe@example.net"])
+    qid = await submit(relay, ["jane@example.net", "joe@example.net"], HTML_MESSAGE)
     await settled(relay, qid, ("delivered",))
     assert len(sink.messages) == 2  # one transaction per recipient: each gets its own tokens
     by_rcpt = {m.rcpts[0]: m.data for m in sink.messages}
@@ -196,7 +190,7 @@ async def test_opens_and_clicks_are_logged(
 
 async def test_machine_window_after_delivery(stack: tuple[Relay, Sink, httpx.AsyncClient]) -> None:
     relay, sink, client = stack
-    qid = await submit(relay, ["jane@example.net"])
+    qid = await submit(relay, ["jane@example.net"], HTML_MESSAGE)
     await settled(relay, qid, ("delivered",))
     open_token, _ = _tokens(sink.messages[0].data)
     await client.get(f"/t/o/{open_token}", headers={"User-Agent": BROWSER})
@@ -209,7 +203,7 @@ async def test_machine_window_after_delivery(stack: tuple[Relay, Sink, httpx.Asy
 async def test_bad_tokens_get_404_and_log_nothing(stack: tuple[Relay, Sink, httpx.AsyncClient], mangle: str) -> None:
     relay, sink, client = stack
     assert relay.store is not None
-    qid = await submit(relay, ["jane@example.net"])
+    qid = await submit(relay, ["jane@example.net"], HTML_MESSAGE)
     await settled(relay, qid, ("delivered",))
     open_token, clicks = _tokens(sink.messages[0].data)
     signer = tracking.TokenSigner(b"x")  # wrong key
@@ -252,7 +246,7 @@ async def test_api_queries_retry_and_stats(
     relay, sink, client = stack
     monkeypatch.setattr(tracking, "MACHINE_WINDOW", 0.0)
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    welcome = await submit(relay, ["jane@example.net"])
+    welcome = await submit(relay, ["jane@example.net"], HTML_MESSAGE)
     stuck = await submit(
         relay,
         ["bob@dead.example"],

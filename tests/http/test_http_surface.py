@@ -11,16 +11,15 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-import aiosmtplib
 import httpx
 import pytest
 from helpers import (
     ServeProcess,
     make_config,
     metric,
-    queue_id_of,
     running_relay,
     send,
+    send_to,
     serve_config,
     smtp_client,
     store_url,
@@ -35,16 +34,6 @@ SECRET = "a-tracking-secret-for-the-tests-0123456789"
 METRICS_TOKEN = "metrics-token-abc"
 BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 PRIVATE_PATHS = ("/metrics", "/healthz", "/readyz", "/api/openapi.json", "/api/docs", "/docs", "/api/v1/messages")
-
-
-async def _send(port: int, rcpt: str) -> str:
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
-    await client.connect()
-    try:
-        _, text = await client.sendmail("app@example.com", [rcpt], b"Subject: hi\r\n\r\nhi\r\n")
-        return queue_id_of(text)
-    finally:
-        client.close()
 
 
 def _recipient_ids(db: Path) -> list[int]:
@@ -78,7 +67,7 @@ timeout = "1s"
         server = await ServeProcess(cfg, "--processes", processes).start()
         try:
             assert {"smtp", "http", "tracking"} <= set(server.ports)
-            await _send(server.smtp_port, "jane@example.com")
+            await send_to(server.smtp_port, "jane@example.com", b"Subject: hi\r\n\r\nhi\r\n")
             (rid,) = _recipient_ids(tmp_path / "data" / "relay.db")
             token = tracking.TokenSigner(SECRET.encode()).open_token(rid)
             private = httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.ports['http']}", timeout=10)

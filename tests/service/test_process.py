@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import aiosmtplib
-from helpers import NOWHERE, ServeProcess, queue_id_of, relay_cli, serve_config, write_config
+from helpers import NOWHERE, ServeProcess, queue_id_of, relay_cli, send_to, serve_config, write_config
 
 from relay.logstore import LogStore
 
@@ -20,19 +20,6 @@ def _config(tmp_path: Path, extra: str = "") -> Path:
 {extra}
 {NOWHERE}""",
     )
-
-
-async def _send_one(port: int, i: int) -> str:
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
-    await client.connect()
-    try:
-        errors, text = await client.sendmail(
-            "app@example.com", [f"user{i}@example.com"], f"Subject: n{i}\r\n\r\nbody {i}\r\n".encode()
-        )
-        assert not errors
-        return queue_id_of(text)
-    finally:
-        client.close()
 
 
 async def test_sigkill_after_250_loses_nothing(tmp_path: Path) -> None:
@@ -158,6 +145,10 @@ async def test_bad_config_names_the_key_and_exits_2(tmp_path: Path) -> None:
     code, _, err = await relay_cli("queue", "--config", str(tmp_path / "missing.toml"))
     assert code == 2
     assert "no such file" in err
+
+
+async def _send_one(port: int, i: int) -> str:
+    return await send_to(port, f"user{i}@example.com", f"Subject: n{i}\r\n\r\nbody {i}\r\n".encode())
 
 
 def _running(pid: int) -> bool:
