@@ -254,6 +254,10 @@ def _url_or_empty(value: Any, key: str) -> str:
     return "" if isinstance(value, str) and not value.strip() else _url(value, key)
 
 
+def _hostname_or_empty(value: Any, key: str) -> str:
+    return "" if isinstance(value, str) and not value.strip() else _hostname(value, key)
+
+
 def _optional(parse: Parser) -> Parser:
     """An empty string means "not set" (None); anything else is parsed."""
 
@@ -286,6 +290,26 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BouncesConfig:
+    domain: str = setting("", _hostname_or_empty)  # the return path domain; empty: VERP and the listener off
+    listen: tuple[Listen, ...] = setting((), _list(parse_listen))  # the MX of `domain` points here
+    max_message_size: int = setting(2_097_152, _int(1024))
+    notify_sender: bool = setting(False, _bool)  # also send an RFC 3464 DSN to the original sender
+
+    @property
+    def enabled(self) -> bool:
+        """A return path domain is set: VERP on outbound mail."""
+        return bool(self.domain)
+
+
+@dataclass(frozen=True, slots=True)
+class SuppressionConfig:
+    hard_bounces: bool = setting(True, _bool)  # suppress addresses whose bounce is hard
+    complaints: bool = setting(True, _bool)  # suppress addresses that complained
+    reject_at_rcpt: bool = setting(False, _bool)  # 550 at RCPT instead of accepting and skipping
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
@@ -294,6 +318,8 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    bounces: BouncesConfig = field(default_factory=BouncesConfig)
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     routes: tuple[RouteConfig, ...] = ()
 
     @property
@@ -320,6 +346,8 @@ SECTIONS: dict[str, type[Any]] = {
     "dns": DnsConfig,
     "http": HttpConfig,
     "tracking": TrackingConfig,
+    "bounces": BouncesConfig,
+    "suppression": SuppressionConfig,
 }
 
 
@@ -404,6 +432,8 @@ def _check(config: Config) -> Config:
         raise ConfigError(
             "smtp.tls_cert" if not smtp.tls_cert else "smtp.tls_key", "set both tls_cert and tls_key, or neither"
         )
+    if config.bounces.listen and not config.bounces.domain:
+        raise ConfigError("bounces.domain", "required when bounces.listen is set")
     # Whether the TLS files can be read and loaded is checked when `relay serve` starts (relay.service.listeners).
     for i, route in enumerate(config.routes):
         if not route.domains:

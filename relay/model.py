@@ -31,8 +31,9 @@ RETRY_ALL_STATES: Final = (QUEUED, DEFERRED)
 # Event types, defined once: fixed names, so later features add types rather than rename them.
 EventType = Literal[
     "received", "delivered", "deferred", "bounced", "expired", "suppressed",
-    "cancelled", "opened", "clicked", "complained", "retried",
+    "cancelled", "opened", "clicked", "complained", "retried", "noted",
 ]  # fmt: skip
+# "noted": a report that changes nothing (an auto-reply, a "delivered" DSN, a not-spam report).
 EVENT_TYPES: Final[tuple[EventType, ...]] = get_args(EventType)
 
 
@@ -205,3 +206,67 @@ class StatsRow:
     unique_clicks_machine: int
     latency_p50: float | None  # seconds from received to delivered
     latency_p95: float | None
+
+
+# -- suppression
+
+SuppressionReason = Literal["hard_bounce", "complaint", "manual"]
+SUPPRESSION_REASONS: Final[tuple[SuppressionReason, ...]] = get_args(SuppressionReason)
+SuppressionOrigin = Literal["bounce", "complaint", "api", "cli"]
+SUPPRESSION_ORIGINS: Final[tuple[SuppressionOrigin, ...]] = get_args(SuppressionOrigin)
+
+
+def suppression_key(address: str) -> str:
+    """How an address is stored and compared on the suppression list: lower case, whole
+    (``*@domain`` for a domain entry)."""
+    return address.strip().lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    """An address (or ``*@domain``) Relay does not send to."""
+
+    address: str  # suppression_key form
+    reason: SuppressionReason
+    origin: SuppressionOrigin
+    source_queue_id: str | None
+    created_at: float
+    expires_at: float | None = None
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "reason": self.reason,
+            "origin": self.origin,
+            "source_queue_id": self.source_queue_id,
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SuppressionChange:
+    """One line of the suppression audit trail: who added or removed which entry, when, why."""
+
+    at: float
+    address: str
+    action: Literal["added", "removed"]
+    reason: str  # the entry's reason when added; why, when removed
+    origin: SuppressionOrigin
+    actor: str
+    source_queue_id: str | None = None
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "at": iso(self.at),
+            "address": self.address,
+            "action": self.action,
+            "reason": self.reason,
+            "origin": self.origin,
+            "actor": self.actor,
+            "source_queue_id": self.source_queue_id,
+            "note": self.note,
+        }

@@ -94,3 +94,55 @@ users = sa.Table(
     sa.Column("password_hash", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
+
+# -- bounces and suppression
+
+# Addresses Relay will not send to. ``address`` is lower case: a mailbox, or "*@domain" for a
+# whole domain. An entry past ``expires_at`` counts as absent (and is replaced by a new one).
+suppressions = sa.Table(
+    "suppressions",
+    metadata,
+    sa.Column("address", sa.Text, primary_key=True),
+    sa.Column("reason", sa.String(16), nullable=False),  # hard_bounce | complaint | manual
+    sa.Column("origin", sa.String(16), nullable=False),  # bounce | complaint | api | cli
+    sa.Column("source_queue_id", sa.String(32)),  # the message that caused it; no key: it may be purged
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float),
+    sa.Column("note", sa.Text, nullable=False, server_default=""),
+    sa.Index("ix_suppressions_reason", "reason"),
+)
+
+# Every addition and removal of a suppression entry: who, when, why. Append-only.
+suppression_audit = sa.Table(
+    "suppression_audit",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("address", sa.Text, nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),  # added | removed
+    sa.Column("reason", sa.Text, nullable=False),  # the entry's reason when added; why, when removed
+    sa.Column("origin", sa.String(16), nullable=False),  # bounce | complaint | api | cli
+    sa.Column("actor", sa.Text, nullable=False),  # who: "delivery", "bounces", an API token's label, a CLI user
+    sa.Column("source_queue_id", sa.String(32)),
+    sa.Column("note", sa.Text, nullable=False, server_default=""),
+    sa.Index("ix_suppression_audit_address", "address"),
+)
+
+# Reports that came to the bounce listener (DSNs, ARF complaints, auto-replies), raw, capped
+# at [bounces] max_message_size; an event's details name one by ``report_id``.
+bounce_reports = sa.Table(
+    "bounce_reports",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("queue_id", sa.String(32), sa.ForeignKey("messages.queue_id", ondelete="CASCADE")),
+    sa.Column("recipient", sa.Text),
+    sa.Column("kind", sa.String(16), nullable=False),  # dsn | arf | auto_reply | bounce | unknown
+    sa.Column("result", sa.String(16), nullable=False),  # matched | unmatched | not_a_bounce
+    sa.Column("mail_from", sa.Text, nullable=False),
+    sa.Column("client_ip", sa.Text, nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Index("ix_bounce_reports_queue_id", "queue_id"),
+    sa.Index("ix_bounce_reports_received_at", "received_at"),
+)

@@ -9,9 +9,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from relay.model import ACTIVE_STATES, CANCELLED, DEFERRED, QUEUED, SENDING
-from relay.store.schema import bodies, events, link_chunks, message_tags, messages, recipients, users
+from relay.store.schema import (
+    bodies,
+    bounce_reports,
+    events,
+    link_chunks,
+    message_tags,
+    messages,
+    recipients,
+    suppression_audit,
+    suppressions,
+    users,
+)
 
 # -- intake
 
@@ -302,6 +314,33 @@ DELETE_USER = users.delete().where(users.c.name == sa.bindparam("name"))
 LIST_USERS = sa.select(users.c.name, users.c.created_at).order_by(users.c.name)
 # A user's password hash.
 PASSWORD_HASH = sa.select(users.c.password_hash).where(users.c.name == sa.bindparam("name"))
+
+# -- suppression
+
+# The entries in force for some keys (addresses and "*@domain"s, lower case) at :now.
+SUPPRESSIONS_FOR = sa.select(suppressions).where(
+    suppressions.c.address.in_(sa.bindparam("keys", expanding=True)),
+    sa.or_(suppressions.c.expires_at.is_(None), suppressions.c.expires_at > sa.bindparam("now")),
+)
+# Entries for some keys that have expired by :now (a new entry replaces them).
+DELETE_EXPIRED_SUPPRESSIONS = suppressions.delete().where(
+    suppressions.c.address.in_(sa.bindparam("keys", expanding=True)),
+    suppressions.c.expires_at <= sa.bindparam("now"),
+)
+# Add an entry unless one exists for its address (executemany), per dialect.
+INSERT_SUPPRESSION = {
+    "postgresql": postgresql.insert(suppressions).on_conflict_do_nothing(index_elements=["address"]),
+    "sqlite": sqlite.insert(suppressions).on_conflict_do_nothing(index_elements=["address"]),
+}
+# A line of the suppression audit trail.
+INSERT_SUPPRESSION_AUDIT = suppression_audit.insert()
+
+# -- bounce reports
+
+# A report as it came to the bounce listener; its id goes in the events it caused.
+INSERT_BOUNCE_REPORT = bounce_reports.insert().returning(bounce_reports.c.id)
+# One report, raw.
+BOUNCE_REPORT = sa.select(bounce_reports).where(bounce_reports.c.id == sa.bindparam("id"))
 
 # -- health
 
