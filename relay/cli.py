@@ -178,7 +178,11 @@ def _serve(cfg: config_mod.Config, processes: int) -> int:
 
     return lifecycle.run(
         lambda: lifecycle.serve(
-            cfg, smtp_sockets=sockets.smtp, http_sockets=sockets.http, tracking_sockets=sockets.tracking
+            cfg,
+            smtp_sockets=sockets.smtp,
+            http_sockets=sockets.http,
+            tracking_sockets=sockets.tracking,
+            bounce_sockets=sockets.bounces,
         )
     )
 
@@ -271,10 +275,33 @@ def _describe(kind: str, d: dict[str, Any]) -> str:
         text = f"attempt {d['attempt']} via {where} ({tls}, {d.get('duration_ms')} ms): {code} {d.get('reply', '')}"
         lines = [text.rstrip()]
         lines += [f"(tried first: {t})" for t in d.get("tried", ())]
+        if d.get("reason"):
+            lines.append(_why(d))
         if d.get("next_attempt_at"):
             lines.append(f"next attempt {d['next_attempt_at']}")
         return "\n        ".join(lines)
+    if kind == "suppressed" and isinstance(d.get("entry"), dict):
+        entry = d["entry"]
+        return f"on the suppression list: {entry.get('address')} ({entry.get('reason')}, by {entry.get('origin')}, " \
+               f"since {entry.get('created_at')})"  # fmt: skip
+    if d.get("async"):
+        what = " ".join(str(x) for x in (d.get("code"), d.get("status"), d.get("reply")) if x)
+        head = f"report {d.get('report_id')} ({d.get('report')}{', ' + str(d['action']) if d.get('action') else ''})"
+        if d.get("feedback_type"):
+            agent, source = d.get("user_agent") or "-", d.get("source_ip") or "-"
+            what = f"feedback type {d['feedback_type']}, from {agent}, source {source}"
+        lines = [f"{head}: {what}".rstrip(": ")]
+        if d.get("reason"):
+            lines.append(_why(d))
+        if d.get("note"):
+            lines.append(str(d["note"]))
+        return "\n        ".join(lines)
     return ", ".join(f"{k}={v}" for k, v in d.items() if v not in (None, ""))
+
+
+def _why(d: dict[str, Any]) -> str:
+    """A bounce's or deferral's classification, for support: the reason, hard or soft, the rule."""
+    return f"reason {d.get('reason')} ({'hard' if d.get('hard') else 'soft'}), rule: {d.get('rule')}"
 
 
 async def _queue(store: LogStore, args: argparse.Namespace) -> int:
@@ -348,10 +375,11 @@ async def _stats(store: LogStore, args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return 0
     print(f"{iso(since)} .. {iso(until)}, by {args.group_by}; counts are recipients, deferrals are attempts")
-    head = ("group", "received", "delivered", "deferred", "deferrals", "bounced", "expired", "opens", "clicks", "p50 s")
+    head = ("group", "received", "delivered", "deferred", "deferrals", "bounced", "expired", "complained",
+            "suppressed", "opens", "clicks", "p50 s")  # fmt: skip
     table = [head] + [
         (r.group or "-", *(str(n) for n in (r.received, r.delivered, r.deferred, r.deferrals, r.bounced, r.expired,
-                                             r.unique_opens, r.unique_clicks)),
+                                             r.complained, r.suppressed, r.unique_opens, r.unique_clicks)),
          "-" if r.latency_p50 is None else f"{r.latency_p50:g}")
         for r in rows
     ]  # fmt: skip

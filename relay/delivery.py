@@ -27,14 +27,17 @@ import secrets
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from relay import metrics
+from relay.bounces.classify import classify, expired
+from relay.bounces.inbound import sender_dsn
+from relay.bounces.verp import PREFIX, ReturnPath
 from relay.config import Config
 from relay.errors import Reply, StoreError
 from relay.logs import with_ids
 from relay.logstore import LogStore
-from relay.model import Claimed, Outcome, iso
+from relay.model import Claimed, Outcome, ReportTarget, Suppression, header_section, iso
 from relay.retry import RetryPolicy
 from relay.tracking import Tracker
 from relay.transport import Hop, Result, Transport
@@ -66,16 +69,18 @@ class Job:
         return self.size if self.size > REWRITE_IN_THREAD else 0
 
 
-def job_key(c: Claimed) -> tuple[str, str, int]:
-    """Recipients with the same key go in one transaction: a message's recipients per domain;
-    a tracked message is rewritten per recipient, so each of its recipients is a job alone."""
-    return c.queue_id, c.domain, c.recipient_id if c.track else 0
+def job_key(c: Claimed, *, alone: bool = False) -> tuple[str, str, int]:
+    """Recipients with the same key go in one transaction: a message's recipients per domain.
+    A tracked message is rewritten per recipient, and with a return path (VERP) each recipient
+    has its own MAIL FROM: then (``alone``) each recipient is a job alone. Relay's own DSNs
+    (from ``<>``) have no return path."""
+    return c.queue_id, c.domain, c.recipient_id if c.track or (alone and c.mail_from) else 0
 
 
-def group(claimed: Sequence[Claimed]) -> list[Job]:
+def group(claimed: Sequence[Claimed], *, alone: bool = False) -> list[Job]:
     jobs: dict[tuple[str, str, int], list[Claimed]] = {}
     for c in claimed:
-        jobs.setdefault(job_key(c), []).append(c)
+        jobs.setdefault(job_key(c, alone=alone), []).append(c)
     return [
         Job(mid, rs[0].mail_from, rs[0].received_at, domain, tuple(rs), rs[0].track, rs[0].size)
         for (mid, domain, _), rs in jobs.items()
@@ -97,6 +102,7 @@ class Planner:
     window: int  # how many candidates the claim reads
     large_budget: int = LARGE_IN_FLIGHT
     large_running: int = 0  # a snapshot: bytes of large messages in flight
+    alone: bool = False  # one recipient per transaction (VERP)
     waiting: bool = False  # something due was left for later (no free slot, or beyond the window)
 
     @property
@@ -117,7 +123,7 @@ class Planner:
         started: set[tuple[str, str, int]] = set()
         chosen: list[Claimed] = []
         for c in candidates:
-            key = job_key(c)
+            key = job_key(c, alone=self.alone)
             if key not in started:
                 size = c.size if c.size > REWRITE_IN_THREAD else 0
                 if (
@@ -140,11 +146,19 @@ class DeliveryEngine:
     poll_interval = 1.0  # seconds between looks for retries that came due
     record_retry_max = 2.0  # seconds between tries to record an attempt while the store fails
 
-    def __init__(self, config: Config, store: LogStore, transport: Transport, tracker: Tracker | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: LogStore,
+        transport: Transport,
+        tracker: Tracker | None = None,
+        return_path: ReturnPath | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.transport = transport
         self.tracker = tracker
+        self.return_path = return_path  # [bounces] domain set: VERP, one recipient per transaction
         d = config.delivery
         self.policy = RetryPolicy(d.retry_schedule, d.max_age)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -201,15 +215,23 @@ class DeliveryEngine:
             return False
         planner = Planner(
             free, d.per_domain, dict(self._running), window=max(4 * free, 64),
-            large_budget=self.large_budget, large_running=self._large,
+            large_budget=self.large_budget, large_running=self._large, alone=self.return_path is not None,
         )  # fmt: skip
         claimed = await self.store.claim_due(
             self.owner, lease=d.lease, limit=planner.window, pick=planner,
             skip_domains=planner.full_domains, max_size=planner.max_size,
         )  # fmt: skip
         lease_ends = time.time() + d.lease  # the store's lease ends a moment before this
+        for c in claimed:
+            if c.suppressed is not None:  # ended by the claim, never attempted
+                metrics.SUPPRESSED.labels(c.suppressed.reason).inc()
+                metrics.FINAL.labels("suppressed").inc()
+                with with_ids(queue_id=c.queue_id):
+                    log.info("to=<%s> status=suppressed entry=%s reason=%s", c.address, c.suppressed.address,
+                             c.suppressed.reason)  # fmt: skip
+        claimed = [c for c in claimed if c.suppressed is None]
         fresh = [c for c in claimed if c.recipient_id not in self._held]  # re-claims only renewed our lease
-        for job in group(fresh):
+        for job in group(fresh, alone=self.return_path is not None):
             self._start(job, lease_ends)
         # Due work left behind (or possibly behind a full domain): a finishing job looks again.
         self._backlog = planner.waiting or bool(planner.full_domains) or planner.max_size is not None
@@ -247,6 +269,8 @@ class DeliveryEngine:
                 result = _failed(job, Reply(None, "4.3.0", f"Relay failed during the attempt ({type(exc).__name__})"))
             duration_ms = int((time.monotonic() - started) * 1000)
             outcomes = self._outcomes(job, result, duration_ms, time.time())
+            if self.config.bounces.notify_sender and job.mail_from:
+                outcomes = await self._with_dsns(job, outcomes, result)
             try:
                 await self._record(outcomes, lease_ends)
             finally:
@@ -262,6 +286,8 @@ class DeliveryEngine:
                 if o.next_attempt_at is not None:
                     self._next_retry = min(self._next_retry, o.next_attempt_at)
                 metrics.attempt(o.status, o.at - job.received_at)
+                if o.status == "bounced":
+                    metrics.BOUNCES.labels("sync", str(o.details.get("reason", "undefined"))).inc()
                 log.info("to=<%s> status=%s attempt=%d relay=%s reply=%s", o.address, o.status, o.attempts,
                          _relay_name(result), o.last_response)  # fmt: skip
 
@@ -289,10 +315,17 @@ class DeliveryEngine:
             return _failed(job, Reply(None, "5.3.0", "message body missing from the store"))
         if job.track and self.tracker is not None:
             body = await self._rewrite(body, job)
+        mail_from = job.mail_from
+        if self.return_path is not None and mail_from:
+            # VERP: a bounce to this address names the recipient; X-Relay-Ref names it too
+            # inside the message, for complaints whose envelope is redacted.
+            token = self.return_path.token(job.recipients[0].recipient_id)
+            mail_from = f"{PREFIX}{token}@{self.return_path.domain}"
+            body = b"X-Relay-Ref: " + token.encode() + b"\r\n" + body
         budget = deadline - time.time()
         try:
             async with asyncio.timeout(budget):
-                return await self.transport.send(job.domain, job.mail_from, addresses, body)
+                return await self.transport.send(job.domain, mail_from, addresses, body)
         except TimeoutError:
             return _failed(job, Reply(None, "4.4.7", f"delivery attempt gave up after {max(budget, 0):.0f}s"))
 
@@ -325,6 +358,13 @@ class DeliveryEngine:
                 details["tried"] = list(result.tried)
             if decision.next_attempt_at is not None:
                 details["next_attempt_at"] = iso(decision.next_attempt_at)
+            suppress = None
+            if decision.status != "delivered":
+                cls = expired() if decision.status == "expired" else classify(reply.code, reply.enhanced, reply.text)
+                details.update(cls.details())
+                if decision.status == "bounced" and cls.hard and self.config.suppression.hard_bounces:
+                    suppress = Suppression(c.address.lower(), "hard_bounce", "bounce", job.queue_id, now, None,
+                                           str(reply)[:500])  # fmt: skip
             outcomes.append(
                 Outcome(
                     recipient_id=c.recipient_id,
@@ -337,9 +377,35 @@ class DeliveryEngine:
                     event=decision.status,
                     details=details,
                     at=now,
+                    suppress=suppress,
                 )
             )
         return outcomes
+
+    async def _with_dsns(self, job: Job, outcomes: list[Outcome], result: Result) -> list[Outcome]:
+        """[bounces] notify_sender: a bounce or an expiry also queues a DSN to the sender."""
+        ending = [o for o in outcomes if o.status in ("bounced", "expired")]
+        if not ending:
+            return outcomes
+        try:
+            body = (await self.store.load_bodies([job.queue_id])).get(job.queue_id, b"")
+        except StoreError as exc:
+            log.warning("no DSN to the sender: cannot read the message (%s)", exc)
+            return outcomes
+        headers = header_section(body)
+        out = []
+        for o in outcomes:
+            if o.status not in ("bounced", "expired"):
+                out.append(o)
+                continue
+            target = ReportTarget(o.recipient_id, o.queue_id, o.address, o.status, job.mail_from,
+                                  job.received_at, headers)  # fmt: skip
+            reply = result.replies[o.address]
+            status = "5.4.7" if o.status == "expired" else (reply.enhanced or "5.0.0")
+            dsn = sender_dsn(target, status=status, diagnostic=o.last_response, remote_mta=result.hop.host,
+                             hostname=self.config.server.hostname, now=o.at)  # fmt: skip
+            out.append(replace(o, notify=dsn, details={**o.details, "dsn_queue_id": dsn.queue_id}))
+        return out
 
     async def shutdown(self, grace: float) -> None:
         """Stop claiming; let transactions in flight finish for up to ``grace`` seconds, cancel

@@ -26,7 +26,7 @@ _UNSAFE_HELO = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TRACK_VALUES = {"none", "opens", "clicks"}
 _CRLF = re.compile(rb"\r\n|\r|\n")
-_CONTROL_HEADERS = (b"x-relay-tag", b"x-relay-track")  # read by Relay, never sent on
+_CONTROL_HEADERS = (b"x-relay-tag", b"x-relay-track", b"x-relay-ref")  # read or set by Relay, never passed on
 
 
 def _reject(text: str) -> InvalidMessage:

@@ -24,14 +24,18 @@ from relay.model import (
     Imported,
     MessageView,
     NewMessage,
+    NewReport,
     Outcome,
     QueueEntry,
     QueueSummary,
+    ReportDecision,
+    ReportTarget,
     StatsRow,
+    Suppression,
     TrackTarget,
 )
 from relay.store import log as event_log
-from relay.store import queue, users
+from relay.store import queue, reports, suppressions, users
 from relay.store import statements as q
 from relay.store.engine import Engine, Failure
 
@@ -109,6 +113,9 @@ class LogStore:
         event in one transaction. Returns once that transaction has committed; the
         ``on_enqueued`` callbacks then run, and one that raises cannot undo the commit."""
         await self._engine.submit(queue.Enqueue(msg))
+        self._enqueued(msg)
+
+    def _enqueued(self, msg: NewMessage) -> None:
         self._bodies.put(msg.queue_id, msg.raw)
         for callback in self.on_enqueued:
             try:
@@ -147,10 +154,13 @@ class LogStore:
     async def record(self, owner: str, outcomes: Sequence[Outcome]) -> None:
         """Write what attempts decided: the recipients' new states and one event each.
         Recipients no longer leased to ``owner`` keep their state; the events are kept."""
-        await self._engine.submit(queue.Record(owner, outcomes))
+        queued = await self._engine.submit(queue.Record(owner, outcomes))
         for o in outcomes:
             if o.next_attempt_at is None:  # a later attempt (a retry) reads the body back from the store
                 self._bodies.drop(o.queue_id)
+        assert isinstance(queued, list)
+        for dsn in queued:
+            self._enqueued(dsn)
 
     async def release(self, owner: str, recipient_ids: Iterable[int], now: float | None = None) -> int:
         """Give leased recipients back untouched, due at once (graceful shutdown)."""
@@ -283,3 +293,33 @@ class LogStore:
 
     async def password_hash(self, name: str) -> str | None:
         return await self._engine.read(lambda conn: users.password_hash(conn, name))
+
+    # -- bounces
+
+    async def record_report(
+        self,
+        report: NewReport,
+        recipient_ids: Sequence[int],
+        decide: Callable[[list[ReportTarget]], ReportDecision],
+        *,
+        with_headers: bool = False,
+    ) -> tuple[int, ReportDecision]:
+        """Store a report from the bounce listener with what it does: ``decide`` is given the
+        recipients it names (unknown ids left out; with their message's header section when
+        ``with_headers``) and says which events, state changes, suppression entries and DSNs
+        follow, all written in one transaction. Returns the report's id and the decision."""
+        report_id, decision = await self._engine.call(
+            lambda conn: reports.record(conn, report, recipient_ids, decide, with_headers=with_headers)
+        )
+        for dsn in decision.notify:
+            self._enqueued(dsn)
+        return report_id, decision
+
+    async def bounce_report(self, report_id: int) -> bytes | None:
+        """A stored report, raw, as it came to the bounce listener."""
+        return await self._engine.read(lambda conn: reports.raw(conn, report_id))
+
+    async def suppressed(self, addresses: Collection[str]) -> dict[str, Suppression]:
+        """The suppression entry in force for each of these addresses that has one."""
+        now = time.time()
+        return await self._engine.read(lambda conn: suppressions.find(conn, addresses, now))

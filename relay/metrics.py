@@ -40,6 +40,17 @@ TRACKING_COALESCED = Counter(
     "relay_tracking_hits_coalesced", "Tracking hits that repeated a recent one (same token, IP, User-Agent): not logged"
 )
 
+BOUNCES = Counter(
+    "relay_bounces",
+    "Bounces by kind (sync: refused in the SMTP transaction; async: a report after delivery) and reason",
+    ["kind", "reason"],
+)  # fmt: skip
+COMPLAINTS = Counter("relay_complaints", "Spam complaints (ARF reports) matched to a recipient")
+SUPPRESSED = Counter(
+    "relay_suppressed", "Recipients not attempted: their address is suppressed, by the entry's reason", ["reason"]
+)
+BOUNCE_REPORTS = Counter("relay_bounce_reports", "Reports that came to the bounce listener, by result", ["result"])
+
 REJECTION_REASONS: Final = (
     "auth_required", "auth_failed", "tls_required", "message_size", "too_many_recipients", "bad_address",
     "bad_sequence", "bad_content", "bad_command", "temporary_failure", "shutdown", "other",
@@ -55,6 +66,10 @@ for _kind in ("open", "click"):
         TRACKING.labels(_kind, _machine)
 for _reason in REJECTION_REASONS:
     REJECTIONS.labels(_reason)
+for _reason in ("hard_bounce", "complaint", "manual"):
+    SUPPRESSED.labels(_reason)
+for _result in ("matched", "unmatched", "not_a_bounce"):
+    BOUNCE_REPORTS.labels(_result)
 
 
 _RESULT = {"delivered": "delivered", "bounced": "bounced"}  # anything else was a temporary failure

@@ -44,6 +44,12 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def header_section(message: bytes) -> bytes:
+    """A message's header section, with its final CRLF (the whole of it when it has no body)."""
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[: end + 2]
+
+
 @dataclass(frozen=True, slots=True)
 class NewMessage:
     """A message accepted at intake, ready to be stored in one transaction."""
@@ -80,6 +86,7 @@ class Claimed:
     received_at: float
     track: str = ""
     size: int = 0  # the message's, in bytes
+    suppressed: Suppression | None = None  # set when the claim found it suppressed and ended it instead
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,8 @@ class Outcome:
     event: EventType
     details: Mapping[str, Any]
     at: float
+    suppress: Suppression | None = None  # a hard bounce's entry, added in the same transaction
+    notify: NewMessage | None = None  # a DSN to the sender, queued in the same transaction (if still leased)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +209,8 @@ class StatsRow:
     bounced: int
     expired: int
     deferrals: int  # deferred attempts
+    complained: int  # recipients who complained (ARF) in the window
+    suppressed: int  # recipients not attempted: on the suppression list
     unique_opens: int  # recipients who opened, human opens only
     unique_opens_machine: int  # recipients with machine opens (proxies, scanners)
     unique_clicks: int
@@ -270,3 +281,56 @@ class SuppressionChange:
             "source_queue_id": self.source_queue_id,
             "note": self.note,
         }
+
+
+# -- reports that come back to the bounce listener
+
+ReportResult = Literal["matched", "unmatched", "not_a_bounce"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReportTarget:
+    """The recipient a report is about (named by a return path or X-Relay-Ref token), as the
+    store has it when the report is recorded."""
+
+    recipient_id: int
+    queue_id: str
+    address: str
+    status: str
+    mail_from: str
+    received_at: float
+    headers: bytes | None = None  # the original's header section, when a DSN to the sender may be needed
+
+
+@dataclass(frozen=True, slots=True)
+class ReportEvent:
+    """An event a report causes (the store adds ``report_id`` to its details)."""
+
+    queue_id: str
+    recipient: str
+    type: EventType
+    details: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ReportDecision:
+    """What one report does, decided from its targets inside the recording transaction."""
+
+    kind: str  # dsn | arf | auto_reply | bounce | unknown
+    result: ReportResult
+    events: tuple[ReportEvent, ...] = ()
+    bounce: tuple[tuple[int, str], ...] = ()  # (recipient id, last response): delivered -> bounced
+    suppress: tuple[Suppression, ...] = ()
+    notify: tuple[NewMessage, ...] = ()  # DSNs to senders
+    queue_id: str | None = None  # what the report row is filed under
+    recipient: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewReport:
+    """A report as it came to the bounce listener."""
+
+    raw: bytes
+    mail_from: str
+    client_ip: str
+    received_at: float

@@ -29,6 +29,7 @@ from ulid import ULID
 
 from relay import intake, metrics, tracking
 from relay.auth import Authenticator
+from relay.bounces.inbound import BounceInbox
 from relay.config import Config, IPNetwork, Listen
 from relay.errors import InvalidMessage, StoreError
 from relay.logs import with_ids
@@ -54,6 +55,10 @@ REPLY_BAD_HELO = "501 5.5.4 Bad EHLO/HELO hostname"
 REPLY_TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections"
 REPLY_TOO_MANY_COMMANDS = "421 4.7.0 Too many commands"
 REPLY_LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
+REPLY_SUPPRESSED = "550 5.1.1 Recipient address suppressed"
+REPLY_NO_AUTH = "502 5.5.1 AUTH not available here"
+REPLY_UNKNOWN_BOUNCE = "550 5.1.1 Unknown bounce address"
+REPLY_RELAY_DENIED = "550 5.7.1 Relay access denied"
 
 # Content bigger than this is checked and scanned in a worker thread, off the event loop.
 HEAVY_CONTENT = 256 * 1024
@@ -357,6 +362,9 @@ class RelaySMTP(SMTP):
             await super().smtp_HELP(arg)
 
     async def smtp_AUTH(self, arg: str) -> None:
+        if not self.event_handler.offers_auth:
+            await self.push(REPLY_NO_AUTH)
+            return
         if self.session is not None and self.session.extended_smtp and not self._tls_protocol and not self.trusted:
             await self.push(REPLY_TLS_FIRST)
             return
@@ -457,6 +465,8 @@ def enhance(text: str) -> str:
 class RelayHandler:
     """aiosmtpd hooks: who may relay, what is accepted, and storing it."""
 
+    offers_auth = True
+
     def __init__(self, config: Config, store: LogStore, authenticator: Authenticator) -> None:
         self.config = config
         self.store = store
@@ -512,9 +522,25 @@ class RelayHandler:
             return "250 2.1.5 Ok"  # a duplicate is delivered once
         if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
             return REPLY_TOO_MANY_RCPTS
+        if self.config.suppression.reject_at_rcpt and (refusal := await self._suppressed(address)):
+            return refusal
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
+
+    async def _suppressed(self, address: str) -> str | None:
+        """The refusal of a suppressed recipient (``[suppression] reject_at_rcpt``), if it is."""
+        try:
+            found = await self.store.suppressed([address])
+        except StoreError:
+            log.exception("could not read the suppression list")
+            return REPLY_STORE_FAILED
+        entry = found.get(address)
+        if entry is None:
+            return None
+        metrics.SUPPRESSED.labels(entry.reason).inc()
+        log.info("refused suppressed recipient <%s> (entry %s, %s)", address, entry.address, entry.reason)
+        return REPLY_SUPPRESSED
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         queue_id = str(ULID())
@@ -637,6 +663,66 @@ class RelayHandler:
         return AuthResult(success=False, handled=False)
 
 
+class BounceHandler(RelayHandler):
+    """The bounce listener's hooks: anyone may connect without AUTH and send from any sender,
+    the null sender included (DSNs come from it), but only to a valid return path address
+    of ``[bounces] domain``. It never relays and never delivers anything: a report goes to
+    ``BounceInbox.receive``."""
+
+    offers_auth = False
+
+    def __init__(self, config: Config, store: LogStore, inbox: BounceInbox) -> None:
+        super().__init__(config, store, Authenticator(_no_password))
+        self.inbox = inbox
+        self._trusted = ()  # nobody relays through here
+
+    async def handle_EHLO(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        lines = [r[4:] for r in responses[1:] if r[4:] != "HELP" and not r[4:].startswith("AUTH")]
+        lines = [responses[0][4:], "PIPELINING", *lines, "ENHANCEDSTATUSCODES"]
+        return [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
+
+    async def handle_MAIL(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if address != "<>" and not valid_address(address):
+            return REPLY_BAD_SENDER
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if not valid_address(address):
+            return REPLY_BAD_RCPT
+        return_path = self.inbox.return_path
+        if address.rpartition("@")[2].lower().rstrip(".") != return_path.domain:
+            return REPLY_RELAY_DENIED
+        if return_path.recipient_of(address) is None:
+            log.info("refused a report to an unknown bounce address <%s> from %s", address, client_ip(session))
+            return REPLY_UNKNOWN_BOUNCE
+        if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
+            return REPLY_TOO_MANY_RCPTS
+        if address not in envelope.rcpt_tos:
+            envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.content
+        assert isinstance(content, bytes)
+        envelope.content = envelope.original_content = None
+        ids = [i for a in envelope.rcpt_tos if (i := self.inbox.return_path.recipient_of(a)) is not None]
+        sender = "" if envelope.mail_from == "<>" else envelope.mail_from or ""
+        return await self.inbox.receive(content, mail_from=sender, recipient_ids=ids, client_ip=client_ip(session))
+
+
+async def _no_password(_name: str) -> str | None:
+    return None
+
+
 async def _first_response(server: RelaySMTP, args: list[str], prompt: str) -> bytes | None:
     """The client's first AUTH response, decoded: from the AUTH line (the initial response), else
     asked for with ``prompt``. None once answered with a 501: cancelled, or not base64."""
@@ -655,7 +741,7 @@ class SmtpServer:
 
     def __init__(self, config: Config, store: LogStore, authenticator: Authenticator) -> None:
         self.config = config
-        self.handler = RelayHandler(config, store, authenticator)
+        self.handler: RelayHandler = RelayHandler(config, store, authenticator)
         self.sessions: set[RelaySMTP] = set()
         self.per_ip: collections.Counter[str] = collections.Counter()  # open sessions by client IP
         self._servers: list[asyncio.Server] = []
@@ -679,12 +765,15 @@ class SmtpServer:
         assert self._template is not None
         return RelaySMTP(self._template, sessions=self.sessions, per_ip=self.per_ip)
 
+    def listen(self) -> tuple[Listen, ...]:
+        return self.config.smtp.listen
+
     async def start(self, sockets: Sequence[socket.socket] | None = None) -> list[Listen]:
-        """Listen on ``sockets`` if given, else on ``[smtp] listen``. Returns the bound addresses."""
+        """Listen on ``sockets`` if given, else on its configured addresses. Returns the bound addresses."""
         loop = asyncio.get_running_loop()
         self._template = SessionTemplate(self.handler, **self.session_options())
         if sockets is None:
-            sockets = [bind(listen) for listen in self.config.smtp.listen]
+            sockets = [bind(listen) for listen in self.listen()]
         for sock in sockets:
             self._servers.append(await loop.create_server(self._factory, sock=sock))
         return [bound_address(sock) for sock in sockets]
@@ -716,6 +805,20 @@ class SmtpServer:
         self.sessions.clear()
         for server in self._servers:
             await server.wait_closed()
+
+
+class BounceServer(SmtpServer):
+    """The bounce listener (``[bounces] listen``): the MX of the return path domain."""
+
+    def __init__(self, config: Config, store: LogStore, inbox: BounceInbox) -> None:
+        super().__init__(config, store, Authenticator(_no_password))
+        self.handler = BounceHandler(config, store, inbox)
+
+    def listen(self) -> tuple[Listen, ...]:
+        return self.config.bounces.listen
+
+    def session_options(self) -> dict[str, Any]:
+        return {**super().session_options(), "data_size_limit": self.config.bounces.max_message_size}
 
 
 def _tls_context(config: Config) -> ssl.SSLContext:

@@ -16,7 +16,7 @@ import time
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from relay.errors import NotFound
@@ -159,3 +159,18 @@ async def stats(
         raise _invalid("query", "since", "must not be after until")
     rows = await store.stats(start, end, group_by)
     return schemas.stats(start, end, group_by, rows)
+
+
+@router.get(
+    "/bounce-reports/{id}",
+    summary="A report as it came to the bounce listener (a DSN, an ARF complaint, an auto-reply)",
+    response_class=Response,
+    responses={200: {"content": {"message/rfc822": {}}}, 404: {"model": Problem, "description": "No such report"}},
+)
+async def bounce_report(store: Store, id: Annotated[int, Path(ge=1, le=2**63 - 1)]) -> Response:
+    raw = await store.bounce_report(id)
+    if raw is None:
+        raise HTTPException(404, "no such report")
+    return Response(
+        raw, media_type="message/rfc822", headers={"Content-Disposition": f'inline; filename="report-{id}.eml"'}
+    )

@@ -76,6 +76,8 @@ class StatsGroup(BaseModel):
     bounced: int = Field(description="Recipients whose latest outcome in the window is bounced")
     expired: int = Field(description="Recipients whose latest outcome in the window is expired")
     deferrals: int = Field(description="Deferred attempts in the window")
+    complained: int = Field(description="Recipients who complained (an ARF report) in the window")
+    suppressed: int = Field(description="Recipients whose latest outcome in the window is suppressed (not attempted)")
     unique_opens: Counts
     unique_clicks: Counts
     delivery_latency_seconds: Latency
@@ -149,6 +151,8 @@ def stats(since: float, until: float, group_by: str, rows: Sequence[StatsRow]) -
                 bounced=r.bounced,
                 expired=r.expired,
                 deferrals=r.deferrals,
+                complained=r.complained,
+                suppressed=r.suppressed,
                 unique_opens=Counts(human=r.unique_opens, machine=r.unique_opens_machine),
                 unique_clicks=Counts(human=r.unique_clicks, machine=r.unique_clicks_machine),
                 delivery_latency_seconds=Latency(p50=r.latency_p50, p95=r.latency_p95),

@@ -27,6 +27,8 @@ from typing import Any
 
 from relay import tracking
 from relay.auth import Authenticator
+from relay.bounces.inbound import BounceInbox
+from relay.bounces.verp import ReturnPath
 from relay.config import Config, Listen
 from relay.delivery import DeliveryEngine
 from relay.errors import RelayError, StartError, one_line
@@ -36,7 +38,7 @@ from relay.mx import MxResolver
 from relay.net import bind, bound_address
 from relay.service.listeners import check_tls, warn_if_tracking_loopback
 from relay.service.signals import StopSignals
-from relay.smtp_in import SmtpServer
+from relay.smtp_in import BounceServer, SmtpServer
 from relay.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -52,9 +54,11 @@ class Relay:
         self.delivery: DeliveryEngine | None = None
         self.http: HttpServer | None = None
         self.tracking_http: HttpServer | None = None  # the public side, with [tracking] listen
+        self.bounces: BounceServer | None = None  # the bounce listener, with [bounces] listen
         self.smtp_addresses: list[Listen] = []
         self.http_address: Listen | None = None
         self.tracking_address: Listen | None = None
+        self.bounce_addresses: list[Listen] = []
         self.failed = asyncio.Event()
         self._delivery_task: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -71,6 +75,7 @@ class Relay:
         smtp_sockets: Sequence[socket.socket] | None = None,
         http_sockets: Sequence[socket.socket] | None = None,
         tracking_sockets: Sequence[socket.socket] | None = None,
+        bounce_sockets: Sequence[socket.socket] | None = None,
         upgrade: bool = True,
         deliver: bool = True,
         announce: bool = True,
@@ -78,7 +83,9 @@ class Relay:
         """Open the store, then listen, then deliver, then take mail. On failure, what has
         started is stopped and the error raised (a RelayError, one line, for anything expected)."""
         try:
-            await self._startup(smtp_sockets, http_sockets, tracking_sockets, upgrade=upgrade, deliver=deliver)
+            await self._startup(
+                smtp_sockets, http_sockets, tracking_sockets, bounce_sockets, upgrade=upgrade, deliver=deliver
+            )
         except BaseException as exc:
             with contextlib.suppress(Exception):  # quietly: the start's error says it all
                 await self._stack.aclose()
@@ -91,12 +98,15 @@ class Relay:
             log.info("http listening on %s", self.http_address)
             if self.tracking_address is not None:
                 log.info("tracking listening on %s", self.tracking_address)
+            for address in self.bounce_addresses:
+                log.info("bounces listening on %s", address)
 
     async def _startup(
         self,
         smtp_sockets: Sequence[socket.socket] | None,
         http_sockets: Sequence[socket.socket] | None,
         tracking_sockets: Sequence[socket.socket] | None,
+        bounce_sockets: Sequence[socket.socket] | None,
         *,
         upgrade: bool,
         deliver: bool,
@@ -108,7 +118,8 @@ class Relay:
         stack.push_async_callback(self._cancel_tasks)
         if upgrade:
             await store.upgrade()
-        signer = tracking.TokenSigner(tracking_secret(config))
+        signer_secret = tracking_secret(config)
+        signer = tracking.TokenSigner(signer_secret)
 
         # Every listener bound (unless given: listeners.prepare has bound them and checked the
         # TLS files), each closed again if a later step fails.
@@ -118,6 +129,10 @@ class Relay:
         http_socks = list(http_sockets) if http_sockets is not None else [stack.enter_context(bind(config.http.listen))]
         if tracking_sockets is None and config.tracking.listen is not None:
             tracking_sockets = [stack.enter_context(bind(config.tracking.listen))]
+        if bounce_sockets is None:
+            bounce_sockets = [stack.enter_context(bind(listen)) for listen in config.bounces.listen]
+        # The return path's tokens are signed with the tracking secret (their own HMAC context).
+        return_path = ReturnPath(signer_secret, config.bounces.domain) if config.bounces.enabled else None
         self.smtp = smtp = SmtpServer(config, store, Authenticator(store.password_hash))
 
         # With [tracking] listen, /t/... are served there and only there; the private side
@@ -140,9 +155,14 @@ class Relay:
             # no Tracker, and even mail queued with tracking on goes out unchanged.
             tracker = tracking.Tracker(config.tracking.base_url, signer) if config.tracking.enabled else None
             transport = Transport(config, MxResolver(config.dns))
-            self.delivery = delivery = DeliveryEngine(config, store, transport, tracker)
+            self.delivery = delivery = DeliveryEngine(config, store, transport, tracker, return_path)
             self._delivery_task = self.spawn(delivery.run(), "delivery")
             stack.push_async_callback(delivery.shutdown, config.delivery.shutdown_grace)
+
+        if return_path is not None and bounce_sockets:
+            self.bounces = bounces = BounceServer(config, store, BounceInbox(config, store, return_path))
+            stack.push_async_callback(bounces.shutdown, config.smtp.shutdown_grace)
+            self.bounce_addresses = await bounces.start(bounce_sockets)
 
         # Last to start, first to stop: SMTP stops taking mail before delivery stops.
         stack.push_async_callback(smtp.shutdown, config.smtp.shutdown_grace)
@@ -192,6 +212,7 @@ async def serve(
     smtp_sockets: Sequence[socket.socket] | None = None,
     http_sockets: Sequence[socket.socket] | None = None,
     tracking_sockets: Sequence[socket.socket] | None = None,
+    bounce_sockets: Sequence[socket.socket] | None = None,
     upgrade: bool = True,
     quiet: bool = False,
     ready_fd: int | None = None,
@@ -220,7 +241,7 @@ async def serve(
         try:
             await relay.startup(
                 smtp_sockets=smtp_sockets, http_sockets=http_sockets, tracking_sockets=tracking_sockets,
-                upgrade=upgrade, announce=not quiet,
+                bounce_sockets=bounce_sockets, upgrade=upgrade, announce=not quiet,
             )  # fmt: skip
         except RelayError as exc:
             if ready_fd is None:

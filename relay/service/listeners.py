@@ -30,9 +30,10 @@ class Sockets:
     smtp: list[socket.socket] = field(default_factory=list)
     http: list[socket.socket] = field(default_factory=list)
     tracking: list[socket.socket] | None = None
+    bounces: list[socket.socket] = field(default_factory=list)  # [bounces] listen
 
     def all(self) -> list[socket.socket]:
-        return [*self.smtp, *self.http, *(self.tracking or ())]
+        return [*self.smtp, *self.http, *(self.tracking or ()), *self.bounces]
 
     def close(self) -> None:
         for sock in self.all():
@@ -40,7 +41,7 @@ class Sockets:
 
 
 def prepare(config: Config) -> Sockets:
-    """Make data_dir, check the TLS files and bind every listener (SMTP, HTTP, tracking); on
+    """Make data_dir, check the TLS files and bind every listener (SMTP, HTTP, tracking, bounces); on
     any failure close what was bound and raise StartError."""
     make_data_dir(config)
     check_tls(config)
@@ -50,6 +51,7 @@ def prepare(config: Config) -> Sockets:
         sockets.http = [bind(config.http.listen)]
         if config.tracking.listen is not None:
             sockets.tracking = [bind(config.tracking.listen)]
+        sockets.bounces = [bind(listen) for listen in config.bounces.listen]
     except StartError:
         sockets.close()
         raise

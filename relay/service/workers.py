@@ -60,6 +60,7 @@ def _worker(config: Config, sockets: Sockets, ready_fd: int) -> int:
     return lifecycle.run(
         lambda: lifecycle.serve(
             config, smtp_sockets=sockets.smtp, http_sockets=sockets.http, tracking_sockets=sockets.tracking,
+            bounce_sockets=sockets.bounces,
             upgrade=False, quiet=True, ready_fd=ready_fd,
         )
     )  # fmt: skip
@@ -160,6 +161,7 @@ def _run_workers(config: Config, processes: int, sockets: Sockets) -> int:
         addresses.append(("http", bound_address(sockets.http[0])))
         if sockets.tracking:
             addresses.append(("tracking", bound_address(sockets.tracking[0])))
+        addresses.extend(("bounces", bound_address(sock)) for sock in sockets.bounces)
         sockets.close()  # the workers have them
         supervisor = _Supervisor(children)
         supervisor.install()

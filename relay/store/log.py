@@ -208,7 +208,8 @@ def stats(conn: Connection, since: float, until: float, group_by: str) -> list[S
 
     def row(key: str | None) -> dict[str, Any]:
         return rows.setdefault(key, {"received": 0, "latencies": [], "opened": [0, 0], "clicked": [0, 0],
-                                     "deferred": 0, "deferrals": 0, **dict.fromkeys(q.OUTCOME_EVENTS, 0)})  # fmt: skip
+                                     "complained": [0, 0], "deferred": 0, "deferrals": 0,
+                                     **dict.fromkeys(q.OUTCOME_EVENTS, 0)})  # fmt: skip
 
     for key, n in conn.execute(queries.received, window):
         row(key)["received"] = n
@@ -226,7 +227,8 @@ def stats(conn: Connection, since: float, until: float, group_by: str) -> list[S
         out.append(
             StatsRow(
                 group=key, received=v["received"], delivered=v["delivered"], deferred=v["deferred"],
-                bounced=v["bounced"], expired=v["expired"], deferrals=v["deferrals"], unique_opens=v["opened"][0],
+                bounced=v["bounced"], expired=v["expired"], deferrals=v["deferrals"],
+                complained=sum(v["complained"]), suppressed=v["suppressed"], unique_opens=v["opened"][0],
                 unique_opens_machine=v["opened"][1], unique_clicks=v["clicked"][0],
                 unique_clicks_machine=v["clicked"][1], latency_p50=_percentile(lat, 0.50),
                 latency_p95=_percentile(lat, 0.95),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy.engine import Connection
 
@@ -25,8 +25,10 @@ from relay.model import (
     Outcome,
     QueueEntry,
     QueueSummary,
+    Suppression,
 )
 from relay.store import statements as q
+from relay.store import suppressions
 from relay.store.engine import Op
 from relay.store.log import NewEvent, append_events
 from relay.store.schema import LINK_CHUNK, messages, recipients
@@ -107,8 +109,9 @@ class Enqueue(Op):
 
 @dataclass(slots=True)
 class Record(Op):
-    """What attempts decided: the recipients' new states (while ``owner`` holds their lease)
-    and one event each."""
+    """What attempts decided: the recipients' new states (while ``owner`` holds their lease),
+    one event each, hard bounces' suppression entries, and DSNs to senders. Its result: the
+    DSNs it queued."""
 
     owner: str
     outcomes: Sequence[Outcome]
@@ -117,25 +120,42 @@ class Record(Op):
     def run_many(cls, conn: Connection, ops: Sequence[Op]) -> list[object]:
         updates: list[dict[str, object]] = []
         logged: list[NewEvent] = []
+        entries: list[Suppression] = []
+        notify: list[NewMessage] = []
         for op in ops:
             assert isinstance(op, Record)
             for o in op.outcomes:
-                updates.append(
-                    {
-                        "rid": o.recipient_id,
-                        "owner": op.owner,
-                        "status": o.status,
-                        "attempts": o.attempts,
-                        "next_at": o.next_attempt_at,
-                        "response": o.last_response,
-                        "at": o.at,
-                    }
-                )
+                update = {
+                    "rid": o.recipient_id,
+                    "owner": op.owner,
+                    "status": o.status,
+                    "attempts": o.attempts,
+                    "next_at": o.next_attempt_at,
+                    "response": o.last_response,
+                    "at": o.at,
+                }
+                if o.notify is None:
+                    updates.append(update)
+                # A DSN to the sender only from the worker that still holds the lease: a
+                # recipient attempted twice (a lease that ran out) tells its sender once.
+                elif conn.execute(q.RECORD, update).rowcount == 1:
+                    notify.append(o.notify)
                 logged.append(NewEvent(o.queue_id, o.address, o.at, o.event, o.details))
+                if o.suppress is not None:
+                    entries.append(o.suppress)
         if updates:
             conn.execute(q.RECORD, updates)
-            append_events(conn, logged)
-        return [None] * len(ops)
+        append_events(conn, logged)
+        if entries:
+            suppressions.add(conn, entries, actor="delivery", now=max(e.created_at for e in entries))
+        if notify:
+            Enqueue.run_many(conn, [Enqueue(m) for m in notify])
+        sent = {m.queue_id for m in notify}
+        return [
+            [o.notify for o in op.outcomes if o.notify is not None and o.notify.queue_id in sent]
+            for op in ops
+            if isinstance(op, Record)
+        ]
 
 
 def claim(
@@ -158,13 +178,44 @@ def claim(
     if conn.dialect.name == "postgresql":
         due = due.with_for_update(skip_locked=True, of=recipients)
     candidates = [Claimed(*row) for row in conn.execute(due, {"now": now})]
+    ended = _end_suppressed(conn, candidates, now) if candidates else []
+    if ended:
+        gone = {c.recipient_id for c in ended}
+        candidates = [c for c in candidates if c.recipient_id not in gone]
     chosen = list(candidates if pick is None else pick(candidates))
     if chosen:
         conn.execute(
             q.LEASE, {"ids": [c.recipient_id for c in chosen], "owner": owner, "until": now + lease, "at": now}
         )
     chosen.sort(key=lambda c: (c.queue_id, c.recipient_id))
-    return chosen
+    return chosen + ended
+
+
+def _end_suppressed(conn: Connection, candidates: Sequence[Claimed], now: float) -> list[Claimed]:
+    """Due recipients whose address is on the suppression list end ``suppressed``, never
+    attempted, each with a "suppressed" event naming the entry; returned marked."""
+    found = suppressions.find(conn, {c.address for c in candidates}, now)
+    ended = [replace(c, suppressed=entry) for c in candidates if (entry := found.get(c.address)) is not None]
+    if ended:
+        conn.execute(
+            q.SUPPRESS_RECIPIENT,
+            [{"rid": c.recipient_id, "response": suppressed_response(c.suppressed), "at": now} for c in ended],
+        )
+        append_events(
+            conn,
+            [NewEvent(c.queue_id, c.address, now, "suppressed", suppressed_details(c.suppressed)) for c in ended],
+        )
+    return ended
+
+
+def suppressed_response(entry: Suppression | None) -> str:
+    """What a suppressed recipient's last_response says."""
+    return "" if entry is None else f"suppressed: {entry.address} is on the suppression list ({entry.reason})"
+
+
+def suppressed_details(entry: Suppression | None) -> dict[str, object]:
+    """The "suppressed" event's details: the entry that stopped it."""
+    return {"reason": "suppressed", "hard": False, "entry": None if entry is None else entry.to_json()}
 
 
 def release(conn: Connection, owner: str, recipient_ids: list[int], now: float) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from relay.model import ACTIVE_STATES, CANCELLED, DEFERRED, QUEUED, SENDING
+from relay.model import ACTIVE_STATES, BOUNCED, CANCELLED, DEFERRED, DELIVERED, QUEUED, SENDING, SUPPRESSED
 from relay.store.schema import (
     bodies,
     bounce_reports,
@@ -260,7 +260,7 @@ class StatsQueries:
     waits: sa.Select[Any]  # seconds from received to delivered, per delivery
 
 
-OUTCOME_EVENTS = ("delivered", "bounced", "expired")
+OUTCOME_EVENTS = ("delivered", "bounced", "expired", "suppressed")
 
 
 def _stats_queries(group_by: str) -> StatsQueries:
@@ -294,7 +294,9 @@ def _stats_queries(group_by: str) -> StatsQueries:
         received=received.group_by(group),
         outcomes=outcomes.where(e.c.id.in_(latest)).group_by(group, e.c.type),
         deferred=deferred.where(window_events, e.c.type == "deferred").group_by(group),
-        engaged=engaged.where(window_events, e.c.type.in_(("opened", "clicked"))).group_by(group, e.c.type, machine),
+        engaged=engaged.where(window_events, e.c.type.in_(("opened", "clicked", "complained"))).group_by(
+            group, e.c.type, machine
+        ),
         waits=waits.where(window_events, e.c.type == "delivered"),
     )
 
@@ -332,6 +334,18 @@ INSERT_SUPPRESSION = {
     "postgresql": postgresql.insert(suppressions).on_conflict_do_nothing(index_elements=["address"]),
     "sqlite": sqlite.insert(suppressions).on_conflict_do_nothing(index_elements=["address"]),
 }
+# End claimed-to-be recipients that are suppressed (executemany): never attempted.
+SUPPRESS_RECIPIENT = (
+    recipients.update()
+    .where(recipients.c.id == sa.bindparam("rid"))
+    .values(
+        status=SUPPRESSED,
+        next_attempt_at=None,
+        lease_owner=None,
+        last_response=sa.bindparam("response"),
+        updated_at=sa.bindparam("at"),
+    )
+)
 # A line of the suppression audit trail.
 INSERT_SUPPRESSION_AUDIT = suppression_audit.insert()
 
@@ -339,6 +353,25 @@ INSERT_SUPPRESSION_AUDIT = suppression_audit.insert()
 
 # A report as it came to the bounce listener; its id goes in the events it caused.
 INSERT_BOUNCE_REPORT = bounce_reports.insert().returning(bounce_reports.c.id)
+# The recipients reports name, with what a report needs of their message.
+REPORT_TARGETS = (
+    sa.select(
+        recipients.c.id,
+        recipients.c.queue_id,
+        recipients.c.address,
+        recipients.c.status,
+        messages.c.mail_from,
+        messages.c.received_at,
+    )
+    .join(messages, messages.c.queue_id == recipients.c.queue_id)
+    .where(recipients.c.id.in_(sa.bindparam("ids", expanding=True)))
+)
+# A bounce that came back after delivery: delivered -> bounced (executemany).
+ASYNC_BOUNCE = (
+    recipients.update()
+    .where(recipients.c.id == sa.bindparam("rid"), recipients.c.status == DELIVERED)
+    .values(status=BOUNCED, last_response=sa.bindparam("response"), updated_at=sa.bindparam("at"))
+)
 # One report, raw.
 BOUNCE_REPORT = sa.select(bounce_reports).where(bounce_reports.c.id == sa.bindparam("id"))
 

@@ -55,6 +55,7 @@ def _planted(now: float) -> Imported:
         EventView(t + 6, "complained", JANE, {
             "feedback_type": "abuse", "source": "arf", "nested": {"a": [1, 2.5, None, True]},
         }),
+        EventView(t + 7, "noted", JANE, {"async": True, "report": "auto_reply", "reason": "vacation", "report_id": 1}),
     )  # fmt: skip
     message = NewMessage(
         queue_id=QID,
