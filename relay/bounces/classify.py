@@ -4,13 +4,18 @@
 names, phrases, status codes, the order) come from sisimai, the reference bounce classifier; the
 code is Relay's own. The walk:
 
-1. ``RULES`` in order. A rule matches on its phrases (or ordered pieces) in the reply text, or on
-   its enhanced status codes / reply codes. The text outranks the code: a status match is vetoed
-   when the text says something another reason owns (a 5.1.1 that says "mailbox full" is
-   ``mailboxfull``), and text-only rules come before the status table.
+1. ``RULES`` in order: Relay's own replies, provider and MTA specific texts (sisimai's rhost and
+   lhost facts: Google, Microsoft, Yahoo, qmail...), then sisimai's reasons in sisimai's order.
+   A rule matches on its phrases (or ordered pieces) in the reply text, or on its enhanced
+   status codes / reply codes. The text outranks the code: mailboxfull comes first, a status
+   match is vetoed when the text says what another reason owns (a 5.1.1 that says "relay access
+   denied" is ``norelaying``), and every text-only rule comes before the status table.
 2. The status table (``STATUS``): an exact enhanced code -> reason; x.0.0 says nothing.
-3. Fallbacks: x.6.x contenterror, x.7.x securityerror, 401-407/501-507 syntaxerror, any text
-   onhold, nothing at all undefined.
+3. Fallbacks: x.6.x contenterror, x.7.x securityerror, a refusal at EHLO/HELO blocked,
+   401-407/501-507 syntaxerror, 521/556 notaccept, any text onhold, nothing at all undefined.
+
+sisimai's later names are used: mesgtoobig and exceedlimit are ``emailtoolarge``, speeding and
+toomanyconn are ``ratelimited``.
 
 It runs on the event loop once per failed recipient, so everything is precompiled, the text is
 capped, and matching is plain substring search (no backtracking). It never raises.
@@ -18,11 +23,14 @@ capped, and matching is plain substring search (no backtracking). It never raise
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Final
 
 __all__ = ["REASONS", "RULES", "STATUS", "Classification", "Rule", "classify", "expired"]
+
+log = logging.getLogger(__name__)
 
 REASONS: Final[tuple[str, ...]] = (
     "userunknown",
@@ -951,15 +959,25 @@ RULES: Final[tuple[Rule, ...]] = (
     # Relay's own replies (relay/transport.py, relay/mx.py, relay/delivery.py): exact texts first,
     # since Relay's enhanced codes are its best guess, not a server's word.
     Rule("systemerror", ("relay is shutting down", "relay failed during the attempt"), group="relay"),
-    Rule("systemerror", ("from the store", "delivery attempt gave up after"), group="relay"),
+    Rule(
+        "systemerror",
+        ("could not read the message from the store", "message body missing from the store"),
+        group="relay",
+    ),
+    Rule("systemerror", ("delivery attempt gave up after",), group="relay"),
     Rule("failedstarttls", ("but the server did not offer starttls",), group="relay"),
     Rule("failedstarttls", (), (("tls with ", " failed: "),), group="relay"),
     Rule("securityerror", ("refusing to send credentials without tls", "refused our credentials"), group="relay"),
     Rule("networkerror", ("no usable address for ", "no address for the mail exchangers of "), group="relay"),
     Rule(
         "networkerror",
-        ("sent a malformed reply", "dropped the connection", "has no address"),
-        (("connection to ", " timed out"), ("connection to ", " failed: "), ("dns lookup of ", " failed")),
+        ("sent a malformed reply", "dropped the connection"),
+        (
+            ("connection to ", " timed out"),
+            ("connection to ", " failed: "),
+            ("dns lookup of ", " failed"),
+            ("route host ", " has no address"),
+        ),
         group="relay",
     ),
     Rule("networkerror", (), (("dns lookup of ", " timed out"),), group="relay"),
@@ -1021,6 +1039,8 @@ RULES: Final[tuple[Rule, ...]] = (
     Rule("hostunknown", ("sorry, i couldn't find any host ",), group="qmail"),
     Rule("systemerror", ("unable to contact ldap server", "bad interpreter: no such file or directory"), group="qmail"),
     Rule("blocked", ("but my name was rejected",), group="qmail"),
+    # A local delivery program failed (a DSN's Diagnostic-Type X-Unix): sisimai says mailererror
+    # before any SMTP reason, and these texts are the program's own.
     Rule("mailererror", _MAILERERROR),
     # sisimai's first pass, in its order. A status alone decides only where the text is silent.
     Rule("mailboxfull", _MAILBOXFULL, statuses=("4.2.2", "5.2.2")),
@@ -1039,7 +1059,7 @@ RULES: Final[tuple[Rule, ...]] = (
         _USERUNKNOWN,
         _USERUNKNOWN_PIECES,
         statuses=("5.1.0", "5.1.1", "5.1.3"),
-        unless=("norelaying", "blocked", "mailboxfull", "hasmoved", "rejected", "notaccept", "suspend"),
+        unless=("norelaying", "blocked", "mailboxfull", "hasmoved", "rejected", "notaccept"),
         only_commands=frozenset({"RCPT"}),
     ),
     # "User unknown" where the command is unknown or DATA: a filter speaking (sisimai's rule).
@@ -1180,11 +1200,6 @@ STATUS: Final[dict[str, str]] = {
     "5.7.30": "failedstarttls",
 }
 
-# Status reasons sisimai does not trust on their own: the text gets a second look first.
-_WEAK_STATUS: Final = frozenset(
-    {"undefined", "onhold", "systemerror", "securityerror", "expired", "networkerror", "hostunknown", "userunknown"}
-)
-
 # Rule numbers per reason, for vetoes (Relay's own rules never veto a server's words).
 _BY_REASON: Final[dict[str, tuple[int, ...]]] = {
     reason: tuple(i for i, r in enumerate(RULES) if r.reason == reason and r.group != "relay") for reason in REASONS
@@ -1302,6 +1317,7 @@ def classify(code: int | None, enhanced: str | None, text: str, *, command: str 
     try:
         return _classify(code, enhanced, text, command)
     except Exception:  # a classifier bug must never cost a delivery; say so in the rule instead
+        log.exception("bounce classifier failed on code %r, enhanced %r", code, enhanced)
         return Classification("undefined", False, "classifier error")
 
 

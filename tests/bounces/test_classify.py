@@ -234,6 +234,7 @@ def test_never_raises(code: int | None, enhanced: str | None, text: str, command
     assert got.reason in REASONS
     assert isinstance(got.hard, bool)
     assert got.rule
+    assert got.rule != "classifier error"  # nothing was caught: it did not raise inside either
 
 
 @given(st.lists(st.sampled_from([p for rule in RULES for p in rule.phrases] + ["550", "5.1.1", " ", "<"]), max_size=30))
@@ -241,10 +242,12 @@ def test_never_raises(code: int | None, enhanced: str | None, text: str, command
 def test_never_raises_on_phrase_soup(parts: list[str]) -> None:
     got = classify(None, None, " ".join(parts))
     assert got.reason in REASONS
+    assert got.rule != "classifier error"
 
 
 def test_wrong_types_do_not_raise() -> None:
-    assert classify("550", 5.11, None, command=7).reason == "undefined"  # type: ignore[arg-type]
+    got = classify("550", 5.11, None, command=7)  # type: ignore[arg-type]
+    assert (got.reason, got.rule) == ("undefined", "no code and no text")
     assert classify(True, "5.1.1", "User unknown", command="RCPT").reason == "userunknown"  # type: ignore[arg-type]
 
 
@@ -252,3 +255,4 @@ def test_wrong_types_do_not_raise() -> None:
 def test_two_megabytes_of_text_is_fine(unit: str) -> None:
     got = classify(550, None, unit * (2_000_000 // len(unit)))
     assert got.reason in REASONS
+    assert got.rule != "classifier error"
