@@ -998,6 +998,9 @@ RULES: Final[tuple[Rule, ...]] = (
     ),
     Rule("rejected", ("temporarily deferred due to unexpected volume or user complaints",), group="yahoo"),
     Rule("expired", ("message expired",), only_statuses=("4.4.7", "5.4.300", "5.4.316"), group="microsoft"),
+    Rule("blocked", ("access denied, please try again later",), only_statuses=("4.7.",), group="microsoft"),
+    Rule("systemerror", ("server busy. please try again later from ",), group="microsoft"),
+    Rule("blocked", ("try again later, closing connection.",), only_statuses=("4.7.0",), group="google"),
     Rule("expired", ("the recipient server did not accept our requests to connect",), group="google"),
     Rule("expired", ("dns error: could not contact dns servers",), group="google"),
     Rule(

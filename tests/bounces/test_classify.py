@@ -116,6 +116,23 @@ def test_codes_are_read_from_the_text_when_not_given() -> None:
     assert classify(None, None, "host 192.0.2.4.5.1 said no").reason == "onhold"  # an address is no status
 
 
+@pytest.mark.parametrize(
+    ("code", "enhanced", "text", "command", "reason"),
+    [
+        (421, "4.7.0", "Try again later, closing connection. (EHLO) a1-20020a.10 - gsmtp", "EHLO", "blocked"),
+        (452, "4.2.2", "The email account that you tried to reach is over quota.", "RCPT", "mailboxfull"),
+        (451, "4.7.500", "Server busy. Please try again later from [192.0.2.1]. (S77714)", "RCPT", "systemerror"),
+        (451, "4.7.650", "The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation.",
+         "MAIL", "badreputation"),
+        (550, "5.4.1", "Recipient address rejected: Access denied. AS(201806281)", "RCPT", "userunknown"),
+        (421, "4.7.0", "Too many concurrent SMTP connections; please try again later.", None, "ratelimited"),
+    ],
+)  # fmt: skip
+def test_provider_texts(code: int, enhanced: str, text: str, command: str | None, reason: str) -> None:
+    # Texts from sisimai's Google and Microsoft modules, as a direct delivery sees them.
+    assert classify(code, enhanced, text, command=command).reason == reason
+
+
 # -- hard and soft ----------------------------------------------------------------------------------
 
 
