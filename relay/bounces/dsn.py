@@ -47,11 +47,9 @@ def _fold(name: str, value: str) -> list[str]:
     """A field folded at spaces to about 76 columns; a word too long for one line is cut into
     pieces (only hostile input has 900 characters without a space)."""
     words: list[str] = []
+    piece = _MAX_LINE - 100
     for word in value.split(" "):
-        while len(word) > _MAX_LINE - 100:
-            words.append(word[: _MAX_LINE - 100])
-            word = word[_MAX_LINE - 100 :]
-        words.append(word)
+        words.extend(word[i : i + piece] for i in range(0, len(word), piece))
     lines: list[str] = []
     current = f"{name}:"
     for word in words:
@@ -86,9 +84,7 @@ def _date(timestamp: float) -> str:
     return format_datetime(datetime.fromtimestamp(timestamp, UTC))
 
 
-def _explanation(
-    *, hostname: str, recipient: str, action: str, diagnostic: str, remote_mta: str | None
-) -> list[str]:
+def _explanation(*, hostname: str, recipient: str, action: str, diagnostic: str, remote_mta: str | None) -> list[str]:
     if action == "delayed":
         intro = [
             f"This is the mail system at host {hostname}.",

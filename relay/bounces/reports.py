@@ -12,6 +12,7 @@ bounces recognised only by their subject.
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.header
 import email.message
@@ -19,7 +20,6 @@ import email.parser
 import email.policy
 import logging
 import re
-from dataclasses import dataclass
 from typing import Literal
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ _MAX_HEADER_VALUE = 4000  # characters kept of one header value before any work 
 _MAX_REF = 500  # characters of one X-Relay-Ref value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class RecipientStatus:
     action: str | None  # failed | delayed | delivered | relayed | expanded (lower case)
     status: str | None  # enhanced status code, "5.1.1"
@@ -47,7 +47,7 @@ class RecipientStatus:
     remote_mta: str | None  # host only
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Report:
     kind: ReportKind
     recipients: tuple[RecipientStatus, ...]
@@ -72,7 +72,7 @@ _ADDRESS = re.compile(
     r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?){1,10}"
 )
-_RELAY_REF_LINE = re.compile(r"^[ \t>]{0,10}X-Relay-Ref:[ \t]*([^\r\n]{1,%d})" % _MAX_REF, re.I | re.M)
+_RELAY_REF_LINE = re.compile(r"^[ \t>]{0,10}X-Relay-Ref:[ \t]*([^\r\n]{1,500})", re.I | re.M)
 _MESSAGE_ID_LINE = re.compile(r"^[ \t>]{0,10}Message-ID:[ \t]*<([^<>\s]{1,500})>", re.I | re.M)
 
 
@@ -338,7 +338,7 @@ _AUTO_REPLY_SUBJECT = re.compile(
 
 
 def _auto_reply(msg: email.message.Message, subject: str) -> str | None:
-    """"vacation", "auto_replied", or None when the message is not an auto-reply."""
+    """ "vacation", "auto_replied", or None when the message is not an auto-reply."""
     auto_submitted = (_header(msg, "auto-submitted") or "").lower()
     precedence = (_header(msg, "precedence") or "").lower()
     markers = (
@@ -429,12 +429,13 @@ def _bounce_recipients(msg: email.message.Message, raw: bytes, notice: str) -> l
         found = [(a, "failed") for a in _address_lines(notice)]
     recipients: list[RecipientStatus] = []
     seen: set[str] = set()
+    candidates = {a.lower() for a, _ in found[:MAX_RECIPIENTS]}
     for address, action in found:
         key = address.lower()
         if key in seen or key in own or _DAEMON_FROM.search(address.split("@", 1)[0]):
             continue
         seen.add(key)
-        diagnostic = _near(notice, address)
+        diagnostic = _near(notice, address, candidates - {key})
         status = _status_in(diagnostic)
         recipients.append(
             RecipientStatus(
@@ -498,7 +499,7 @@ def _address_lines(notice: str) -> list[str]:
     return leading or anywhere
 
 
-def _near(notice: str, address: str) -> str:
+def _near(notice: str, address: str, others: set[str]) -> str:
     """The reply text nearest to the address: its own line and the lines after it up to a blank
     line (or the next paragraph when the address stands alone); failing an SMTP code there, a
     transcript line elsewhere that names the address."""
@@ -515,8 +516,9 @@ def _near(notice: str, address: str) -> str:
             while follow < len(lines) and follow < index + 3 and not lines[follow].strip():
                 follow += 1
         for text in lines[follow : follow + 8]:
-            if not text.strip() or text.startswith("<"):
-                break
+            lowered = text.lower()
+            if not text.strip() or text.startswith("<") or any(o in lowered for o in others):
+                break  # the end of the paragraph, or the next recipient's entry
             chunk.append(text)
         found = _collapse(" ".join(chunk))
         if _code_in(found) or _status_in(found):
@@ -538,20 +540,21 @@ def _arf(parts: list[email.message.Message]) -> dict[str, str] | None:
     return None
 
 
-def _arf_report(msg: email.message.Message, fields: dict[str, str]) -> dict[str, str | None]:
+def _arf_report(base: Report, fields: dict[str, str]) -> Report:
     def field(name: str) -> str | None:
         value = fields.get(name)
-        return _collapse(value, 500) or None if value is not None else None
+        return (_collapse(value, 500) or None) if value is not None else None
 
     feedback_type = field("feedback-type")
-    rcpt = field("original-rcpt-to")
-    return {
-        "feedback_type": feedback_type.lower().split(" ", 1)[0] if feedback_type else None,
-        "user_agent": field("user-agent"),
-        "source_ip": field("source-ip"),
-        "arf_recipient": _address(rcpt) if rcpt else None,
-        "reporting_mta": _host(fields.get("reporting-mta")),
-    }
+    return dataclasses.replace(
+        base,
+        kind="arf",
+        feedback_type=feedback_type.lower().split(" ", 1)[0] if feedback_type else None,
+        user_agent=field("user-agent"),
+        source_ip=field("source-ip"),
+        arf_recipient=_address(field("original-rcpt-to")),
+        reporting_mta=_host(fields.get("reporting-mta")),
+    )
 
 
 # --- parse ----------------------------------------------------------------------------------------
@@ -568,87 +571,84 @@ def parse(raw: bytes) -> Report:
     except Exception:  # the last line of defence against a hostile report; _parse should not raise
         log.warning("unreadable report (%d bytes)", len(raw), exc_info=True)
         return _empty()
-    except RecursionError:  # pragma: no cover  (a subclass of Exception; kept explicit for readers)
-        return _empty()
 
 
 def _parse(raw: bytes) -> Report:
-    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    try:
+        msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    except RecursionError:  # the stdlib parser recurses once per nested multipart: read the headers
+        log.debug("multiparts nested too deep in a report (%d bytes)", len(raw))
+        msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw, headersonly=True)
     subject = _decoded_subject(msg)
     parts = _parts(msg)
-    report_type = (msg.get_param("report-type") or "") if msg.get_content_type() == "multipart/report" else ""
-    report_type = str(report_type).lower()
+    report_type = (
+        str(msg.get_param("report-type") or "").lower() if msg.get_content_type() == "multipart/report" else ""
+    )
 
     original = _original(parts)
     refs = _Refs()
     refs.from_headers(original)
     refs.from_headers(msg)
-    original_message_id = _message_id(original)
-
-    kind: ReportKind = "unknown"
-    recipients: list[RecipientStatus] = []
-    reporting_mta: str | None = None
-    arf: dict[str, str | None] = {}
-    auto_reply_reason: str | None = None
+    base = _empty(subject=subject)
+    base = dataclasses.replace(base, original_message_id=_message_id(original))
 
     status_parts = [
         p for p in parts if p.get_content_type() in ("message/delivery-status", "message/global-delivery-status")
     ]
     arf_fields = _arf(parts)
     if status_parts or (report_type == "delivery-status" and arf_fields is None):
-        kind = "dsn"
-        for part in status_parts:
-            mta, found = _dsn_recipients(_structured_text(part))
-            reporting_mta = reporting_mta or mta
-            recipients.extend(found[: MAX_RECIPIENTS - len(recipients)])
-        if not recipients:
-            # A multipart/report without its delivery-status part (some appliances): read the text.
-            recipients = _bounce_recipients(msg, raw, _notice_text(parts))
+        report = _dsn(base, msg, raw, parts, status_parts)
     elif arf_fields is not None or report_type == "feedback-report":
-        kind = "arf"
-        arf = _arf_report(msg, arf_fields or {})
-        reporting_mta = arf.pop("reporting_mta")
+        report = _arf_report(base, arf_fields or {})
     elif original is not None and _header(original, "x-hmxmroriginalrecipient") is not None:
-        # Hotmail's older complaint format (JMRP): the original with the complainant in a header.
-        kind = "arf"
-        arf = {
-            "feedback_type": "abuse",
-            "user_agent": None,
-            "source_ip": None,
-            "arf_recipient": _address(_header(original, "x-hmxmroriginalrecipient")),
-        }
+        # Hotmail's older complaint format (JMRP): the original, with the complainant in a header.
+        recipient = _address(_header(original, "x-hmxmroriginalrecipient"))
+        report = dataclasses.replace(base, kind="arf", feedback_type="abuse", arf_recipient=recipient)
     else:
-        notice = _notice_text(parts)
-        if _is_strong_bounce(msg, notice):
-            kind = "bounce"
-        else:
-            auto_reply_reason = _auto_reply(msg, subject)
-            if auto_reply_reason is not None:
-                kind = "auto_reply"
-            elif _BOUNCE_SUBJECT.search(subject):
-                kind = "bounce"
-        if kind == "bounce":
-            recipients = _bounce_recipients(msg, raw, notice)
+        report = _text_report(base, msg, raw, parts, subject)
         for part in parts:
             if part.get_content_maintype() == "text":
                 refs.from_text(_text_of(part))
-        if original_message_id is None and kind == "bounce":
-            quoted = _MESSAGE_ID_LINE.search("\n".join(_text_of(p) for p in parts if p.get_content_maintype() == "text"))
-            original_message_id = quoted.group(1) if quoted else None
+    return dataclasses.replace(report, relay_refs=tuple(refs.values))
 
-    return Report(
-        kind=kind,
-        recipients=tuple(recipients),
-        reporting_mta=reporting_mta,
-        subject=subject,
-        feedback_type=arf.get("feedback_type"),
-        user_agent=arf.get("user_agent"),
-        source_ip=arf.get("source_ip"),
-        arf_recipient=arf.get("arf_recipient"),
-        relay_refs=tuple(refs.values),
-        original_message_id=original_message_id,
-        auto_reply_reason=auto_reply_reason,
-    )
+
+def _dsn(
+    base: Report,
+    msg: email.message.Message,
+    raw: bytes,
+    parts: list[email.message.Message],
+    status_parts: list[email.message.Message],
+) -> Report:
+    reporting_mta: str | None = None
+    recipients: list[RecipientStatus] = []
+    for part in status_parts:
+        mta, found = _dsn_recipients(_structured_text(part))
+        reporting_mta = reporting_mta or mta
+        recipients.extend(found[: MAX_RECIPIENTS - len(recipients)])
+    if not recipients:
+        # A multipart/report without its delivery-status part (some appliances): read the text.
+        recipients = _bounce_recipients(msg, raw, _notice_text(parts))
+    return dataclasses.replace(base, kind="dsn", recipients=tuple(recipients), reporting_mta=reporting_mta)
+
+
+def _text_report(
+    base: Report, msg: email.message.Message, raw: bytes, parts: list[email.message.Message], subject: str
+) -> Report:
+    """A message without a machine-readable report: a text bounce, an auto-reply, or neither."""
+    notice = _notice_text(parts)
+    if not _is_strong_bounce(msg, notice):
+        reason = _auto_reply(msg, subject)
+        if reason is not None:
+            return dataclasses.replace(base, kind="auto_reply", auto_reply_reason=reason)
+        if not _BOUNCE_SUBJECT.search(subject):
+            return base
+    recipients = _bounce_recipients(msg, raw, notice)
+    message_id = base.original_message_id
+    if message_id is None:  # the original quoted in the text rather than attached
+        texts = "\n".join(_text_of(p) for p in parts if p.get_content_maintype() == "text")
+        quoted = _MESSAGE_ID_LINE.search(texts)
+        message_id = quoted.group(1) if quoted else None
+    return dataclasses.replace(base, kind="bounce", recipients=tuple(recipients), original_message_id=message_id)
 
 
 def _message_id(msg: email.message.Message | None) -> str | None:
