@@ -331,8 +331,8 @@ _VACATION_BODY = re.compile(
     re.I,
 )
 _AUTO_REPLY_SUBJECT = re.compile(
-    r"^(?:out of (?:the )?office|automatic reply|auto(?:matic)?[ -]?reply|autoreply|auto:|"
-    r"auto[ -]?response|autoresponse|vacation|away)\b",
+    r"^(?:out of (?:the )?office|automatic reply|auto(?:matic)?[ -]?reply|autoreply|"
+    r"auto[ -]?response|autoresponse|vacation|away)\b|^auto:",
     re.I,
 )
 
@@ -366,14 +366,21 @@ _DAEMON_FROM = re.compile(
     r"microsoftexchange[0-9a-f]{10,40}|^[^@]*\bbounces?\b",
     re.I,
 )
-_BOUNCE_BODY = re.compile(
+# Wording only an MTA writes: enough on its own, even with Auto-Submitted: auto-replied beside it.
+_MTA_BODY = re.compile(
     r"this is the qmail-send program|created automatically by mail delivery software|"
     r"could not be delivered to one or more|following addresses had permanent fatal errors|"
     r"delivery to the following recipients? failed|delivery has failed to these recipients|"
+    r"i'm afraid i wasn't able to deliver|transcript of session follows|"
+    r"this is the mail system at host|this is the postfix program|"
+    r"the following recipient\(s\) could not be reached|this is the mailer-daemon",
+    re.I,
+)
+# Wording a person might use too: a bounce only from the null sender.
+_BOUNCE_BODY = re.compile(
     r"your message (?:could not|cannot|was not) (?:be )?delivered|unable to deliver your message|"
-    r"delivery (?:status notification|failure)|message delivery has failed|"
-    r"permanent error|i'm afraid i wasn't able to deliver|undeliverable|returned mail|"
-    r"transcript of session follows|message could not be delivered",
+    r"delivery (?:status notification|failure)|message delivery has failed|permanent error|"
+    r"undeliverable|returned mail|message could not be delivered|error delivering your mail",
     re.I,
 )
 _BOUNCE_SUBJECT = re.compile(
@@ -396,8 +403,14 @@ def _is_strong_bounce(msg: email.message.Message, notice: str) -> bool:
     return (
         _header(msg, "x-failed-recipients") is not None
         or bool(_DAEMON_FROM.search(sender))
-        or bool(_BOUNCE_BODY.search(notice[:20000]))
+        or bool(_MTA_BODY.search(notice[:20000]))
     )
+
+
+def _is_weak_bounce(msg: email.message.Message, notice: str, subject: str) -> bool:
+    # No Return-Path at all is how a report arrives over SMTP, before a delivery adds one.
+    null_sender = (_header(msg, "return-path") or "").strip() in ("<>", "")
+    return bool(_BOUNCE_SUBJECT.search(subject)) or (null_sender and bool(_BOUNCE_BODY.search(notice[:20000])))
 
 
 def _notice_text(parts: list[email.message.Message]) -> str:
@@ -574,6 +587,8 @@ def parse(raw: bytes) -> Report:
 
 
 def _parse(raw: bytes) -> Report:
+    # Old Mac mail (CR) and CRLF files read like LF ones; the regular expressions expect "\n".
+    raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     try:
         msg = email.message_from_bytes(raw, policy=email.policy.compat32)
     except RecursionError:  # the stdlib parser recurses once per nested multipart: read the headers
@@ -640,7 +655,7 @@ def _text_report(
         reason = _auto_reply(msg, subject)
         if reason is not None:
             return dataclasses.replace(base, kind="auto_reply", auto_reply_reason=reason)
-        if not _BOUNCE_SUBJECT.search(subject):
+        if not _is_weak_bounce(msg, notice, subject):
             return base
     recipients = _bounce_recipients(msg, raw, notice)
     message_id = base.original_message_id

@@ -169,6 +169,29 @@ def test_a_human_reply_is_unknown() -> None:
     assert report.recipients == ()
 
 
+def test_person_writing_about_an_undeliverable_message_is_unknown() -> None:
+    raw = (
+        b"Return-Path: <bob@example.net>\nFrom: Bob <bob@example.net>\nTo: app@example.org\n"
+        b"Subject: Re: your receipt\n\nI got an undeliverable notice, a permanent error, from carol@example.com.\n"
+    )
+    report = parse(raw)
+    assert report.kind == "unknown"
+    assert report.recipients == ()
+
+
+def test_exchange_auto_subject() -> None:
+    raw = b"From: a@example.net\nSubject: Auto: Your receipt\n\nI am out of the office until Monday.\n"
+    report = parse(raw)
+    assert (report.kind, report.auto_reply_reason) == ("auto_reply", "vacation")
+
+
+@pytest.mark.parametrize("name", ["lhost-qmail-01.eml", "lhost-postfix-13.eml", "arf-18.eml", "rfc3834-02.eml"])
+@pytest.mark.parametrize("newline", [b"\r\n", b"\r"])
+def test_crlf_and_cr_line_ends_read_the_same(name: str, newline: bytes) -> None:
+    raw = sample(name)
+    assert parse(raw.replace(b"\n", newline)) == parse(raw)
+
+
 # --- text bounces ---------------------------------------------------------------------------------
 
 
