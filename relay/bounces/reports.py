@@ -362,7 +362,7 @@ def _auto_reply(msg: email.message.Message, subject: str) -> str | None:
 
 
 _DAEMON_FROM = re.compile(
-    r"mailer-daemon|postmaster|mail delivery (?:system|subsystem)|mail\.?daemon|"
+    r"mailer-daemon|post_?master|mail delivery (?:system|subsystem)|mail\.?daemon|"
     r"microsoftexchange[0-9a-f]{10,40}|^[^@]*\bbounces?\b",
     re.I,
 )
@@ -380,7 +380,7 @@ _MTA_BODY = re.compile(
 _BOUNCE_BODY = re.compile(
     r"your message (?:could not|cannot|was not) (?:be )?delivered|unable to deliver your message|"
     r"delivery (?:status notification|failure)|message delivery has failed|permanent error|"
-    r"undeliverable|returned mail|message could not be delivered|error delivering your mail",
+    r"undeliverable|returned mail|could not be delivered to|error delivering your mail",
     re.I,
 )
 _BOUNCE_SUBJECT = re.compile(
@@ -393,7 +393,8 @@ _BOUNCE_SUBJECT = re.compile(
 _COPY_MARKERS = re.compile(
     r"^-{2,} ?below this line is a copy of the message|^-+ ?this is a copy of the message|"
     r"^-+ ?original message|^-+ ?the header of the original message|^-+ ?original message follows|"
-    r"^-+ ?forwarded message|^-+ ?message headers? follow|^-+ ?returned message|^original message follows",
+    r"^-+ ?forwarded message|^-+ ?message headers? follow|^-+ ?returned message|^original message follows|"
+    r"^[ \t]*-+ ?unsent message follows|^[ \t]*-+ ?original message",
     re.I | re.M,
 )
 
@@ -417,7 +418,10 @@ def _notice_text(parts: list[email.message.Message]) -> str:
     """The human-readable part of a text bounce: text parts, up to where the quoted copy starts."""
     chunks: list[str] = []
     for part in parts:
-        if part.get_content_maintype() == "text" and part.get_content_subtype() in ("plain", "html"):
+        is_text = part.get_content_maintype() == "text" and part.get_content_subtype() in ("plain", "html")
+        # A multipart whose boundary the parser could not find is text to us.
+        broken = part.get_content_maintype() == "multipart" and isinstance(part.get_payload(), str)
+        if is_text or broken:
             text = _text_of(part)
             if part.get_content_subtype() == "html":
                 text = re.sub(r"<[^<>]{0,2000}>", " ", text)
@@ -437,23 +441,33 @@ def _bounce_recipients(msg: email.message.Message, raw: bytes, notice: str) -> l
     failed_header = _header(msg, "x-failed-recipients")
     if failed_header:
         found += [(a, "failed") for a in _ADDRESS.findall(failed_header)]
-    found += _flufl(raw)
+    # flufl.bounce's generic heuristics also return Message-IDs and the original's own addresses:
+    # keep the addresses that the notice names outside a quoted header line.
+    named = "\n".join(line for line in notice.lower().splitlines()[:5000] if not _HEADER_LINE.match(line))
+    found += [(a, action) for a, action in _flufl(raw) if a.lower() in named]
     if not found:
         found = [(a, "failed") for a in _address_lines(notice)]
-    recipients: list[RecipientStatus] = []
-    seen: set[str] = set()
-    candidates = {a.lower() for a, _ in found[:MAX_RECIPIENTS]}
+    wanted: dict[str, tuple[str, str]] = {}  # lower-cased address -> (address, action), in order
     for address, action in found:
         key = address.lower()
-        if key in seen or key in own or _DAEMON_FROM.search(address.split("@", 1)[0]):
-            continue
-        seen.add(key)
-        diagnostic = _near(notice, address, candidates - {key})
-        status = _status_in(diagnostic)
+        if key not in wanted and key not in own and not _DAEMON_FROM.search(address.split("@", 1)[0]):
+            wanted[key] = (address, action)
+            if len(wanted) >= MAX_RECIPIENTS:
+                break
+    candidates = set(wanted)
+    lines = notice.splitlines()[:5000]
+    lowered = [line.lower() for line in lines]
+    recipients: list[RecipientStatus] = []
+    for key, (address, action) in wanted.items():
+        diagnostic = _near(lines, lowered, address, candidates - {key})
+        if len(candidates) == 1 and not (_code_in(diagnostic) or _status_in(diagnostic)):
+            # One recipient and no reply beside it: the notice's SMTP reply line is about it.
+            reply = next((line for line in lines if _REPLY_LINE.match(line)), "")
+            diagnostic = _collapse(f"{reply} {diagnostic}")
         recipients.append(
             RecipientStatus(
                 action=action,
-                status=status,
+                status=_status_in(diagnostic),
                 code=_code_in(diagnostic),
                 diagnostic=diagnostic,
                 final_recipient=address,
@@ -461,8 +475,6 @@ def _bounce_recipients(msg: email.message.Message, raw: bytes, notice: str) -> l
                 remote_mta=None,
             )
         )
-        if len(recipients) >= MAX_RECIPIENTS:
-            break
     return recipients
 
 
@@ -488,8 +500,15 @@ def _flufl(raw: bytes) -> list[tuple[str, str]]:
     return out
 
 
-_HEADER_LINE = re.compile(r"^[ \t>]*[A-Za-z][A-Za-z0-9-]{0,40}:[ \t]")
-_LINE_PREFIX = re.compile(r"^[ \t]*(?:-{1,3}[ \t]*|recipient:[ \t]*|rcpt to:[ \t]*)?<?", re.I)
+_REPLY_LINE = re.compile(r"^[ \t]*(?:<<<[ \t]*)?[245]\d\d[ -]")
+_HEADER_LINE = re.compile(r"^[ \t>]*[A-Za-z][A-Za-z0-9-]{0,40}:")
+# "-- a@b", "Recipient: <a@b>", ">>> RCPT TO:<a@b>", "Could not be delivered to: <a@b>",
+# "554 <a@b>... Host unknown", "550 5.1.1 <a@b>... User unknown"
+_LINE_PREFIX = re.compile(
+    r"^[ \t]*(?:(?:<<<|>>>)[ \t]*)?(?:[245]\d\d[ -](?:[245]\.\d{1,3}\.\d{1,3}[ \t]+)?|-{1,3}[ \t]*|"
+    r"[A-Za-z][A-Za-z \t]{0,40}:[ \t]*)?<?",
+    re.I,
+)
 _AFTER_ADDRESS = re.compile(r">?[ \t]*(?::|\.\.\.|\(|on\b|$)", re.I)
 _HELP_LINE = re.compile(r"contact|postmaster|support|assistance|help|send mail to|from:|sender", re.I)
 
@@ -501,7 +520,7 @@ def _address_lines(notice: str) -> list[str]:
     anywhere: list[str] = []
     for line in notice.splitlines()[:2000]:
         if _HEADER_LINE.match(line) and not line.lstrip().lower().startswith("recipient:"):
-            continue
+            continue  # a quoted header of the original
         prefix = _LINE_PREFIX.match(line)
         start = prefix.end() if prefix else 0
         match = _ADDRESS.match(line, start)
@@ -512,25 +531,23 @@ def _address_lines(notice: str) -> list[str]:
     return leading or anywhere
 
 
-def _near(notice: str, address: str, others: set[str]) -> str:
+def _near(lines: list[str], lowered: list[str], address: str, others: set[str]) -> str:
     """The reply text nearest to the address: its own line and the lines after it up to a blank
     line (or the next paragraph when the address stands alone); failing an SMTP code there, a
     transcript line elsewhere that names the address."""
-    lines = notice.splitlines()[:5000]
     needle = address.lower()
     strip = re.compile(r"^[ \t]*(?:-{1,3}[ \t]*|recipient:[ \t]*)?<?" + re.escape(address) + r">?:?", re.I)
     best = ""
     for index, line in enumerate(lines):
-        if needle not in line.lower():
+        if needle not in lowered[index]:
             continue
         chunk = [strip.sub("", line, count=1)]
         follow = index + 1
         if not chunk[0].strip():
             while follow < len(lines) and follow < index + 3 and not lines[follow].strip():
                 follow += 1
-        for text in lines[follow : follow + 8]:
-            lowered = text.lower()
-            if not text.strip() or text.startswith("<") or any(o in lowered for o in others):
+        for text, low in zip(lines[follow : follow + 8], lowered[follow : follow + 8], strict=True):
+            if not text.strip() or text.startswith("<") or any(o in low for o in others):
                 break  # the end of the paragraph, or the next recipient's entry
             chunk.append(text)
         found = _collapse(" ".join(chunk))

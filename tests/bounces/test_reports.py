@@ -163,8 +163,9 @@ def test_auto_replies(name: str, reason: str) -> None:
     assert (report.kind, report.auto_reply_reason, report.recipients) == ("auto_reply", reason, ())
 
 
-def test_a_human_reply_is_unknown() -> None:
-    report = parse(sample("lhost-apachejames-01.eml"))
+@pytest.mark.parametrize("name", ["is-not-bounce-01.eml", "is-not-bounce-02.eml"])
+def test_a_persons_message_is_unknown(name: str) -> None:
+    report = parse(sample(name))
     assert report.kind == "unknown"
     assert report.recipients == ()
 
@@ -202,6 +203,13 @@ def test_qmail() -> None:
     assert report.recipients[0].diagnostic.startswith("Sorry, no SMTP connection got far enough")
     assert "(#5.5.0)" in report.recipients[0].diagnostic
     assert report.original_message_id == "000000000.9999999999999.JavaMail.postmaster@mailhub"
+
+
+def test_bounce_from_post_master_with_its_reply_above_the_address() -> None:
+    report = parse(sample("lhost-apachejames-01.eml"))  # broken MIME: the boundary is not folded
+    assert report.kind == "bounce"
+    assert one(report) == ("failed", None, 550, "000000000000@vtext.example.com")
+    assert report.recipients[0].diagnostic.startswith("550 - Requested action not taken: no such user here")
 
 
 def test_exim_text_bounce() -> None:
