@@ -304,6 +304,20 @@ def _dsn_recipients(text: str) -> tuple[str | None, list[RecipientStatus]]:
     return reporting_mta, recipients
 
 
+def _embedded_fields(raw: bytes) -> list[RecipientStatus]:
+    """Per-recipient DSN fields written into the body as text (broken MIME, forwarded reports)."""
+    head_end = raw.find(b"\n\n")
+    body = raw[head_end + 2 :] if head_end >= 0 else b""
+    if b"final-recipient:" not in body[:_MAX_FIELD_TEXT].lower():
+        return []
+    text = body[:_MAX_FIELD_TEXT].decode("utf-8", "replace")
+    return [
+        _recipient(block)
+        for block in _field_blocks(text, 10 * MAX_RECIPIENTS)
+        if "final-recipient" in block and ("action" in block or "status" in block)
+    ][:MAX_RECIPIENTS]
+
+
 def _recipient(block: dict[str, str]) -> RecipientStatus:
     diagnostic = _collapse(_untyped(block.get("diagnostic-code", "")))
     status = _status_in(block.get("status", "")) or _status_in(diagnostic)
@@ -658,8 +672,9 @@ def _dsn(
         reporting_mta = reporting_mta or mta
         recipients.extend(found[: MAX_RECIPIENTS - len(recipients)])
     if not recipients:
-        # A multipart/report without its delivery-status part (some appliances): read the text.
-        recipients = _bounce_recipients(msg, raw, _notice_text(parts))
+        # A multipart/report whose delivery-status part the parser did not find (a boundary that
+        # does not match, some appliances): its fields in the text, else the notice's wording.
+        recipients = _embedded_fields(raw) or _bounce_recipients(msg, raw, _notice_text(parts))
     return dataclasses.replace(base, kind="dsn", recipients=tuple(recipients), reporting_mta=reporting_mta)
 
 
@@ -674,7 +689,7 @@ def _text_report(
             return dataclasses.replace(base, kind="auto_reply", auto_reply_reason=reason)
         if not _is_weak_bounce(msg, notice, subject):
             return base
-    recipients = _bounce_recipients(msg, raw, notice)
+    recipients = _embedded_fields(raw) or _bounce_recipients(msg, raw, notice)
     message_id = base.original_message_id
     if message_id is None:  # the original quoted in the text rather than attached
         texts = "\n".join(_text_of(p) for p in parts if p.get_content_maintype() == "text")

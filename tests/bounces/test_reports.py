@@ -107,6 +107,14 @@ def test_sendmail_dsn_with_two_recipients() -> None:
     ]
 
 
+def test_dsn_whose_boundary_does_not_match_is_read_from_its_fields() -> None:
+    report = parse(sample("rhost-google-02.eml"))
+    assert report.kind == "dsn"
+    assert one(report) == ("failed", "5.1.1", 550, "neko-nyaan@example.org")
+    assert report.recipients[0].remote_mta == "aspmx.l.google.com"
+    assert report.recipients[0].diagnostic.endswith("e22-n7GpZmsf093195.222 - gsmtp")
+
+
 def test_report_without_its_delivery_status_part_is_read_from_its_text() -> None:
     report = parse(sample("lhost-activehunter-01.eml"))
     assert report.kind == "dsn"
