@@ -39,7 +39,7 @@ def _address(value: str) -> str:
 
 
 def _host(value: str) -> str:
-    host = re.sub(r"[^A-Za-z0-9.:\[\]-]", "", _line(value, 255))
+    host = re.sub(r"[^A-Za-z0-9.:\[\]-]", "", _line(value, 255))[:255]
     return host or "localhost"
 
 
@@ -141,7 +141,8 @@ def build_dsn(
     queue = _line(queue_id, 100)
     headers = _header_section(original_headers)
 
-    boundary = f"{queue or 'dsn'}.{secrets.token_hex(8)}/{host}"[:70]
+    token = re.sub(r"[^A-Za-z0-9._-]", "", queue)[:40] or "dsn"  # for the boundary and Message-ID
+    boundary = f"{token}.{secrets.token_hex(8)}/{host}"[:70]
     while boundary.encode() in headers:  # the header section is the only outside text in the body
         boundary = f"{secrets.token_hex(16)}/{host}"[:70]
     eight_bit = any(byte > 0x7F for byte in headers)
@@ -151,7 +152,7 @@ def build_dsn(
         f"To: <{to}>",
         "Subject: " + ("Delayed Mail (still being retried)" if action == "delayed" else _SUBJECT),
         f"Date: {_date(at)}",
-        f"Message-ID: <{secrets.token_hex(12)}.{queue.replace(' ', '') or 'dsn'}@{host}>"[:_MAX_LINE],
+        f"Message-ID: <{secrets.token_hex(12)}.{token}@{host}>",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status;\r\n boundary="{boundary}"',

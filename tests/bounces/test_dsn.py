@@ -133,6 +133,19 @@ def test_hostile_original_headers() -> None:
     assert parse(raw).kind == "dsn"
 
 
+def test_odd_queue_id_and_hostname_keep_the_mime_structure() -> None:
+    raw = dsn(queue_id='a"b<c>@d; e', hostname='mx "x" <y>')
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg.defects == []
+    assert [p.get_content_type() for p in msg.get_payload()] == [
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
+    assert msg["Message-ID"].count("@") == 1
+    assert parse(raw).recipients[0].final_recipient == "bob@example.net"
+
+
 def test_boundary_not_in_the_original() -> None:
     raw = dsn(original_headers=b"X-A: --01J0QUEUE.\r\n")
     assert parse(raw).recipients[0].final_recipient == "bob@example.net"
