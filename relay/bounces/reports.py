@@ -20,7 +20,7 @@ import email.parser
 import email.policy
 import logging
 import re
-from typing import Literal
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ MAX_DIAGNOSTIC = 1000  # characters
 _MAX_PARTS = 200  # MIME parts looked at; a report has three or four
 _MAX_TEXT = 256 * 1024  # characters of a text part scanned for addresses and quoted headers
 _MAX_FIELD_TEXT = 4 * 1024 * 1024  # characters of a delivery-status part (10,000 blocks fit)
+_MAX_FLUFL = 64 * 1024  # octets of a text bounce given to flufl.bounce
 _MAX_HEADER_VALUE = 4000  # characters kept of one header value before any work on it
 _MAX_REF = 500  # characters of one X-Relay-Ref value
 
@@ -148,6 +149,27 @@ def _decoded_subject(msg: email.message.Message) -> str:
 # --- MIME helpers -------------------------------------------------------------------------------
 
 
+class _BoundedMessage(email.message.Message):
+    """A Message whose header values are cut to _MAX_HEADER_VALUE characters when read.
+
+    The stdlib's parameter parser (get_param, get_boundary, get_content_charset; the parser itself
+    asks for the boundary) is quadratic in the number of ";" and quotes in a Content-Type, so a
+    2 MB one would take hours. Nothing Relay reads needs more of a header than that.
+    """
+
+    def get(self, name: str, failobj: Any = None) -> Any:
+        value = super().get(name, failobj)
+        if value is failobj or value is None:
+            return value
+        text = value if isinstance(value, str) else str(value)
+        return text[:_MAX_HEADER_VALUE] if len(text) > _MAX_HEADER_VALUE else value
+
+
+def _message(raw: bytes, *, headers_only: bool = False) -> email.message.Message:
+    parser = email.parser.BytesParser(_BoundedMessage, policy=email.policy.compat32)
+    return parser.parsebytes(raw, headersonly=headers_only)
+
+
 def _parts(msg: email.message.Message) -> list[email.message.Message]:
     """Every part, depth first, without recursion and at most _MAX_PARTS of them."""
     out: list[email.message.Message] = []
@@ -260,7 +282,8 @@ def _original(parts: list[email.message.Message]) -> email.message.Message | Non
 
 
 def _headers_from(text: str) -> email.message.Message:
-    return email.parser.HeaderParser(policy=email.policy.compat32).parsestr(text.lstrip("\r\n"), headersonly=True)
+    parser = email.parser.HeaderParser(_BoundedMessage, policy=email.policy.compat32)
+    return parser.parsestr(text.lstrip("\r\n"), headersonly=True)
 
 
 # --- relay refs ---------------------------------------------------------------------------------
@@ -498,8 +521,9 @@ def _flufl(raw: bytes) -> list[tuple[str, str]]:
     except ImportError:  # optional: the notice's own address lines still work without it
         return []
     try:
-        # Its heuristics are regular expressions of its own: give them a bounded input.
-        msg = email.message_from_bytes(raw[:_MAX_TEXT], policy=email.policy.compat32)
+        # Its heuristics run many regular expressions per line: a bounded input keeps them fast,
+        # and a text bounce's notice comes first and is short.
+        msg = _message(raw[:_MAX_FLUFL])
         temporary, permanent = all_failures(msg)
     except Exception:
         log.debug("flufl.bounce failed on a report", exc_info=True)
@@ -621,10 +645,10 @@ def _parse(raw: bytes) -> Report:
     # Old Mac mail (CR) and CRLF files read like LF ones; the regular expressions expect "\n".
     raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     try:
-        msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+        msg = _message(raw)
     except RecursionError:  # the stdlib parser recurses once per nested multipart: read the headers
         log.debug("multiparts nested too deep in a report (%d bytes)", len(raw))
-        msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(raw, headersonly=True)
+        msg = _message(raw, headers_only=True)
     subject = _decoded_subject(msg)
     parts = _parts(msg)
     report_type = (

@@ -380,8 +380,23 @@ def test_deeply_nested_multiparts() -> None:
         b"Content-Type: message/delivery-status\n\nDiagnostic-Code: " + b"5.5." * 500_000,
         b"Content-Type: multipart/report; report-type=delivery-status; boundary=\n\n--\n" * 50_000,
         b"Content-Type: message/delivery-status\nContent-Transfer-Encoding: base64\n\n!!!!" + b"A" * 100,
+        b'Content-Type: multipart/mixed; a="' + b";" * 2_000_000 + b"\n\nbody",
+        b"From: MAILER-DAEMON@x\nContent-Type: multipart/mixed; boundary=b\n\n--b\n"
+        b'Content-Type: text/plain; a="' + b";\n " * 600_000 + b"\n\n<a@b.cd>: 550 no\n--b--\n",
+        b"From: MAILER-DAEMON@x\nSubject: failure notice\n\n" + b"\n" * 2_000_000,
     ],
-    ids=["long-subject", "at-signs", "long-domain", "many-addresses", "dotted", "no-boundary", "bad-base64"],
+    ids=[
+        "long-subject",
+        "at-signs",
+        "long-domain",
+        "many-addresses",
+        "dotted",
+        "no-boundary",
+        "bad-base64",
+        "content-type-params",  # the stdlib's parameter parser is quadratic in ";" and quotes
+        "part-params",
+        "newlines",
+    ],
 )
 def test_big_hostile_inputs(raw: bytes) -> None:
     report = parse(raw)
