@@ -676,6 +676,8 @@ def _parse(raw: bytes) -> Report:
         report = dataclasses.replace(base, kind="arf", feedback_type="abuse", arf_recipient=recipient)
     else:
         report = _text_report(base, msg, raw, parts, subject)
+    if report.kind in ("bounce", "auto_reply", "unknown") or not refs.values:
+        # The original's headers quoted in the text (text bounces; some reports attach nothing).
         for part in parts:
             if part.get_content_maintype() == "text":
                 refs.from_text(_text_of(part))

@@ -294,6 +294,21 @@ def test_relay_ref_quoted_in_a_text_bounce_and_in_top_headers_deduplicated() -> 
     assert report.relay_refs == ("tok-Q1", "tok-Q2")
 
 
+def test_relay_ref_quoted_in_the_notice_of_a_dsn_without_its_original() -> None:
+    raw = sample("rhost-outlook-06.eml")
+    marker = b"Content-Type: message/rfc822"
+    assert marker in raw
+    raw = raw.replace(marker, b"Content-Type: application/octet-stream", 1)  # the original, unreadable
+    notice = b"Content-Type: text/plain"
+    assert notice in raw
+    head, _, rest = raw.partition(notice)
+    blank = rest.index(b"\n\n") + 2
+    raw = head + notice + rest[:blank] + b"> X-Relay-Ref: tok-N\n" + rest[blank:]
+    report = parse(raw)
+    assert report.kind == "dsn"
+    assert report.relay_refs == ("tok-N",)
+
+
 def test_relay_refs_are_capped() -> None:
     raw = sample("lhost-qmail-01.eml").replace(
         b"--- Below this line is a copy of the message.\n\n",
