@@ -192,3 +192,20 @@ def test_diagnostic_round_trip(diagnostic: str) -> None:
     # The cut pieces are read back joined by a space, so the 1000-character cap drops a character.
     assert expected.replace(" ", "").startswith(r.diagnostic.replace(" ", ""))
     assert len(r.diagnostic) >= min(len(expected), 990)
+
+
+_PRINTABLE = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    diagnostic=st.text(_PRINTABLE, max_size=800),
+    local=st.text(st.sampled_from("abcxyz019.+-_"), min_size=1, max_size=30),
+    status=st.from_regex(r"\A[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z"),
+    action=st.sampled_from(["failed", "delayed", "delivered", "relayed", "expanded"]),
+)
+def test_printable_values_round_trip_exactly(diagnostic: str, local: str, status: str, action: str) -> None:
+    recipient = f"{local}@example.net"
+    (r,) = parse(dsn(diagnostic=diagnostic, recipient=recipient, status=status, action=action)).recipients
+    assert (r.action, r.status, r.final_recipient, r.remote_mta) == (action, status, recipient, "mx.example.net")
+    assert r.diagnostic == " ".join(diagnostic.split())
