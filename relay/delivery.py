@@ -360,7 +360,11 @@ class DeliveryEngine:
                 details["next_attempt_at"] = iso(decision.next_attempt_at)
             suppress = None
             if decision.status != "delivered":
-                cls = expired() if decision.status == "expired" else classify(reply.code, reply.enhanced, reply.text)
+                cls = (
+                    expired()
+                    if decision.status == "expired"
+                    else classify(reply.code, reply.enhanced, reply.text, command=reply.command)
+                )
                 details.update(cls.details())
                 if decision.status == "bounced" and cls.hard and self.config.suppression.hard_bounces:
                     suppress = Suppression(c.address.lower(), "hard_bounce", "bounce", job.queue_id, now, None,

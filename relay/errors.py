@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class RelayError(Exception):
@@ -70,14 +70,15 @@ class Reply:
     enhanced: str | None
     text: str
     temporary: bool = False  # Relay treats it as temporary whatever the code (e.g. a 535 from a smarthost)
+    command: str | None = field(default=None, compare=False)  # what it answered: MAIL, RCPT, DATA (a server's)
 
     @classmethod
-    def parse(cls, code: int, message: str) -> Reply:
+    def parse(cls, code: int, message: str, command: str | None = None) -> Reply:
         text = " ".join(message.split())
         m = _ENHANCED.match(text)
         if m:
-            return cls(code, m.group(1), text[m.end() :])
-        return cls(code, None, text)
+            return cls(code, m.group(1), text[m.end() :], command=command)
+        return cls(code, None, text, command=command)
 
     @property
     def ok(self) -> bool:

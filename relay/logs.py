@@ -60,3 +60,6 @@ def setup(level: int = logging.INFO) -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("uvicorn").setLevel(logging.WARNING)
+    logging.getLogger("flufl.bounce").setLevel(
+        logging.CRITICAL
+    )  # a line per detector per report, and tracebacks we catch

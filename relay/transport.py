@@ -278,14 +278,14 @@ class Transport:
                 raise _Unusable(TemporaryFailure(421, None, reply.message))
             if reply.code != 250:
                 await self._reset(conn)
-                return dict.fromkeys(recipients, Reply.parse(reply.code, reply.message))
+                return dict.fromkeys(recipients, Reply.parse(reply.code, reply.message, "MAIL"))
             replies: dict[str, Reply] = {}
             accepted: list[str] = []
             for rcpt in recipients:
                 reply = await smtp.execute_command(b"RCPT", f"TO:<{rcpt}>".encode())
                 if reply.code == 421:
                     raise _Unusable(TemporaryFailure(421, None, reply.message))
-                replies[rcpt] = Reply.parse(reply.code, reply.message)
+                replies[rcpt] = Reply.parse(reply.code, reply.message, "RCPT")
                 if reply.code in (250, 251):
                     accepted.append(rcpt)
             if not accepted:
@@ -310,14 +310,14 @@ class Transport:
         dot-stuffing is left to do, in C, instead of aiosmtplib's per-line regexes."""
         reply = await conn.smtp.execute_command(b"DATA")
         if reply.code != 354:
-            return Reply.parse(reply.code, reply.message)
+            return Reply.parse(reply.code, reply.message, "DATA")
         protocol = conn.smtp.protocol
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost before the message content")
         stuffed = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..")
         protocol.write(stuffed + (b".\r\n" if stuffed.endswith(b"\r\n") or not stuffed else b"\r\n.\r\n"))
         final = await protocol.read_response(timeout=self.config.delivery.command_timeout)
-        return Reply.parse(final.code, final.message)
+        return Reply.parse(final.code, final.message, "DATA")
 
     def _mail_options(
         self, conn: _Connection, mail_from: str, recipients: Sequence[str], data: bytes

@@ -21,6 +21,7 @@ OWNERS = {
     "uvicorn": {"http/"},
     "pydantic": {"http/"},
     "prometheus_client": {"metrics.py"},
+    "flufl": {"bounces/reports.py"},
 }
 
 

@@ -186,7 +186,7 @@ def _action(block: RecipientStatus | None, kind: str) -> str:
 def _classify(block: RecipientStatus | None, report: Report) -> Classification:
     if block is None:
         return classify(None, None, report.subject)
-    return classify(block.code, block.status, block.diagnostic)
+    return classify(block.code, block.status, block.diagnostic, command=block.command)
 
 
 def _response(block: RecipientStatus | None, cls: Classification) -> str:

@@ -46,6 +46,7 @@ class RecipientStatus:
     final_recipient: str | None  # address only, as given
     original_recipient: str | None
     remote_mta: str | None  # host only
+    command: str | None = None  # the SMTP command refused (MAIL | RCPT | DATA), when the notice says
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -697,11 +698,47 @@ def _dsn(
         mta, found = _dsn_recipients(_structured_text(part))
         reporting_mta = reporting_mta or mta
         recipients.extend(found[: MAX_RECIPIENTS - len(recipients)])
+    notice = _notice_text(parts)
     if not recipients:
         # A multipart/report whose delivery-status part the parser did not find (a boundary that
         # does not match, some appliances): its fields in the text, else the notice's wording.
-        recipients = _embedded_fields(raw) or _bounce_recipients(msg, raw, _notice_text(parts))
+        recipients = _embedded_fields(raw) or _bounce_recipients(msg, raw, notice)
+    recipients = [_with_command(r, notice, alone=len(recipients) == 1) for r in recipients]
     return dataclasses.replace(base, kind="dsn", recipients=tuple(recipients), reporting_mta=reporting_mta)
+
+
+# Which command a notice says was refused: Postfix "(in reply to RCPT TO command)", Exim "after
+# RCPT TO:<...>", Sendmail's transcript ">>> RCPT To:<...>". A "user unknown" means something
+# else after DATA (a filter) than after RCPT (no such mailbox): the classifier asks.
+_COMMAND = re.compile(
+    r"in reply to (?:the )?(rcpt to|mail from|end of data|data)\b|\bafter (rcpt to|mail from|end of data|data)\b"
+    r"|^>>> (rcpt|mail|data)\b",
+    re.I | re.M,
+)
+_COMMANDS = {"rcpt": "RCPT", "mail": "MAIL", "end": "DATA", "data": "DATA"}
+
+
+def _command_in(text: str) -> str | None:
+    m = _COMMAND.search(text)
+    if m is None:
+        return None
+    word = next(g for g in m.groups() if g).lower().split(" ", 1)[0]
+    return _COMMANDS.get(word)
+
+
+def _with_command(r: RecipientStatus, notice: str, *, alone: bool) -> RecipientStatus:
+    """The recipient's block, with the command its notice says was refused (if it says)."""
+    if r.command is not None or not notice:
+        return r
+    text = ""
+    if r.final_recipient:
+        at = notice.lower().find(r.final_recipient.lower())
+        if at >= 0:
+            text = notice[at : at + 1000]
+    if not text and alone:
+        text = notice[:5000]
+    command = _command_in(text) if text else None
+    return r if command is None else dataclasses.replace(r, command=command)
 
 
 def _text_report(
@@ -716,6 +753,7 @@ def _text_report(
         if not _is_weak_bounce(msg, notice, subject):
             return base
     recipients = _embedded_fields(raw) or _bounce_recipients(msg, raw, notice)
+    recipients = [_with_command(r, notice, alone=len(recipients) == 1) for r in recipients]
     message_id = base.original_message_id
     if message_id is None:  # the original quoted in the text rather than attached
         texts = "\n".join(_text_of(p) for p in parts if p.get_content_maintype() == "text")

@@ -124,7 +124,7 @@ def events(msg: MessageView, kind: str) -> list[dict[str, Any]]:
 
 
 async def test_each_recipient_gets_its_own_signed_return_path(relay: Relay, sink: Sink) -> None:
-    qid, msg = await delivered(relay, ["jane@example.com", "joe@example.com"])
+    _qid, msg = await delivered(relay, ["jane@example.com", "joe@example.com"])
     assert msg.mail_from == "app@example.com"  # the original sender stays in the log
     return_path = ReturnPath(tracking_secret(relay.config), DOMAIN)
     assert len(sink.messages) == 2  # one transaction per recipient
@@ -132,7 +132,9 @@ async def test_each_recipient_gets_its_own_signed_return_path(relay: Relay, sink
     for got in sink.messages:
         (rcpt,) = got.rcpts
         local, _, domain = got.mail_from.partition("@")
-        assert domain == DOMAIN and local.startswith("b+") and len(local) <= 64
+        assert domain == DOMAIN
+        assert local.startswith("b+")
+        assert len(local) <= 64
         rid = return_path.recipient_of(got.mail_from)
         assert rid is not None
         seen[rcpt] = rid
@@ -154,9 +156,11 @@ async def test_a_dsn_to_the_listener_bounces_the_right_recipient(relay: Relay, s
     (bounce,) = events(msg, "bounced")
     assert bounce["recipient"] == "joe@example.com"
     assert bounce["async"] is True
-    assert bounce["reason"] == "userunknown" and bounce["hard"] is True
+    assert bounce["reason"] == "userunknown"
+    assert bounce["hard"] is True
     assert bounce["rule"]
-    assert bounce["status"] == "5.1.1" and bounce["remote_mta"] == "store.example.com"
+    assert bounce["status"] == "5.1.1"
+    assert bounce["remote_mta"] == "store.example.com"
     assert await relay.store.bounce_report(bounce["report_id"]) == dsn  # support can read the raw DSN
     found = await relay.store.suppressed(["Joe@Example.com"])
     assert found["Joe@Example.com"].reason == "hard_bounce"
@@ -172,9 +176,12 @@ async def test_a_delayed_dsn_is_a_deferral_that_changes_no_state(relay: Relay, s
     code, _ = await to_listener(relay, got.mail_from, dsn)
     assert code == 250
     msg = await relay.store.get_message(qid)
-    assert msg is not None and status(msg) == {"jane@example.com": "delivered"}
+    assert msg is not None
+    assert status(msg) == {"jane@example.com": "delivered"}
     (deferral,) = events(msg, "deferred")
-    assert deferral["async"] is True and deferral["reason"] == "mailboxfull" and deferral["hard"] is False
+    assert deferral["async"] is True
+    assert deferral["reason"] == "mailboxfull"
+    assert deferral["hard"] is False
     assert await relay.store.suppressed(["jane@example.com"]) == {}
 
 
@@ -202,7 +209,8 @@ async def test_forged_and_foreign_addresses_are_refused_and_change_nothing(relay
     finally:
         client.close()
     msg = await relay.store.get_message(qid)
-    assert msg is not None and status(msg) == {"jane@example.com": "delivered"}
+    assert msg is not None
+    assert status(msg) == {"jane@example.com": "delivered"}
     assert [e.type for e in msg.events] == ["received", "delivered"]
     assert await relay.store.suppressed(["jane@example.com"]) == {}
 
@@ -227,10 +235,12 @@ async def test_an_arf_complaint_complains_and_suppresses(relay: Relay, sink: Sin
     code, _ = await to_listener(relay, got.mail_from, arf_report(ref_of(got), "jane@example.com"), "fbl@isp.example")
     assert code == 250
     msg = await relay.store.get_message(qid)
-    assert msg is not None and status(msg) == {"jane@example.com": "delivered"}
+    assert msg is not None
+    assert status(msg) == {"jane@example.com": "delivered"}
     (complaint,) = events(msg, "complained")
     assert complaint["feedback_type"] == "abuse"
-    assert complaint["user_agent"] == "SomeGenerator/1.0" and complaint["source_ip"] == "192.0.2.1"
+    assert complaint["user_agent"] == "SomeGenerator/1.0"
+    assert complaint["source_ip"] == "192.0.2.1"
     entry = (await relay.store.suppressed(["jane@example.com"]))["jane@example.com"]
     assert (entry.reason, entry.origin) == ("complaint", "complaint")
 
@@ -242,12 +252,13 @@ async def test_a_not_spam_report_and_an_auto_reply_are_only_noted(relay: Relay, 
     ref = ref_of(got)
     assert (await to_listener(relay, got.mail_from, arf_report(ref, "jane@example.com", "not-spam")))[0] == 250
     ooo = (
-        "From: Jane <jane@example.com>\r\nTo: app@example.com\r\nSubject: Automatic reply: Hi\r\n"
-        "Auto-Submitted: auto-replied\r\nX-Auto-Response-Suppress: All\r\n\r\nI am out of the office until Monday.\r\n"
-    ).encode()
+        b"From: Jane <jane@example.com>\r\nTo: app@example.com\r\nSubject: Automatic reply: Hi\r\n"
+        b"Auto-Submitted: auto-replied\r\nX-Auto-Response-Suppress: All\r\n\r\nI am out of the office until Monday.\r\n"
+    )
     assert (await to_listener(relay, got.mail_from, ooo, "jane@example.com"))[0] == 250
     msg = await relay.store.get_message(qid)
-    assert msg is not None and status(msg) == {"jane@example.com": "delivered"}
+    assert msg is not None
+    assert status(msg) == {"jane@example.com": "delivered"}
     assert [e.type for e in msg.events] == ["received", "delivered", "noted", "noted"]
     assert await relay.store.suppressed(["jane@example.com"]) == {}
 
@@ -272,7 +283,8 @@ async def test_a_synchronous_hard_bounce_is_classified_and_suppressed(tmp_path: 
         msg2 = await final(relay, qid2)
         assert status(msg2) == {"Gone@example.com": "suppressed"}
         (skipped,) = events(msg2, "suppressed")
-        assert skipped["entry"]["address"] == "gone@example.com" and skipped["entry"]["reason"] == "hard_bounce"
+        assert skipped["entry"]["address"] == "gone@example.com"
+        assert skipped["entry"]["reason"] == "hard_bounce"
         assert all(m.rcpts != ["Gone@example.com"] for m in sink.messages)
 
 
@@ -313,9 +325,7 @@ async def _suppress(relay: Relay, entry: Suppression) -> None:
     from relay.store import suppressions
 
     assert relay.store is not None
-    await relay.store._engine.call(  # noqa: SLF001 -- planting an entry as the suppression API would
-        lambda conn: suppressions.add(conn, [entry], actor="test", now=entry.created_at)
-    )
+    await relay.store._engine.call(lambda conn: suppressions.add(conn, [entry], actor="test", now=entry.created_at))
 
 
 async def test_notify_sender_sends_a_dsn_that_relay_reads_back(tmp_path: Path, zone: Zone) -> None:
@@ -334,7 +344,7 @@ async def test_notify_sender_sends_a_dsn_that_relay_reads_back(tmp_path: Path, z
             from helpers import smtp_client
 
             async with smtp_client(relay) as client:
-                code, text = await send(
+                code, _text = await send(
                     client, "app@app.example", ["gone@example.com"], b"Subject: Hi\r\n\r\nHello\r\n"
                 )
                 assert code == 250
@@ -343,7 +353,8 @@ async def test_notify_sender_sends_a_dsn_that_relay_reads_back(tmp_path: Path, z
                 assert code == 250
             await wait_for(lambda: len(sender_mx.messages) >= 1)
             (got,) = sender_mx.messages
-            assert got.mail_from == "<>" and got.rcpts == ["app@app.example"]
+            assert got.mail_from == "<>"
+            assert got.rcpts == ["app@app.example"]
             parsed = reports.parse(got.data)
             assert parsed.kind == "dsn"
             (block,) = parsed.recipients

@@ -418,3 +418,14 @@ def test_big_hostile_inputs(raw: bytes) -> None:
     assert len(report.recipients) <= MAX_RECIPIENTS
     assert len(report.subject) <= 1000
     assert all(len(r.diagnostic) <= 1000 for r in report.recipients)
+
+
+@pytest.mark.parametrize(
+    ("sample", "command"),
+    [("lhost-postfix-13.eml", "RCPT"), ("lhost-exim-02.eml", "RCPT"), ("lhost-exim-01.eml", "MAIL")],
+)
+def test_the_refused_command_is_read_from_the_notice(sample: str, command: str) -> None:
+    """ "User unknown" after RCPT is no such mailbox; after DATA, a filter: the classifier asks."""
+    report = parse((SAMPLES / sample).read_bytes())
+    assert report.recipients
+    assert {r.command for r in report.recipients} == {command}
