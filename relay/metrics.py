@@ -113,8 +113,9 @@ def rejection_reason(code: int, enhanced: str | None, text: str) -> str:  # noqa
 
 
 class _Queue:
-    def __init__(self, summary: QueueSummary) -> None:
+    def __init__(self, summary: QueueSummary, suppression_entries: int) -> None:
         self.summary = summary
+        self.suppression_entries = suppression_entries
 
     def collect(self) -> list[GaugeMetricFamily]:
         states = GaugeMetricFamily("relay_queue_recipients", "Recipients in the queue, by state", labels=["state"])
@@ -125,11 +126,14 @@ class _Queue:
             "relay_queue_oldest_age_seconds", "Age of the oldest message with a recipient still in the queue"
         )
         age.add_metric([], 0.0 if oldest is None else max(0.0, time.time() - oldest))
-        return [states, age]
+        entries = GaugeMetricFamily("relay_suppression_entries", "Entries on the suppression list (expired ones too)")
+        entries.add_metric([], self.suppression_entries)
+        return [states, age, entries]
 
 
-def render(queue: QueueSummary) -> bytes:
-    """The exposition text: this process's (or all workers') metrics, and the queue gauges."""
+def render(queue: QueueSummary, suppression_entries: int = 0) -> bytes:
+    """The exposition text: this process's (or all workers') metrics, and the gauges read from
+    the store (the queue, the suppression list)."""
     if MULTIPROCESS:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
@@ -138,5 +142,5 @@ def render(queue: QueueSummary) -> bytes:
 
         registry = REGISTRY
     gauges = CollectorRegistry()
-    gauges.register(_Queue(queue))
+    gauges.register(_Queue(queue, suppression_entries))
     return generate_latest(registry) + generate_latest(gauges)
