@@ -18,7 +18,7 @@ def _exported() -> set[str]:
     """Metric names as a query uses them (a counter ``x`` is queried as ``x_total``)."""
     text = metrics.render(QueueSummary({}, None), suppression_entries=0).decode()
     types = [line.split(" ")[2:4] for line in text.splitlines() if line.startswith("# TYPE ")]
-    return {f"{name}_total" if kind == "counter" else name for name, kind in types}
+    return {f"{name.removesuffix('_total')}_total" if kind == "counter" else name for name, kind in types}
 
 
 def _used(text: str) -> set[str]:
