@@ -300,6 +300,7 @@ class ReportTarget:
     mail_from: str
     received_at: float
     headers: bytes | None = None  # the original's header section, when a DSN to the sender may be needed
+    reports: int = 0  # reports kept for this recipient so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +325,7 @@ class ReportDecision:
     notify: tuple[NewMessage, ...] = ()  # DSNs to senders
     queue_id: str | None = None  # what the report row is filed under
     recipient: str | None = None
+    keep: bool = True  # False: nothing is written (a report about nobody, or one too many)
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,9 @@ from relay.model import (
 log = logging.getLogger(__name__)
 
 PARSE_IN_THREAD = 256 * 1024  # bytes; a larger report is parsed off the event loop
+# Reports kept per recipient of a message: a real MTA sends one or two (delayed, then failed);
+# more is someone replaying a token they saw to fill the disk. Later ones are answered and dropped.
+MAX_REPORTS_PER_RECIPIENT = 10
 REPLY_STORED = "250 2.0.0 Ok: report recorded"
 REPLY_STORE_FAILED = "451 4.3.0 Temporary failure storing the report, try again later"
 _COMPLAINT_TYPES = ("abuse", "fraud", "virus", "other")
@@ -69,9 +72,12 @@ def decide(
     chosen = [known[i] for i in dict.fromkeys(order) if i in known]
     if report.kind == "arf":
         chosen = chosen[:1]
-    if not chosen:
+    if not chosen:  # a token of a recipient no longer in the store: counted, nothing kept
         bouncy = report.kind in ("dsn", "arf", "bounce")
-        return ReportDecision(report.kind, "unmatched" if bouncy else "not_a_bounce")
+        return ReportDecision(report.kind, "unmatched" if bouncy else "not_a_bounce", keep=False)
+    chosen = [t for t in chosen if t.reports < MAX_REPORTS_PER_RECIPIENT]
+    if not chosen:
+        return ReportDecision(report.kind, "not_a_bounce", keep=False)
     parts = [_one(report, t, policy, now) for t in chosen]
     events = tuple(e for p in parts for e in p.events)
     matched = any(e.type in ("bounced", "deferred", "complained") for e in events)
@@ -264,6 +270,10 @@ class BounceInbox:
             log.exception("could not store a report from %s", client_ip)
             return REPLY_STORE_FAILED
         metrics.BOUNCE_REPORTS.labels(decision.result).inc()
+        if not decision.keep:
+            log.info("report from %s (%s, %s) names no recipient that takes reports: not kept",
+                     client_ip, report.kind, decision.result)  # fmt: skip
+            return REPLY_STORED
         for e in decision.events:
             if e.type == "bounced":
                 metrics.BOUNCES.labels("async", str(e.details.get("reason", "undefined"))).inc()

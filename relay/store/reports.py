@@ -37,10 +37,13 @@ def record(
         bodies = load_bodies(conn, {r.queue_id for r in rows}) if with_headers else {}
         targets = [
             ReportTarget(r.id, r.queue_id, r.address, r.status, r.mail_from, float(r.received_at),
-                         header_section(bodies[r.queue_id]) if r.queue_id in bodies else None)
+                         header_section(bodies[r.queue_id]) if r.queue_id in bodies else None,
+                         conn.scalar(q.REPORT_COUNT, {"qid": r.queue_id, "rcpt": r.address}) or 0)
             for r in rows
         ]  # fmt: skip
     decision = decide(targets)
+    if not decision.keep:
+        return 0, decision
     at = report.received_at
     report_id = int(
         conn.scalar(

@@ -372,6 +372,10 @@ ASYNC_BOUNCE = (
     .where(recipients.c.id == sa.bindparam("rid"), recipients.c.status == DELIVERED)
     .values(status=BOUNCED, last_response=sa.bindparam("response"), updated_at=sa.bindparam("at"))
 )
+# How many reports are kept for one recipient of one message.
+REPORT_COUNT = sa.select(sa.func.count()).where(
+    bounce_reports.c.queue_id == sa.bindparam("qid"), bounce_reports.c.recipient == sa.bindparam("rcpt")
+)
 # One report, raw.
 BOUNCE_REPORT = sa.select(bounce_reports).where(bounce_reports.c.id == sa.bindparam("id"))
 

@@ -378,3 +378,37 @@ async def _settled(relay: Relay) -> None:
 
     assert relay.store is not None
     await wait_drained(relay.store, timeout=15)
+
+
+async def test_a_replayed_report_is_kept_a_bounded_number_of_times(relay: Relay, sink: Sink) -> None:
+    """A recipient knows its own token; replaying a report cannot fill the disk."""
+    from relay.bounces.inbound import MAX_REPORTS_PER_RECIPIENT
+
+    assert relay.store is not None
+    qid, _ = await delivered(relay, ["jane@example.com"])
+    got = arrived_for(sink, "jane@example.com")
+    dsn = postfix_dsn("jane@example.com", got.mail_from, ref_of(got))
+    for _ in range(MAX_REPORTS_PER_RECIPIENT + 3):
+        assert (await to_listener(relay, got.mail_from, dsn))[0] == 250
+    msg = await relay.store.get_message(qid)
+    assert msg is not None
+    assert status(msg) == {"jane@example.com": "bounced"}
+    reported = [e for e in msg.events if "report_id" in e.details]
+    assert len(reported) == MAX_REPORTS_PER_RECIPIENT
+    assert [e.type for e in reported] == ["bounced"] + ["noted"] * (MAX_REPORTS_PER_RECIPIENT - 1)
+
+
+async def test_a_valid_token_of_an_unknown_recipient_is_unmatched(relay: Relay) -> None:
+    from helpers import metric
+
+    assert relay.store is not None
+    address = ReturnPath(tracking_secret(relay.config), DOMAIN).address(987_654_321)
+    code, _ = await to_listener(relay, address, postfix_dsn("ghost@example.com", address, "x"))
+    assert code == 250
+    from relay import metrics
+    from relay.model import QueueSummary
+
+    assert (
+        metric(metrics.render(QueueSummary({}, None)).decode(), "relay_bounce_reports_total", result="unmatched") >= 1
+    )
+    assert await relay.store.bounce_report(1) is None  # nothing kept
