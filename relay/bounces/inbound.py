@@ -198,6 +198,8 @@ def _classify(block: RecipientStatus | None, report: Report) -> Classification:
 def _response(block: RecipientStatus | None, cls: Classification) -> str:
     if block is None:
         return f"bounce report ({cls.reason})"
+    if block.diagnostic[:3].isdigit():
+        return block.diagnostic  # "550 5.1.1 ...": the remote server's reply, whole
     parts = [str(block.code) if block.code else "", block.status or "", block.diagnostic]
     text = " ".join(p for p in parts if p)
     return text or f"bounce report ({cls.reason})"
