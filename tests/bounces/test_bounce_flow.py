@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 import pytest
-from helpers import command, running_relay, send, wait_for
+from helpers import command, running_relay, send, store_url, wait_for
 from helpers.delivery import delivery_config, final, status, submit
 from helpers.peers import Received, Sink, SinkBehaviour, Zone, sinks
 
@@ -37,10 +38,13 @@ async def sink(zone: Zone) -> AsyncIterator[Sink]:
         yield s
 
 
-@pytest.fixture
-async def relay(tmp_path: Path, zone: Zone, sink: Sink) -> AsyncIterator[Relay]:
-    async with running_relay(bounce_config(tmp_path, zone, sink.port), deliver=True) as r:
-        yield r
+@pytest.fixture(params=["sqlite", "postgres"])
+async def relay(request: pytest.FixtureRequest, tmp_path: Path, zone: Zone, sink: Sink) -> AsyncIterator[Relay]:
+    async with AsyncExitStack() as stack:
+        url = await store_url(request.param, tmp_path / "data" / "relay.db", stack)
+        config = bounce_config(tmp_path, zone, sink.port, store={"url": url})
+        async with running_relay(config, deliver=True) as r:
+            yield r
 
 
 async def delivered(relay: Relay, rcpts: list[str]) -> tuple[str, MessageView]:
