@@ -285,7 +285,8 @@ def _describe(kind: str, d: dict[str, Any]) -> str:
         return f"on the suppression list: {entry.get('address')} ({entry.get('reason')}, by {entry.get('origin')}, " \
                f"since {entry.get('created_at')})"  # fmt: skip
     if d.get("async"):
-        what = " ".join(str(x) for x in (d.get("code"), d.get("status"), d.get("reply")) if x)
+        reply = str(d.get("reply") or "")
+        what = reply if reply[:3].isdigit() else " ".join(str(x) for x in (d.get("code"), d.get("status"), reply) if x)
         head = f"report {d.get('report_id')} ({d.get('report')}{', ' + str(d['action']) if d.get('action') else ''})"
         if d.get("feedback_type"):
             agent, source = d.get("user_agent") or "-", d.get("source_ip") or "-"
