@@ -261,7 +261,8 @@ async def add_suppression(
     tags=["suppression"],
 )
 async def check_suppression(
-    store: Store, address: Annotated[str, Query(max_length=320, description="A mailbox")]
+    store: Store,
+    address: Annotated[str, Query(max_length=320, pattern="@", description="A mailbox", examples=["jane@example.com"])],
 ) -> SuppressionCheck:
     _key("query", "address", address)
     entry = await store.suppression_check(address.strip())

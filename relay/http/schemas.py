@@ -234,9 +234,16 @@ class SuppressionPage(BaseModel):
 
 
 class SuppressionRequest(BaseModel, extra="forbid"):
-    address: str = Field(max_length=320, description="A mailbox, or `*@domain` for a whole domain")
-    note: str = Field("", max_length=SUPPRESSION_NOTE_MAX)
-    expires_at: datetime | None = Field(None, description="ISO-8601, in the future; leave out for never")
+    address: str = Field(
+        max_length=320,
+        pattern="@",
+        description="A mailbox, or `*@domain` for a whole domain",
+        examples=["jane@example.com", "*@example.org"],
+    )
+    note: str = Field("", max_length=SUPPRESSION_NOTE_MAX, examples=["asked by phone, ticket 4411"])
+    expires_at: datetime | None = Field(
+        None, description="ISO-8601, in the future; leave out for never", examples=["2027-01-01T00:00:00Z"]
+    )
 
     @field_validator("address")
     @classmethod
