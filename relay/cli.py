@@ -572,8 +572,6 @@ def read_suppressions_csv(data: bytes, now: float) -> CsvImport:
     """Parse `relay suppressions import` input: UTF-8 CSV with a header row naming columns of
     ``relay suppressions export`` (address required). Any bytes: problems come back as lines
     ("line 3: address: ..."), never as exceptions."""
-    from pydantic import ValidationError
-
     from relay.http import schemas
 
     try:
@@ -600,13 +598,10 @@ def read_suppressions_csv(data: bytes, now: float) -> CsvImport:
                 errors.append(f"line {line}: {len(row)} fields where the header has {len(header)}")
                 continue
             cells = {name: value if name == "note" else value.strip() for name, value in zip(header, row, strict=True)}
-            try:
-                parsed = schemas.SuppressionRow.model_validate({k: v for k, v in cells.items() if v != ""})
-            except ValidationError as exc:
-                errors += [f"line {line}: {_pydantic_problem(e)}" for e in exc.errors()]
-                continue
-            entry = parsed.entry(now)
-            if entry.expires_at is not None and entry.expires_at <= now:
+            entry = schemas.suppression_row(cells, now)
+            if isinstance(entry, list):
+                errors += [_printable(f"line {line}: {problem}") for problem in entry]
+            elif entry.expires_at is not None and entry.expires_at <= now:
                 expired += 1
             else:
                 entries.append(entry)
@@ -629,12 +624,6 @@ def _csv_header_problem(header: list[str]) -> str | None:
     if "address" not in header:
         return "no address column"
     return None
-
-
-def _pydantic_problem(error: Any) -> str:
-    where = ".".join(str(p) for p in error.get("loc", ())) or "row"
-    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-    return _printable(f"{where}: {message}")
 
 
 MAX_CSV_ERRORS = 20  # problems printed; the rest are counted

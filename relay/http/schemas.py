@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from relay.model import (
     MessageView,
@@ -346,6 +346,19 @@ class SuppressionRow(BaseModel, extra="forbid"):
 
 
 SUPPRESSION_CSV_COLUMNS = tuple(SuppressionRow.model_fields)  # the header `relay suppressions export` writes
+
+
+def suppression_row(cells: Mapping[str, str], now: float) -> Suppression | list[str]:
+    """The entry a CSV row of `relay suppressions import` describes (cells by column; empty
+    ones count as absent), or its problems, each "column: what is wrong"."""
+    try:
+        row = SuppressionRow.model_validate({k: v for k, v in cells.items() if v != ""})
+    except ValidationError as exc:
+        return [
+            f"{'.'.join(str(p) for p in e['loc']) or 'row'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        ]
+    return row.entry(now)
 
 
 def _utc(value: datetime) -> float:
