@@ -14,7 +14,10 @@ from typing import Any
 import httpx
 import pytest
 from helpers import make_config, running_relay, store_url
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from relay.http import schemas
 from relay.logstore import LogStore
 from relay.model import Suppression, iso
 
@@ -153,6 +156,11 @@ async def test_check_says_exactly_what_applies(api: tuple[httpx.AsyncClient, Log
         assert r.status_code == 422, r.text  # not taken for GET /suppressions/{address}
         assert r.json()["detail"][0]["loc"][-1] == "address"
     assert (await client.get("/api/v1/suppressions/gone@example.com")).status_code == 404
+    # a domain's entry goes by its key, *@domain
+    r = await client.request("DELETE", "/api/v1/suppressions/*@BLOCKED.example", json={"reason": "new owner"})
+    assert r.status_code == 200, r.text
+    assert r.json()["address"] == "*@blocked.example"
+    assert (await check("anyone@blocked.example"))["suppressed"] is False
 
 
 async def test_remove_needs_a_reason_for_a_complaint_and_is_logged(
@@ -264,3 +272,21 @@ async def test_every_endpoint_needs_a_token_and_is_documented(api: tuple[httpx.A
     assert "/api/v1/suppressions/check" in paths
     assert "/api/v1/suppressions/audit" in paths
     assert await store.suppression_count() == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=400) | st.binary(max_size=400).map(lambda b: b.decode("utf-8", "surrogateescape")))
+def test_an_address_is_a_key_or_a_value_error(text: str) -> None:
+    try:
+        key = schemas.suppression_address(text)
+    except ValueError:
+        return
+    assert key == key.strip().lower()
+    assert "@" in key
+    key.encode()  # storable: UTF-8, no lone surrogates
+
+
+def test_hostile_addresses_are_refused_at_once() -> None:
+    for text in ("a" * 2_000_000 + "@example.com", '"' + "\\a" * 1_000_000 + '"@example.com', "*@" + "a." * 1_000_000):
+        with pytest.raises(ValueError, match="not a mailbox"):
+            schemas.suppression_address(text)
