@@ -49,6 +49,11 @@ def find(conn: Connection, addresses: Collection[str], now: float) -> dict[str, 
     return out
 
 
+# Entries per round of statements: the IN lists stay well below the bind parameter limits
+# (32766 in SQLite, 32767 in PostgreSQL's protocol) however large an import is.
+CHUNK = 1000
+
+
 def add(
     conn: Connection,
     entries: Sequence[Suppression],
@@ -61,10 +66,17 @@ def add(
     audit line each; returns those added. An address already suppressed keeps its entry.
     The audit lines' origin is ``via`` when given (an import through the CLI keeps each
     entry's own origin), else the entry's."""
-    if not entries:
-        return []
     # one per address, the last wins; keys compared as stored (a caller's "Jane@X" is "jane@x")
-    entries = list({e.address: e for e in (replace(e, address=suppression_key(e.address)) for e in entries)}.values())
+    unique = list({e.address: e for e in (replace(e, address=suppression_key(e.address)) for e in entries)}.values())
+    added: list[Suppression] = []
+    for start in range(0, len(unique), CHUNK):
+        added += _add(conn, unique[start : start + CHUNK], actor=actor, now=now, via=via)
+    return added
+
+
+def _add(
+    conn: Connection, entries: list[Suppression], *, actor: str, now: float, via: SuppressionOrigin | None
+) -> list[Suppression]:
     keys = [e.address for e in entries]
     conn.execute(q.DELETE_EXPIRED_SUPPRESSIONS, {"keys": keys, "now": now})
     present = set(find_keys(conn, keys, now))

@@ -200,3 +200,12 @@ async def test_a_race_to_add_one_address_adds_it_once(url: str, store: LogStore)
     assert len({found.note for found, _ in results}) == 1
     changes, _ = await store.suppression_audit("race@example.com")
     assert len(changes) == 1
+
+
+async def test_a_large_import_stays_within_the_bind_parameter_limits(store: LogStore) -> None:
+    many = [entry(f"user{i}@bulk.example", at=T0 + i) for i in range(40_000)]  # > 32767 keys in one IN list
+    added = await store.import_suppressions(many, "tester")
+    assert len(added) == 40_000
+    assert await store.suppression_count() == 40_000
+    again = await store.import_suppressions([*many[:10], entry("one-more@bulk.example")], "tester")
+    assert [e.address for e in again] == ["one-more@bulk.example"]
