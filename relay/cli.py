@@ -514,7 +514,10 @@ async def _suppressions_add(store: LogStore, args: argparse.Namespace) -> int:
         raise CommandError(f"--note is longer than {schemas.SUPPRESSION_NOTE_MAX} characters", 2)
     now = time.time()
     expires_at = None if args.expires is None else _expires(args.expires, now)
-    found, new = await store.suppress(Suppression(key, "manual", "cli", None, now, expires_at, note), _actor())
+    try:
+        found, new = await store.suppress(Suppression(key, "manual", "cli", None, now, expires_at, note), _actor())
+    except ValueError as exc:  # expired meanwhile ("--expires 1ms")
+        raise CommandError(f"--expires: {exc}", 2) from exc
     if new:
         print(_printable(f"suppressed {found.address}" + ("" if expires_at is None else f" until {iso(expires_at)}")))
     else:
@@ -528,13 +531,16 @@ def _expires(text: str, now: float) -> float:
     from relay.http import schemas
 
     try:
-        return now + config_mod.parse_duration(text, "--expires")
+        when = datetime.fromtimestamp(now + config_mod.parse_duration(text, "--expires"), UTC)
     except ConfigError:
-        pass
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError as exc:
-        raise CommandError(f'--expires: not an ISO-8601 date/time or a duration such as "30d": {text!r}', 2) from exc
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError as exc:
+            raise CommandError(
+                f'--expires: not an ISO-8601 date/time or a duration such as "30d": {text!r}', 2
+            ) from exc
+    except (OverflowError, OSError, ValueError) as exc:  # "9999999d"
+        raise CommandError("--expires must be within 100 years", 2) from exc
     try:
         return schemas.expiry(when, now)
     except ValueError as exc:
