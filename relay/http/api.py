@@ -37,7 +37,7 @@ from relay.http.schemas import (
     UnsuppressRequest,
 )
 from relay.logstore import LogStore, ReasonRequired
-from relay.model import Suppression
+from relay.model import Suppression, SuppressionReason
 
 State = Literal["queued", "deferred", "sending", "delivered", "bounced", "expired", "suppressed", "cancelled"]
 QUEUE_ID = r"^[0-9A-Za-z]{26}$"
@@ -98,7 +98,7 @@ def _parse_cursor(text: str) -> tuple[float, str]:
         value = (float(at), last)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise _invalid("query", "cursor", "not a cursor this API returned") from exc
-    if not last or value[0] != value[0]:  # NaN
+    if not last or value[0] != value[0] or "\x00" in last:  # NaN; a NUL, which PostgreSQL text refuses (a 500)
         raise _invalid("query", "cursor", "not a cursor this API returned")
     return value
 
@@ -180,7 +180,6 @@ async def stats(
 
 _NO_ENTRY: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "The address has no entry"}}
 _NOT_JSON: dict[int | str, dict[str, Any]] = {400: {"model": Problem, "description": "The body is not JSON"}}
-Reason = Literal["hard_bounce", "complaint", "manual"]  # model.SUPPRESSION_REASONS
 
 
 def _key(where: str, name: str, text: str) -> str:
@@ -197,7 +196,7 @@ def _id_cursor(before: int | None) -> str | None:
 def _parse_id_cursor(text: str) -> int:
     try:
         value = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-        if value.isascii() and value.isdigit() and len(value) <= 19:
+        if value.isascii() and value.isdigit() and int(value) < 2**63:  # a BIGINT
             return int(value)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         pass
@@ -213,12 +212,18 @@ def _parse_id_cursor(text: str) -> int:
 async def list_suppressions(
     store: Store,
     address: Annotated[str | None, Query(max_length=320, description="Only this address's (or `*@domain`'s)")] = None,
-    reason: Annotated[Reason | None, Query()] = None,
+    reason: Annotated[SuppressionReason | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     cursor: Annotated[str | None, Query(max_length=400)] = None,
 ) -> SuppressionPage:
     key = None if address is None else _key("query", "address", address)
-    after = None if cursor is None else _parse_cursor(cursor)
+    after = None
+    if cursor is not None:
+        after = _parse_cursor(cursor)
+        try:  # the address in it goes to the database: one that cannot be a key (a NUL) is no cursor of ours
+            schemas.suppression_address(after[1])
+        except ValueError as exc:
+            raise _invalid("query", "cursor", "not a cursor this API returned") from exc
     entries, more = await store.suppressions(address=key, reason=reason, limit=limit, after=after)
     return SuppressionPage(suppressions=[schemas.suppression_entry(e) for e in entries], next_cursor=_cursor(more))
 

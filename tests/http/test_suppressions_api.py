@@ -4,6 +4,7 @@ input that leaves the store untouched."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -233,7 +234,9 @@ async def test_pages_newest_first_with_filters(api: tuple[httpx.AsyncClient, Log
     assert [e["address"] for e in complaints["suppressions"]] == ["u5@example.com", "u3@example.com", "u1@example.com"]
     one = (await client.get("/api/v1/suppressions", params={"address": "U4@EXAMPLE.COM"})).json()
     assert [e["address"] for e in one["suppressions"]] == ["u4@example.com"]
+    nul = base64.urlsafe_b64encode(b"1800000000.0|a\x00@example.com").decode()  # PostgreSQL text holds no NUL
     for params, field in (
+        ({"cursor": nul}, "cursor"),
         ({"cursor": "not-a-cursor!"}, "cursor"),
         ({"limit": "0"}, "limit"),
         ({"limit": "501"}, "limit"),
@@ -250,8 +253,9 @@ async def test_pages_newest_first_with_filters(api: tuple[httpx.AsyncClient, Log
     assert len(rest["changes"]) == 3
     assert rest["next_cursor"] is None
     assert {c["address"] for c in audit["changes"] + rest["changes"]} == {f"u{i}@example.com" for i in range(7)}
-    bad = await client.get("/api/v1/suppressions/audit", params={"cursor": "%%%"})
-    assert bad.status_code == 422
+    for cursor in ("%%%", "OTk5OTk5OTk5OTk5OTk5OTk5OQ"):  # the second: 9999999999999999999, past a BIGINT
+        bad = await client.get("/api/v1/suppressions/audit", params={"cursor": cursor})
+        assert bad.status_code == 422, bad.text
 
 
 async def test_every_endpoint_needs_a_token_and_is_documented(api: tuple[httpx.AsyncClient, LogStore]) -> None:
