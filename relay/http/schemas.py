@@ -2,7 +2,9 @@
 publishes in its OpenAPI document, and the functions that build them from relay.model records.
 
 ``relay log --json`` and ``relay stats --json`` print what these functions build, so the CLI and
-the API cannot drift apart. Imports pydantic, not FastAPI: the CLI imports this module alone."""
+the API cannot drift apart. So does `relay suppressions`: its input (an address, an expiry, a CSV
+row) passes the same checks as the API's. Imports pydantic, not FastAPI: the CLI imports this
+module alone."""
 
 from __future__ import annotations
 
