@@ -1,4 +1,4 @@
-"""``relay serve|db|log|queue|stats|users``: argument parsing, then a call into the modules.
+"""``relay serve|db|log|queue|stats|suppressions|users``: argument parsing, then a call into the modules.
 
 Only ``serve`` and ``db upgrade`` create or upgrade a store; the other commands refuse to run
 on a store that is missing or older than the code, so that a wrong --config never leaves an
@@ -8,18 +8,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import csv
+import getpass
+import io
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from relay import config as config_mod
 from relay.errors import ConfigError, RelayError
-from relay.model import ACTIVE_STATES, RETRY_ALL_STATES, RETRY_STATES, MessageView, QueueEntry, StatsRow, iso
+from relay.model import (
+    ACTIVE_STATES,
+    RETRY_ALL_STATES,
+    RETRY_STATES,
+    SUPPRESSION_REASONS,
+    MessageView,
+    QueueEntry,
+    StatsRow,
+    Suppression,
+    SuppressionChange,
+    iso,
+)
 
 if TYPE_CHECKING:
     from relay.logstore import LogStore  # imported when a command runs: `serve` and --help stay light
@@ -88,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--until", type=_when, metavar="TIME", help="ISO-8601 or epoch seconds (default: now)")
     st.add_argument("--json", action="store_true", help="print the API's JSON")
 
+    _suppressions_parser(sub, common)
+
     u = sub.add_parser("users", parents=[common], help="SMTP AUTH users")
     u_sub = u.add_subparsers(dest="users_command", required=True, metavar="ACTION")
     add = u_sub.add_parser("add", parents=[common], help="add a user")
@@ -99,6 +118,40 @@ def _parser() -> argparse.ArgumentParser:
     rm = u_sub.add_parser("remove", parents=[common], help="remove a user")
     rm.add_argument("name")
     return p
+
+
+def _suppressions_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    sp = sub.add_parser("suppressions", parents=[common], help="the suppression list: addresses Relay does not mail")
+    sp_sub = sp.add_subparsers(dest="suppressions_command", required=True, metavar="ACTION")
+    ls = sp_sub.add_parser("list", parents=[common], help="entries in force, newest first")
+    ls.add_argument("--address", metavar="ADDRESS", help="only this address's (or *@domain's) own entry")
+    ls.add_argument("--reason", choices=SUPPRESSION_REASONS, help="only entries with this reason")
+    ls.add_argument("--limit", type=int, default=1000, metavar="N", help="at most N entries (default 1000)")
+    ls.add_argument("--json", action="store_true", help="print a JSON array (each entry as the API shows it)")
+    check = sp_sub.add_parser("check", parents=[common], help="is mail to an address suppressed, and by which entry")
+    check.add_argument("address")
+    check.add_argument("--json", action="store_true", help="print the object GET /api/v1/suppressions/check returns")
+    add = sp_sub.add_parser(
+        "add", parents=[common], help="suppress an address, or a domain as *@domain (reason manual)"
+    )
+    add.add_argument("address", help="a mailbox, or *@domain")
+    add.add_argument("--note", default="", help="why, for whoever reads the list later")
+    add.add_argument("--expires", metavar="WHEN", help='ISO-8601 date/time, or a duration from now ("30d", "12h")')
+    rm = sp_sub.add_parser("remove", parents=[common], help="remove an address's (or *@domain's) entry")
+    rm.add_argument("address")
+    rm.add_argument("--reason", default="", help="why it may be mailed again; required for a complaint's entry")
+    imp = sp_sub.add_parser(
+        "import", parents=[common], help="add entries from CSV (the columns of export; only address is required)"
+    )
+    imp.add_argument("file", metavar="FILE", help="a CSV file with a header row, or - for standard input")
+    exp = sp_sub.add_parser("export", parents=[common], help="every entry in force, as CSV")
+    exp.add_argument("file", metavar="FILE", nargs="?", default="-", help="where to write (default -: standard output)")
+    audit = sp_sub.add_parser(
+        "audit", parents=[common], help="who added and removed entries, when and why; newest first"
+    )
+    audit.add_argument("address", nargs="?", help="only this address's (or *@domain's) lines")
+    audit.add_argument("--limit", type=int, default=1000, metavar="N", help="at most N lines (default 1000)")
+    audit.add_argument("--json", action="store_true", help="print a JSON array")
 
 
 def _when(text: str) -> float:
@@ -158,6 +211,7 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         "log": _log,
         "queue": _queue,
         "stats": _stats,
+        "suppressions": _suppressions,
         "users": _users,
     }
     return asyncio.run(_with_store(cfg, args, commands[args.command]))
@@ -387,6 +441,291 @@ async def _stats(store: LogStore, args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    return 0
+
+
+# -- suppressions
+
+
+def _actor() -> str:
+    """Who runs the command, for the audit trail: the OS user name."""
+    try:
+        return getpass.getuser() or "cli"
+    except (OSError, KeyError):  # no name for this uid (a container)
+        return "cli"
+
+
+def _suppression_key(text: str) -> str:
+    from relay.http import schemas
+
+    try:
+        return schemas.suppression_address(text)
+    except ValueError as exc:
+        raise CommandError(f"{text!r} is {exc}", 2) from exc
+
+
+async def _suppressions(store: LogStore, args: argparse.Namespace) -> int:
+    handlers: dict[str, Callable[[LogStore, argparse.Namespace], Awaitable[int]]] = {
+        "list": _suppressions_list,
+        "check": _suppressions_check,
+        "add": _suppressions_add,
+        "remove": _suppressions_remove,
+        "import": _suppressions_import,
+        "export": _suppressions_export,
+        "audit": _suppressions_audit,
+    }
+    return await handlers[args.suppressions_command](store, args)
+
+
+async def _suppressions_list(store: LogStore, args: argparse.Namespace) -> int:
+    limit = max(1, args.limit)
+    key = None if args.address is None else _suppression_key(args.address)
+    entries, more = await store.suppressions(address=key, reason=args.reason, limit=limit)
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries], indent=2, ensure_ascii=False))
+    else:
+        for e in entries:
+            print(format_suppression(e))
+    if more is not None:
+        print(f"relay: showing the newest {limit} entries; use --limit for more", file=sys.stderr)
+    return 0
+
+
+def format_suppression(e: Suppression) -> str:
+    """A line of `relay suppressions list`: address, reason, origin, since, until, queue id, note."""
+    until = "never" if e.expires_at is None else _local(e.expires_at)
+    line = f"{e.address:<32} {e.reason:<11} {e.origin:<9} {_local(e.created_at)}  until {until:<24}"
+    return _printable(f"{line}  {e.source_queue_id or '-'}  {e.note}".rstrip())
+
+
+def format_suppression_change(c: SuppressionChange) -> str:
+    """A line of `relay suppressions audit`."""
+    line = f"{_local(c.at)}  {c.action:<7}  {c.address:<32} {c.reason or '-'}  by {c.actor} via {c.origin}"
+    if c.source_queue_id:
+        line += f"  queue id {c.source_queue_id}"
+    if c.note:
+        line += f"  note: {c.note}"
+    return _printable(line)
+
+
+# C0 and C1 controls, and DEL, as \xNN: a note (from the API) must not drive the terminal
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def _printable(text: str) -> str:
+    return text.translate(_CONTROLS)
+
+
+async def _suppressions_check(store: LogStore, args: argparse.Namespace) -> int:
+    _suppression_key(args.address)
+    address = args.address.strip()
+    entry = await store.suppression_check(address)
+    if args.json:  # the object GET /api/v1/suppressions/check returns
+        doc = {"address": address, "suppressed": entry is not None, "entry": entry and entry.to_json()}
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+    elif entry is None:
+        print(_printable(f"{address} is not suppressed"))
+    else:
+        print(_printable(f"{address} is suppressed by the entry:"))
+        print(format_suppression(entry))
+    return 0
+
+
+async def _suppressions_add(store: LogStore, args: argparse.Namespace) -> int:
+    from relay.http import schemas
+
+    key = _suppression_key(args.address)
+    try:
+        note = schemas.suppression_text(args.note)
+    except ValueError as exc:
+        raise CommandError(f"--note {exc}", 2) from exc
+    if len(note) > schemas.SUPPRESSION_NOTE_MAX:
+        raise CommandError(f"--note is longer than {schemas.SUPPRESSION_NOTE_MAX} characters", 2)
+    now = time.time()
+    expires_at = None if args.expires is None else _expires(args.expires, now)
+    try:
+        found, new = await store.suppress(Suppression(key, "manual", "cli", None, now, expires_at, note), _actor())
+    except ValueError as exc:  # expired meanwhile ("--expires 1ms")
+        raise CommandError(f"--expires: {exc}", 2) from exc
+    if new:
+        print(_printable(f"suppressed {found.address}" + ("" if expires_at is None else f" until {iso(expires_at)}")))
+    else:
+        print(_printable(f"{found.address} was suppressed already; its entry stays as it is:"))
+        print(format_suppression(found))
+    return 0
+
+
+def _expires(text: str, now: float) -> float:
+    """--expires: an ISO-8601 date/time (UTC unless it says otherwise), or a duration from now."""
+    from relay.http import schemas
+
+    try:
+        when = datetime.fromtimestamp(now + config_mod.parse_duration(text, "--expires"), UTC)
+    except ConfigError:
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError as exc:
+            raise CommandError(
+                f'--expires: not an ISO-8601 date/time or a duration such as "30d": {text!r}', 2
+            ) from exc
+    except (OverflowError, OSError, ValueError) as exc:  # "9999999d"
+        raise CommandError("--expires must be within 100 years", 2) from exc
+    try:
+        return schemas.expiry(when, now)
+    except ValueError as exc:
+        raise CommandError(f"--expires {exc}", 2) from exc
+
+
+async def _suppressions_remove(store: LogStore, args: argparse.Namespace) -> int:
+    from relay.errors import ReasonRequired
+    from relay.http import schemas
+
+    key = _suppression_key(args.address)
+    try:
+        reason = schemas.suppression_text(args.reason)
+    except ValueError as exc:
+        raise CommandError(f"--reason {exc}", 2) from exc
+    try:
+        removed = await store.unsuppress(key, reason, _actor(), "cli")
+    except ReasonRequired as exc:
+        raise CommandError(f"{exc} (--reason)", 2) from exc
+    print(_printable(f"removed {removed.address} (was {removed.reason})"))
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class CsvImport:
+    """What a CSV of suppression entries holds: the entries, the problems (by line), and how
+    many rows were skipped for having expired."""
+
+    entries: list[Suppression]
+    errors: list[str]
+    expired: int
+
+
+def read_suppressions_csv(data: bytes, now: float) -> CsvImport:
+    """Parse `relay suppressions import` input: UTF-8 CSV with a header row naming columns of
+    ``relay suppressions export`` (address required). Any bytes: problems come back as lines
+    ("line 3: address: ..."), never as exceptions."""
+    from relay.http import schemas
+
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return CsvImport([], [f"byte {exc.start}: not UTF-8"], 0)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    entries: list[Suppression] = []
+    errors: list[str] = []
+    expired = 0
+    header: list[str] | None = None
+    try:
+        for row in reader:
+            line = reader.line_num
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # a blank line
+            if header is None:
+                header = [name.strip().lower() for name in row]
+                problem = _csv_header_problem(header)
+                if problem:
+                    return CsvImport([], [f"line {line}: {problem}"], 0)
+                continue
+            if len(row) != len(header):
+                errors.append(f"line {line}: {len(row)} fields where the header has {len(header)}")
+                continue
+            cells = {name: value if name == "note" else value.strip() for name, value in zip(header, row, strict=True)}
+            entry = schemas.suppression_row(cells, now)
+            if isinstance(entry, list):
+                errors += [_printable(f"line {line}: {problem}") for problem in entry]
+            elif entry.expires_at is not None and entry.expires_at <= now:
+                expired += 1
+            else:
+                entries.append(entry)
+    except csv.Error as exc:  # a stray quote, a field over the size limit: the rest cannot be read reliably
+        errors.append(f"line {reader.line_num}: {exc}")
+    if header is None and not errors:
+        errors.append("no header row (the first line names the columns: address,reason,note,...)")
+    return CsvImport(entries, errors, expired)
+
+
+def _csv_header_problem(header: list[str]) -> str | None:
+    from relay.http import schemas
+
+    known = schemas.SUPPRESSION_CSV_COLUMNS
+    unknown = [name for name in header if name not in known]
+    if unknown:
+        return f"unknown column {unknown[0]!r} (the columns are {','.join(known)})"
+    if len(set(header)) != len(header):
+        return "a column is named twice"
+    if "address" not in header:
+        return "no address column"
+    return None
+
+
+MAX_CSV_ERRORS = 20  # problems printed; the rest are counted
+
+
+async def _suppressions_import(store: LogStore, args: argparse.Namespace) -> int:
+    try:
+        data = await asyncio.to_thread(sys.stdin.buffer.read if args.file == "-" else Path(args.file).read_bytes)
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
+    now = time.time()
+    found = read_suppressions_csv(data, now)
+    if found.errors:
+        shown = found.errors[:MAX_CSV_ERRORS]
+        if len(found.errors) > MAX_CSV_ERRORS:
+            shown.append(f"... and {len(found.errors) - MAX_CSV_ERRORS} more")
+        source = "standard input" if args.file == "-" else args.file
+        raise CommandError(f"{source}: nothing imported:\n  " + "\n  ".join(shown))
+    added = await store.import_suppressions(found.entries, _actor(), now=now)
+    present = len({e.address for e in found.entries}) - len(added)
+    print(f"imported {_entries(len(added))}; {present} suppressed already (kept as they were); {found.expired} expired")
+    return 0
+
+
+def _entries(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"
+
+
+async def _suppressions_export(store: LogStore, args: argparse.Namespace) -> int:
+    from relay.http import schemas
+
+    columns = schemas.SUPPRESSION_CSV_COLUMNS
+    to_file = args.file != "-"
+    try:
+        f = await asyncio.to_thread(open, args.file, "w", newline="", encoding="utf-8") if to_file else sys.stdout
+        with f if to_file else contextlib.nullcontext(f):
+            writer = csv.writer(f, lineterminator="\r\n")
+            writer.writerow(columns)
+            count, after = 0, None
+            while True:  # a page at a time: a list of millions never sits in memory whole
+                entries, after = await store.suppressions(limit=1000, after=after, now=time.time())
+                for e in entries:
+                    doc = e.to_json()
+                    writer.writerow(["" if doc[c] is None else doc[c] for c in columns])
+                count += len(entries)
+                if after is None:
+                    break
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):
+            raise
+        raise CommandError(f"cannot write {args.file}: {exc.strerror or exc}") from exc
+    if to_file:
+        print(f"exported {_entries(count)} to {args.file}")
+    return 0
+
+
+async def _suppressions_audit(store: LogStore, args: argparse.Namespace) -> int:
+    key = None if args.address is None else _suppression_key(args.address)
+    limit = max(1, args.limit)
+    changes, more = await store.suppression_audit(key, limit=limit)
+    if args.json:
+        print(json.dumps([c.to_json() for c in changes], indent=2, ensure_ascii=False))
+    else:
+        for c in changes:
+            print(format_suppression_change(c))
+    if more is not None:
+        print(f"relay: showing the newest {limit} lines; use --limit for more", file=sys.stderr)
     return 0
 
 

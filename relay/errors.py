@@ -6,6 +6,7 @@
     ├── NotFound               no message, user or token matches
     ├── Conflict               the thing exists already (a user name)
     ├── StartError             Relay cannot start (a listener, the TLS files, the store); one line
+    ├── ReasonRequired         removing a complaint's suppression entry needs a reason
     ├── InvalidMessage         content refused at intake; carries the SMTP reply
     │   └── TooManyHops        more Received headers than [smtp] max_hops: a mail loop
     └── DeliveryFailure        one delivery attempt failed; carries the SMTP reply
@@ -57,6 +58,10 @@ class Conflict(RelayError):
 
 class StartError(RelayError):
     """Relay cannot start (a listener, the TLS files, the store); the message is one line."""
+
+
+class ReasonRequired(RelayError):
+    """Removing this entry needs a reason: it was added for a complaint."""
 
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s*")  # an enhanced status code (RFC 3463) opening the text

@@ -32,7 +32,11 @@ from relay.model import (
     ReportTarget,
     StatsRow,
     Suppression,
+    SuppressionChange,
+    SuppressionOrigin,
+    SuppressionReason,
     TrackTarget,
+    suppression_key,
 )
 from relay.store import log as event_log
 from relay.store import queue, reports, suppressions, users
@@ -232,6 +236,91 @@ class LogStore:
             lambda conn: event_log.record_engagement(conn, queue_id, address, kind, details, at=at, window=window)
         )
 
+    # -- suppression
+
+    async def suppression_check(self, address: str, now: float | None = None) -> Suppression | None:
+        """The entry that stops mail to ``address``: its own, else its domain's ``*@domain``
+        one; expired entries do not count. Case-insensitive."""
+        at = time.time() if now is None else now
+        found = await self._engine.read(lambda conn: suppressions.find(conn, [address], at))
+        return found.get(address)
+
+    async def suppression(self, address: str, now: float | None = None) -> Suppression | None:
+        """The entry in force whose key is ``address`` (a mailbox, or ``*@domain``), exactly."""
+        key, at = suppression_key(address), time.time() if now is None else now
+        return (await self._engine.read(lambda conn: suppressions.find_keys(conn, [key], at))).get(key)
+
+    async def suppressions(
+        self,
+        *,
+        address: str | None = None,
+        reason: SuppressionReason | None = None,
+        limit: int = 100,
+        after: tuple[float, str] | None = None,
+        now: float | None = None,
+    ) -> tuple[list[Suppression], tuple[float, str] | None]:
+        """Entries in force (the one of ``address`` exactly, those of a ``reason``), newest
+        first, a page at a time: pass the returned (created_at, address) as ``after`` for the
+        next page (None: no more)."""
+        at = time.time() if now is None else now
+        return await self._engine.read(
+            lambda conn: suppressions.page(conn, address=address, reason=reason, limit=limit, after=after, now=at)
+        )
+
+    async def suppress(self, entry: Suppression, actor: str) -> tuple[Suppression, bool]:
+        """Add an entry with an audit line naming ``actor``, unless its address has one in
+        force already, which then stays as it is: (the entry in force, whether it is new)."""
+        now = time.time()
+        if entry.expires_at is not None and entry.expires_at <= now:
+            raise ValueError("expires_at is in the past")
+        found, new = await self._engine.call(lambda conn: suppressions.suppress(conn, entry, actor=actor, now=now))
+        if new:
+            log.info("suppressed %s (%s) by %s via %s", found.address, found.reason, actor, found.origin)
+        return found, new
+
+    async def unsuppress(
+        self, address: str, reason: str, actor: str, origin: SuppressionOrigin, now: float | None = None
+    ) -> Suppression:
+        """Remove the address's own entry, with an audit line and a log record saying who and
+        why; returns the entry removed. NotFound when it has none in force; ReasonRequired when
+        ``reason`` is blank and the entry is a complaint's."""
+        at = time.time() if now is None else now
+        entry = await self._engine.call(
+            lambda conn: suppressions.remove(conn, address, reason=reason, actor=actor, origin=origin, now=at)
+        )
+        log.info(
+            "unsuppressed %s (was %s) by %s via %s, reason: %s", entry.address, entry.reason, actor, origin,
+            reason.strip() or "-",
+        )  # fmt: skip
+        return entry
+
+    async def import_suppressions(
+        self, entries: Sequence[Suppression], actor: str, now: float | None = None
+    ) -> list[Suppression]:
+        """Add the entries whose address has none in force, all or none, in one transaction;
+        each entry keeps its origin, the audit lines say "cli". Returns those added."""
+        at = time.time() if now is None else now
+        added = await self._engine.transaction(
+            lambda conn: suppressions.add(conn, entries, actor=actor, now=at, via="cli")
+        )
+        if added:
+            log.info("imported %d suppression entries by %s", len(added), actor)
+        return added
+
+    async def suppression_audit(
+        self, address: str | None = None, limit: int = 100, before: int | None = None
+    ) -> tuple[list[SuppressionChange], int | None]:
+        """Additions and removals (of one address or ``*@domain`` key, or all), newest first, a
+        page at a time: pass the returned number as ``before`` for the next (None: no more)."""
+        return await self._engine.read(
+            lambda conn: suppressions.audit(conn, address=address, limit=limit, before=before)
+        )
+
+    async def suppression_count(self, now: float | None = None) -> int:
+        """Entries in force (the gauge relay_suppression_entries)."""
+        at = time.time() if now is None else now
+        return await self._engine.read(lambda conn: suppressions.count(conn, at))
+
     # -- bulk import
 
     async def bulk_import(self, items: Sequence[Imported]) -> None:
@@ -318,8 +407,3 @@ class LogStore:
     async def bounce_report(self, report_id: int) -> bytes | None:
         """A stored report, raw, as it came to the bounce listener."""
         return await self._engine.read(lambda conn: reports.raw(conn, report_id))
-
-    async def suppressed(self, addresses: Collection[str]) -> dict[str, Suppression]:
-        """The suppression entry in force for each of these addresses that has one."""
-        now = time.time()
-        return await self._engine.read(lambda conn: suppressions.find(conn, addresses, now))

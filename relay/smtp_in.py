@@ -531,11 +531,10 @@ class RelayHandler:
     async def _suppressed(self, address: str) -> str | None:
         """The refusal of a suppressed recipient (``[suppression] reject_at_rcpt``), if it is."""
         try:
-            found = await self.store.suppressed([address])
+            entry = await self.store.suppression_check(address)
         except StoreError:
             log.exception("could not read the suppression list")
             return REPLY_STORE_FAILED
-        entry = found.get(address)
         if entry is None:
             return None
         metrics.SUPPRESSED.labels(entry.reason).inc()

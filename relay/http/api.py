@@ -1,4 +1,5 @@
-"""The JSON API under /api/v1: find messages, show one, retry one, stats. Bearer tokens.
+"""The JSON API under /api/v1: find messages, show one, retry one, stats; the suppression list.
+Bearer tokens.
 
 A message is the same object ``relay log --json`` prints: both are built by relay.http.schemas,
 which also holds every model of the OpenAPI document. Parameters are validated by
@@ -19,13 +20,28 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from relay.errors import NotFound
+from relay.errors import NotFound, ReasonRequired
 from relay.http import schemas
-from relay.http.schemas import Message, MessagePage, Problem, RetryRequest, RetryResult, Stats
+from relay.http.schemas import (
+    Message,
+    MessagePage,
+    Problem,
+    RetryRequest,
+    RetryResult,
+    Stats,
+    SuppressionAudit,
+    SuppressionCheck,
+    SuppressionEntry,
+    SuppressionPage,
+    SuppressionRequest,
+    UnsuppressRequest,
+)
 from relay.logstore import LogStore
+from relay.model import Suppression, SuppressionReason
 
 State = Literal["queued", "deferred", "sending", "delivered", "bounced", "expired", "suppressed", "cancelled"]
 QUEUE_ID = r"^[0-9A-Za-z]{26}$"
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: 422, not a 500
 _bearer = HTTPBearer(auto_error=False, description="One of the tokens in [http] api_tokens")
 
 
@@ -83,7 +99,7 @@ def _parse_cursor(text: str) -> tuple[float, str]:
         value = (float(at), last)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise _invalid("query", "cursor", "not a cursor this API returned") from exc
-    if not last or value[0] != value[0]:  # NaN
+    if not last or value[0] != value[0] or "\x00" in last:  # NaN; a NUL, which PostgreSQL text refuses (a 500)
         raise _invalid("query", "cursor", "not a cursor this API returned")
     return value
 
@@ -100,10 +116,12 @@ def _ts(value: datetime | None) -> float | None:
 async def list_messages(
     *,
     store: Store,
-    message_id: Annotated[str | None, Query(max_length=998, description="Message-ID, with or without <>")] = None,
-    recipient: Annotated[str | None, Query(max_length=320)] = None,
+    message_id: Annotated[
+        str | None, Query(max_length=998, pattern=NO_NUL, description="Message-ID, with or without <>")
+    ] = None,
+    recipient: Annotated[str | None, Query(max_length=320, pattern=NO_NUL)] = None,
     id: Annotated[str | None, Query(pattern=QUEUE_ID, description="Queue id")] = None,
-    tag: Annotated[str | None, Query(max_length=100)] = None,
+    tag: Annotated[str | None, Query(max_length=100, pattern=NO_NUL)] = None,
     status: Annotated[State | None, Query(description="A recipient of the message is in this state")] = None,
     since: Annotated[datetime | None, Query(description="received at or after (ISO-8601 or epoch seconds)")] = None,
     until: Annotated[datetime | None, Query(description="received before (ISO-8601 or epoch seconds)")] = None,
@@ -159,6 +177,164 @@ async def stats(
         raise _invalid("query", "since", "must not be after until")
     rows = await store.stats(start, end, group_by)
     return schemas.stats(start, end, group_by, rows)
+
+
+# -- suppression
+
+_NO_ENTRY: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "The address has no entry"}}
+_NOT_JSON: dict[int | str, dict[str, Any]] = {400: {"model": Problem, "description": "The body is not JSON"}}
+
+
+def _key(where: str, name: str, text: str) -> str:
+    try:
+        return schemas.suppression_address(text)
+    except ValueError as exc:
+        raise _invalid(where, name, str(exc)) from exc
+
+
+def _id_cursor(before: int | None) -> str | None:
+    return None if before is None else base64.urlsafe_b64encode(str(before).encode()).decode().rstrip("=")
+
+
+def _parse_id_cursor(text: str) -> int:
+    try:
+        value = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+        if value.isascii() and value.isdigit() and int(value) < 2**63:  # a BIGINT
+            return int(value)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        pass
+    raise _invalid("query", "cursor", "not a cursor this API returned")
+
+
+@router.get(
+    "/suppressions",
+    response_model=SuppressionPage,
+    summary="The suppression list, newest first",
+    tags=["suppression"],
+)
+async def list_suppressions(
+    store: Store,
+    address: Annotated[str | None, Query(max_length=320, description="Only this address's (or `*@domain`'s)")] = None,
+    reason: Annotated[SuppressionReason | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(max_length=400)] = None,
+) -> SuppressionPage:
+    key = None if address is None else _key("query", "address", address)
+    after = None
+    if cursor is not None:
+        after = _parse_cursor(cursor)
+        try:  # the address in it goes to the database: one that cannot be a key (a NUL) is no cursor of ours
+            schemas.suppression_address(after[1])
+        except ValueError as exc:
+            raise _invalid("query", "cursor", "not a cursor this API returned") from exc
+    entries, more = await store.suppressions(address=key, reason=reason, limit=limit, after=after)
+    return SuppressionPage(suppressions=[schemas.suppression_entry(e) for e in entries], next_cursor=_cursor(more))
+
+
+@router.post(
+    "/suppressions",
+    response_model=SuppressionEntry,
+    status_code=201,
+    summary="Suppress an address or a domain (reason manual, origin api)",
+    tags=["suppression"],
+    responses={
+        200: {"model": SuppressionEntry, "description": "Suppressed already: the entry in force, unchanged"},
+        **_NOT_JSON,
+    },
+)
+async def add_suppression(
+    response: Response, store: Store, caller: Caller, body: SuppressionRequest
+) -> SuppressionEntry:
+    now = time.time()
+    try:
+        expires_at = None if body.expires_at is None else schemas.expiry(body.expires_at, now)
+    except ValueError as exc:  # it was in the future when the body was read
+        raise _invalid("body", "expires_at", str(exc)) from exc
+    entry = Suppression(body.address, "manual", "api", None, now, expires_at, body.note)
+    try:
+        found, new = await store.suppress(entry, actor=caller)
+    except ValueError as exc:
+        raise _invalid("body", "expires_at", str(exc)) from exc
+    if not new:
+        # Idempotent, as Postmark's and Mailgun's suppression endpoints are: a retried request
+        # or a sync script succeeds; the status tells, and the entry in force is the answer.
+        response.status_code = 200
+    return schemas.suppression_entry(found)
+
+
+@router.get(
+    "/suppressions/check",
+    response_model=SuppressionCheck,
+    summary="Is mail to this address suppressed? By its own entry or its domain's",
+    tags=["suppression"],
+)
+async def check_suppression(
+    store: Store,
+    address: Annotated[str, Query(max_length=320, pattern="@", description="A mailbox", examples=["jane@example.com"])],
+) -> SuppressionCheck:
+    _key("query", "address", address)
+    entry = await store.suppression_check(address.strip())
+    return SuppressionCheck(
+        address=address.strip(),
+        suppressed=entry is not None,
+        entry=None if entry is None else schemas.suppression_entry(entry),
+    )
+
+
+@router.get(
+    "/suppressions/audit",
+    response_model=SuppressionAudit,
+    summary="Who added and removed which entry, when and why; newest first",
+    tags=["suppression"],
+)
+async def suppression_audit(
+    store: Store,
+    address: Annotated[str | None, Query(max_length=320, description="Only this address's (or `*@domain`'s)")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(max_length=40)] = None,
+) -> SuppressionAudit:
+    key = None if address is None else _key("query", "address", address)
+    before = None if cursor is None else _parse_id_cursor(cursor)
+    changes, more = await store.suppression_audit(key, limit=limit, before=before)
+    return SuppressionAudit(changes=[schemas.suppression_change(c) for c in changes], next_cursor=_id_cursor(more))
+
+
+@router.get(
+    "/suppressions/{address:path}",
+    response_model=SuppressionEntry,
+    summary="An address's (or `*@domain`'s) own entry",
+    tags=["suppression"],
+    responses=_NO_ENTRY,
+)
+async def get_suppression(store: Store, address: Annotated[str, Path(max_length=320)]) -> SuppressionEntry:
+    key = _key("path", "address", address)
+    entry = await store.suppression(key)
+    if entry is None:
+        raise HTTPException(404, f"{key} is not suppressed")
+    return schemas.suppression_entry(entry)
+
+
+@router.delete(
+    "/suppressions/{address:path}",
+    response_model=SuppressionEntry,
+    summary="Remove an address's (or `*@domain`'s) entry; a complaint's needs a reason",
+    tags=["suppression"],
+    responses={**_NO_ENTRY, **_NOT_JSON},
+)
+async def remove_suppression(
+    store: Store,
+    caller: Caller,
+    address: Annotated[str, Path(max_length=320)],
+    body: UnsuppressRequest | None = None,
+) -> SuppressionEntry:
+    key = _key("path", "address", address)
+    try:
+        removed = await store.unsuppress(key, body.reason if body else "", actor=caller, origin="api")
+    except NotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except ReasonRequired as exc:
+        raise _invalid("body", "reason", str(exc)) from exc
+    return schemas.suppression_entry(removed)
 
 
 @router.get(

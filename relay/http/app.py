@@ -97,9 +97,10 @@ def _private_routes(app: FastAPI, ctx: HttpContext) -> None:
             )  # fmt: skip
         try:
             queue = await ctx.store.queue_summary(active_only=True)
+            entries = await ctx.store.suppression_count()
         except StoreError:
             return Response("store unreachable\n", status_code=503, media_type="text/plain")
-        return Response(metrics.render(queue), media_type=metrics.CONTENT_TYPE)
+        return Response(metrics.render(queue, entries), media_type=metrics.CONTENT_TYPE)
 
 
 def _bearer_matches(request: Request, token: bytes) -> bool:

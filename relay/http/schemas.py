@@ -2,16 +2,30 @@
 publishes in its OpenAPI document, and the functions that build them from relay.model records.
 
 ``relay log --json`` and ``relay stats --json`` print what these functions build, so the CLI and
-the API cannot drift apart. Imports pydantic, not FastAPI: the CLI imports this module alone."""
+the API cannot drift apart. So does `relay suppressions`: its input (an address, an expiry, a CSV
+row) passes the same checks as the API's. Imports pydantic, not FastAPI: the CLI imports this
+module alone."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import re
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from relay.model import MessageView, StatsRow, iso
+from relay.model import (
+    MessageView,
+    StatsRow,
+    Suppression,
+    SuppressionChange,
+    SuppressionOrigin,
+    SuppressionReason,
+    iso,
+    suppression_key,
+)
 
 
 class Recipient(BaseModel):
@@ -160,3 +174,206 @@ def stats(since: float, until: float, group_by: str, rows: Sequence[StatsRow]) -
             for r in rows
         ],
     )
+
+
+# -- suppression
+
+SUPPRESSION_NOTE_MAX = 1000  # characters of a note or a removal's reason
+_EXPIRY_HORIZON = 100 * 365 * 86400.0  # seconds: an expiry further out than that is a typo, or "never"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_QUEUE_ID = re.compile(r"^[0-9A-Za-z]{1,32}$")
+
+
+def suppression_address(text: str) -> str:
+    """A suppression key (lower case) from what a person typed: a mailbox with the syntax Relay
+    accepts at RCPT, or ``*@domain``. ValueError, saying why, for anything else."""
+    text = text.strip()
+    if len(text) > 320 or _CONTROL.search(text) or not _utf8(text):
+        raise ValueError("not a mailbox or *@domain")
+    from relay.smtp_in import valid_address  # the RCPT rule: Relay suppresses what it could have accepted
+
+    mailbox = "x" + text[1:] if text.startswith("*@") else text  # a domain entry: its domain, checked alone
+    if not valid_address(mailbox):
+        raise ValueError("not a mailbox or *@domain")
+    return suppression_key(text)
+
+
+def suppression_text(text: str) -> str:
+    """A note or a reason as stored: no NUL (PostgreSQL text cannot hold it), UTF-8 only."""
+    if "\x00" in text or not _utf8(text):
+        raise ValueError("must be UTF-8 text without NUL characters")
+    return text
+
+
+def expiry(value: datetime, now: float) -> float:
+    """An expiry time in seconds, checked: in the future, within a century. A time without a
+    zone is UTC."""
+    at = (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).timestamp()
+    if at <= now:
+        raise ValueError("must be in the future")
+    if at > now + _EXPIRY_HORIZON:
+        raise ValueError("must be within 100 years (leave it out for an entry that never expires)")
+    return at
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: "\udc80" in JSON
+        return False
+    return True
+
+
+class SuppressionEntry(BaseModel):
+    address: str = Field(description="A mailbox, or `*@domain` for a whole domain; lower case")
+    reason: SuppressionReason
+    origin: SuppressionOrigin
+    source_queue_id: str | None = Field(description="The message whose bounce or complaint added it")
+    created_at: str
+    expires_at: str | None = Field(description="When it stops counting; null: never")
+    note: str
+
+
+class SuppressionPage(BaseModel):
+    suppressions: list[SuppressionEntry]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")
+
+
+class SuppressionRequest(BaseModel, extra="forbid"):
+    address: str = Field(
+        max_length=320,
+        pattern="@",
+        description="A mailbox, or `*@domain` for a whole domain",
+        examples=["jane@example.com", "*@example.org"],
+    )
+    note: str = Field("", max_length=SUPPRESSION_NOTE_MAX, examples=["asked by phone, ticket 4411"])
+    expires_at: datetime | None = Field(
+        None, description="ISO-8601, in the future; leave out for never", examples=["2027-01-01T00:00:00Z"]
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return suppression_address(value)
+
+    @field_validator("note")
+    @classmethod
+    def _note(cls, value: str) -> str:
+        return suppression_text(value)
+
+    @field_validator("expires_at")
+    @classmethod
+    def _expires_at(cls, value: datetime | None) -> datetime | None:
+        if value is not None:
+            expiry(value, time.time())
+        return value
+
+
+class UnsuppressRequest(BaseModel, extra="forbid"):
+    reason: str = Field(
+        "", max_length=SUPPRESSION_NOTE_MAX, description="Why; required when the entry is a complaint's"
+    )
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, value: str) -> str:
+        return suppression_text(value)
+
+
+class SuppressionCheck(BaseModel):
+    address: str = Field(description="The address asked about, as given")
+    suppressed: bool
+    entry: SuppressionEntry | None = Field(description="The entry that applies: the address's own, else its domain's")
+
+
+class SuppressionChangeEntry(BaseModel):
+    at: str
+    address: str
+    action: Literal["added", "removed"]
+    reason: str = Field(description="The entry's reason when added; why, when removed")
+    origin: SuppressionOrigin
+    actor: str = Field(description="Who: a CLI user, `api:` and a token's fingerprint, `delivery`, `bounces`")
+    source_queue_id: str | None
+    note: str
+
+
+class SuppressionAudit(BaseModel):
+    changes: list[SuppressionChangeEntry]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")
+
+
+# A row of `relay suppressions import`: the columns of `relay suppressions export`, all but
+# `address` optional (empty cells count as absent).
+class SuppressionRow(BaseModel, extra="forbid"):
+    address: str = Field(max_length=320)
+    reason: SuppressionReason = "manual"
+    origin: SuppressionOrigin = "cli"
+    source_queue_id: str | None = Field(None, pattern=_QUEUE_ID.pattern)
+    created_at: datetime | None = None
+    expires_at: datetime | None = None
+    note: str = Field("", max_length=SUPPRESSION_NOTE_MAX)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return suppression_address(value)
+
+    @field_validator("note")
+    @classmethod
+    def _note(cls, value: str) -> str:
+        return suppression_text(value)
+
+    @field_validator("created_at")
+    @classmethod
+    def _created_at(cls, value: datetime | None) -> datetime | None:
+        if value is not None and not 0 <= _utc(value) <= time.time() + 86400:  # a day of clock skew
+            raise ValueError("must be between 1970 and now")
+        return value
+
+    @field_validator("expires_at")
+    @classmethod
+    def _expires_at(cls, value: datetime | None) -> datetime | None:
+        # one in the past is no error: the import skips it (an export read back a while later)
+        if value is not None and _utc(value) > time.time() + _EXPIRY_HORIZON:
+            raise ValueError("must be within 100 years (leave it empty for an entry that never expires)")
+        return value
+
+    def entry(self, now: float) -> Suppression:
+        """The entry: created now unless the row says when; times without a zone are UTC."""
+        return Suppression(
+            address=self.address,
+            reason=self.reason,
+            origin=self.origin,
+            source_queue_id=self.source_queue_id,
+            created_at=now if self.created_at is None else _utc(self.created_at),
+            expires_at=None if self.expires_at is None else _utc(self.expires_at),
+            note=self.note,
+        )
+
+
+SUPPRESSION_CSV_COLUMNS = tuple(SuppressionRow.model_fields)  # the header `relay suppressions export` writes
+
+
+def suppression_row(cells: Mapping[str, str], now: float) -> Suppression | list[str]:
+    """The entry a CSV row of `relay suppressions import` describes (cells by column; empty
+    ones count as absent), or its problems, each "column: what is wrong"."""
+    try:
+        row = SuppressionRow.model_validate({k: v for k, v in cells.items() if v != ""})
+    except ValidationError as exc:
+        return [
+            f"{'.'.join(str(p) for p in e['loc']) or 'row'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        ]
+    return row.entry(now)
+
+
+def _utc(value: datetime) -> float:
+    return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).timestamp()
+
+
+def suppression_entry(e: Suppression) -> SuppressionEntry:
+    return SuppressionEntry.model_validate(e.to_json())
+
+
+def suppression_change(c: SuppressionChange) -> SuppressionChangeEntry:
+    return SuppressionChangeEntry.model_validate(c.to_json())

@@ -110,6 +110,7 @@ suppressions = sa.Table(
     sa.Column("expires_at", sa.Float),
     sa.Column("note", sa.Text, nullable=False, server_default=""),
     sa.Index("ix_suppressions_reason", "reason"),
+    sa.Index("ix_suppressions_created_at", "created_at"),  # the list is read newest first
 )
 
 # Every addition and removal of a suppression entry: who, when, why. Append-only.

@@ -348,6 +348,28 @@ SUPPRESS_RECIPIENT = (
 )
 # A line of the suppression audit trail.
 INSERT_SUPPRESSION_AUDIT = suppression_audit.insert()
+# The same inserts, returning the addresses actually inserted (a concurrent insert of the same
+# address, on another node, makes one of them a no-op: that one must not write an audit line).
+INSERT_SUPPRESSION_RETURNING = {
+    dialect: stmt.returning(suppressions.c.address) for dialect, stmt in INSERT_SUPPRESSION.items()
+}
+_IN_FORCE = sa.or_(suppressions.c.expires_at.is_(None), suppressions.c.expires_at > sa.bindparam("now"))
+# A page of entries in force at :now, newest first, one more than :limit (the list's filters and
+# cursor are added at the call).
+SUPPRESSION_PAGE = (
+    sa.select(suppressions)
+    .where(_IN_FORCE)
+    .order_by(suppressions.c.created_at.desc(), suppressions.c.address.desc())
+    .limit(sa.bindparam("limit"))
+)
+# Entries in force at :now (the gauge relay_suppression_entries).
+COUNT_SUPPRESSIONS = sa.select(sa.func.count()).select_from(suppressions).where(_IN_FORCE)
+# Remove one entry by its key.
+DELETE_SUPPRESSION = suppressions.delete().where(suppressions.c.address == sa.bindparam("key"))
+# A page of the audit trail, newest first, one more than :limit (address and cursor added at the call).
+SUPPRESSION_AUDIT_PAGE = (
+    sa.select(suppression_audit).order_by(suppression_audit.c.id.desc()).limit(sa.bindparam("limit"))
+)
 
 # -- bounce reports
 

@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("note", sa.Text, nullable=False, server_default=""),
     )
     op.create_index("ix_suppressions_reason", "suppressions", ["reason"])
+    op.create_index("ix_suppressions_created_at", "suppressions", ["created_at"])
     op.create_table(
         "suppression_audit",
         sa.Column("id", BigId, primary_key=True, autoincrement=True),
