@@ -126,9 +126,7 @@ class _Queue:
             "relay_queue_oldest_age_seconds", "Age of the oldest message with a recipient still in the queue"
         )
         age.add_metric([], 0.0 if oldest is None else max(0.0, time.time() - oldest))
-        entries = GaugeMetricFamily(
-            "relay_suppression_entries", "Suppression list entries in force"
-        )
+        entries = GaugeMetricFamily("relay_suppression_entries", "Suppression list entries in force")
         entries.add_metric([], self.suppression_entries)
         return [states, age, entries]
 
