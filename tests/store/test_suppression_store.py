@@ -9,8 +9,8 @@ import time
 import pytest
 import store_fixtures
 
-from relay.errors import NotFound, StoreError
-from relay.logstore import LogStore, ReasonRequired
+from relay.errors import NotFound, ReasonRequired, StoreError
+from relay.logstore import LogStore
 from relay.model import Suppression, SuppressionReason
 
 store, url = store_fixtures.store, store_fixtures.url  # the fixtures, on both backends
