@@ -711,7 +711,8 @@ def _dsn(
 # RCPT TO:<...>", Sendmail's transcript ">>> RCPT To:<...>". A "user unknown" means something
 # else after DATA (a filter) than after RCPT (no such mailbox): the classifier asks.
 _COMMAND = re.compile(
-    r"in reply to (?:the )?(rcpt to|mail from|end of data|data)\b|\bafter (rcpt to|mail from|end of data|data)\b"
+    r"in\s+reply\s+to\s+(?:the\s+)?(rcpt\s+to|mail\s+from|end\s+of\s+data|data)\b"
+    r"|\bafter\s+(rcpt\s+to|mail\s+from|end\s+of\s+data|data)\b"
     r"|^>>> (rcpt|mail|data)\b",
     re.I | re.M,
 )
@@ -722,7 +723,7 @@ def _command_in(text: str) -> str | None:
     m = _COMMAND.search(text)
     if m is None:
         return None
-    word = next(g for g in m.groups() if g).lower().split(" ", 1)[0]
+    word = next(g for g in m.groups() if g).lower().split(None, 1)[0]
     return _COMMANDS.get(word)
 
 

@@ -429,3 +429,11 @@ def test_the_refused_command_is_read_from_the_notice(sample: str, command: str) 
     report = parse((SAMPLES / sample).read_bytes())
     assert report.recipients
     assert {r.command for r in report.recipients} == {command}
+
+
+def test_a_command_named_across_a_folded_line_is_found() -> None:
+    """Postfix wraps its notice: "(in reply to" ends one line and "RCPT TO command)" starts the next."""
+    sample = (SAMPLES / "lhost-postfix-13.eml").read_bytes()
+    folded = sample.replace(b"(in reply to RCPT TO command)", b"(in reply to\n    RCPT TO command)")
+    assert folded != sample
+    assert {r.command for r in parse(folded).recipients} == {"RCPT"}
