@@ -123,6 +123,16 @@ def ref_of(got: Received) -> str:
     return first.removeprefix("X-Relay-Ref: ")
 
 
+def counter(name: str, **labels: str) -> float:
+    """A metric of this process, as /metrics shows it."""
+    from helpers import metric
+
+    from relay import metrics
+    from relay.model import QueueSummary
+
+    return metric(metrics.render(QueueSummary({}, None)).decode(), name, **labels)
+
+
 def events(msg: MessageView, kind: str) -> list[dict[str, Any]]:
     return [dict(e.details, recipient=e.recipient) for e in msg.events if e.type == kind]
 
@@ -152,8 +162,12 @@ async def test_a_dsn_to_the_listener_bounces_the_right_recipient(relay: Relay, s
     qid, _ = await delivered(relay, ["jane@example.com", "joe@example.com"])
     got = arrived_for(sink, "joe@example.com")
     dsn = postfix_dsn("joe@example.com", got.mail_from, ref_of(got))
+    before = counter("relay_bounces_total", kind="async", reason="userunknown")
+    matched = counter("relay_bounce_reports_total", result="matched")
     code, text = await to_listener(relay, got.mail_from, dsn)
     assert code == 250, text
+    assert counter("relay_bounces_total", kind="async", reason="userunknown") == before + 1
+    assert counter("relay_bounce_reports_total", result="matched") == matched + 1
     msg = await relay.store.get_message(qid)
     assert msg is not None
     assert status(msg) == {"jane@example.com": "delivered", "joe@example.com": "bounced"}
@@ -237,8 +251,12 @@ async def test_an_arf_complaint_complains_and_suppresses(relay: Relay, sink: Sin
     assert relay.store is not None
     qid, _ = await delivered(relay, ["jane@example.com"])
     got = arrived_for(sink, "jane@example.com")
+    complaints = counter("relay_complaints_total")
     code, _ = await to_listener(relay, got.mail_from, arf_report(ref_of(got), "jane@example.com"), "fbl@isp.example")
     assert code == 250
+    assert counter("relay_complaints_total") == complaints + 1
+    (row,) = await relay.store.stats(time.time() - 3600, time.time() + 60, "domain")
+    assert (row.group, row.complained, row.delivered) == ("example.com", 1, 1)
     msg = await relay.store.get_message(qid)
     assert msg is not None
     assert status(msg) == {"jane@example.com": "delivered"}
@@ -307,8 +325,12 @@ async def test_suppressed_addresses_and_domains_are_never_attempted(relay: Relay
     now = time.time()
     await _suppress(relay, Suppression("jane@example.com", "manual", "api", None, now, None, "asked to stop"))
     await _suppress(relay, Suppression("*@example.com", "manual", "cli", None, now, now + 3600))
+    manual = counter("relay_suppressed_total", reason="manual")
     qid = await submit(relay, ["JANE@example.com", "joe@example.com"])
     msg = await final(relay, qid)
+    assert counter("relay_suppressed_total", reason="manual") == manual + 2
+    (row,) = await store.stats(now - 60, time.time() + 60, "domain")
+    assert (row.suppressed, row.delivered) == (2, 0)
     assert status(msg) == {"JANE@example.com": "suppressed", "joe@example.com": "suppressed"}
     entries = {e["recipient"]: e["entry"]["address"] for e in events(msg, "suppressed")}
     assert entries == {"JANE@example.com": "jane@example.com", "joe@example.com": "*@example.com"}
