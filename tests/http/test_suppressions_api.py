@@ -294,3 +294,12 @@ def test_hostile_addresses_are_refused_at_once() -> None:
     for text in ("a" * 2_000_000 + "@example.com", '"' + "\\a" * 1_000_000 + '"@example.com', "*@" + "a." * 1_000_000):
         with pytest.raises(ValueError, match="not a mailbox"):
             schemas.suppression_address(text)
+
+
+async def test_a_nul_in_a_message_search_is_422_on_every_store(api: tuple[httpx.AsyncClient, LogStore]) -> None:
+    """PostgreSQL text cannot hold NUL: the API refuses it instead of answering 500."""
+    client, _ = api
+    for name in ("recipient", "message_id", "tag"):
+        r = await client.get("/api/v1/messages", params={name: "a\x00b@example.com"})
+        assert r.status_code == 422, (name, r.text)
+        assert r.json()["detail"][0]["loc"] == ["query", name]
