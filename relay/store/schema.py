@@ -147,3 +147,19 @@ bounce_reports = sa.Table(
     sa.Index("ix_bounce_reports_queue_id", "queue_id"),
     sa.Index("ix_bounce_reports_received_at", "received_at"),
 )
+
+# -- sending over HTTP
+
+# Idempotency-Key of POST /api/v1/messages: a retried request gets the first answer instead of
+# sending twice. Written in the transaction that stores the message; scoped to the caller.
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("caller", sa.Text, primary_key=True),  # the API token's fingerprint ("api:...")
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),  # SHA-256 of the request body
+    sa.Column("queue_id", sa.String(32), nullable=False),
+    sa.Column("message_id", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("ix_idempotency_keys_created_at", "created_at"),
+)
