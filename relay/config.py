@@ -8,6 +8,8 @@ Durations are seconds in the dataclasses and strings such as "30s", "5m", "2h", 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import re
@@ -19,6 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from relay.errors import ConfigError
+from relay.model import WEBHOOK_TYPES
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Parser = Callable[[Any, str], Any]
@@ -176,6 +179,7 @@ class SmtpConfig:
     max_sessions: int = setting(1000, _int(1))  # open sessions in total (per process)
     max_sessions_per_ip: int = setting(50, _int(1))  # open sessions from one client IP (per process)
     max_junk_commands: int = setting(100, _int(1))  # NOOP/RSET/VRFY/HELP without a message, then 421
+    listen_tls: tuple[Listen, ...] = setting((), _list(parse_listen))  # implicit TLS submission (RFC 8314), e.g. 465
     timeout: float = setting(300.0, _positive_duration)  # each read waits this long before the session is closed
     shutdown_grace: float = setting(10.0, parse_duration)  # in-flight sessions get this long on SIGTERM
 
@@ -309,6 +313,59 @@ class SuppressionConfig:
     reject_at_rcpt: bool = setting(False, _bool)  # 550 at RCPT instead of accepting and skipping
 
 
+def _selector(value: Any, key: str) -> str:
+    text = _str(value, key).strip().lower()
+    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?)*", text):
+        raise ConfigError(key, f"not a valid DKIM selector: {value!r}")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class DkimConfig:
+    """One [[dkim]] entry: sign mail whose From: domain is ``domain`` (or, with ``subdomains``,
+    under it) with this key. Several entries for one domain each sign (RSA and Ed25519)."""
+
+    domain: str = setting("", _hostname_or_empty)
+    subdomains: bool = setting(False, _bool)
+    selector: str = setting("", _selector)
+    key_file: str = setting("", _str)  # PEM: RSA >= 2048 bits, or Ed25519; checked when `relay serve` starts
+    algorithm: str = setting("rsa-sha256", _choice("rsa-sha256", "ed25519-sha256"))
+
+
+def _secrets(value: Any, key: str) -> tuple[str, ...]:
+    """One "whsec_..." secret, or several (a list, or space-separated) while rotating."""
+    items = value.split() if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ConfigError(key, f"expected a string or a list of strings, got {value!r}")
+    out = []
+    for i, item in enumerate(items):
+        text = _str(item, f"{key}[{i}]").strip()
+        try:
+            raw = base64.b64decode(text.removeprefix("whsec_"), validate=True) if text.startswith("whsec_") else b""
+        except (ValueError, binascii.Error):
+            raw = b""
+        if len(raw) < 24:
+            raise ConfigError(
+                key, 'expected "whsec_" + base64 of at least 24 random bytes (`relay webhooks secret` prints one)'
+            )
+        out.append(text)
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """One [[webhooks]] endpoint (Standard Webhooks 1.0)."""
+
+    url: str = setting("", _url_or_empty)
+    events: tuple[str, ...] = setting((), _list(_choice(*WEBHOOK_TYPES)))  # empty: every type
+    secret: tuple[str, ...] = setting((), _secrets)  # several while rotating: one signature each
+    timeout: float = setting(15.0, _positive_duration)
+    deferred: str = setting("first", _choice("first", "every"))  # message.deferred for each deferral, or the first
+
+    def wants(self, kind: str) -> bool:
+        return not self.events or kind in self.events
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -321,6 +378,8 @@ class Config:
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     routes: tuple[RouteConfig, ...] = ()
+    dkim: tuple[DkimConfig, ...] = ()
+    webhooks: tuple[WebhookConfig, ...] = ()
 
     @property
     def data_dir(self) -> Path:
@@ -361,6 +420,9 @@ def _build(cls: type[T], raw: Mapping[str, Any], prefix: str) -> T:
     values = {name: f.metadata["parse"](raw[name], f"{prefix}.{name}") for name, f in known.items() if name in raw}
     return cls(**values)
 
+
+# Arrays of tables ([[routes]], [[dkim]], [[webhooks]]): from the file only, no RELAY_* variables.
+ARRAYS: dict[str, type[Any]] = {"routes": RouteConfig, "dkim": DkimConfig, "webhooks": WebhookConfig}
 
 ENV_NOT_KEYS = frozenset({"RELAY_CONFIG"})  # RELAY_* variables that are not configuration keys
 
@@ -410,7 +472,7 @@ def from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str] | None = Non
     """Build the configuration from parsed TOML and RELAY_* overrides."""
     raw = dict(raw)
     for key in raw:
-        if key not in SECTIONS and key != "routes":
+        if key not in SECTIONS and key not in ARRAYS:
             raise ConfigError(key, "unknown section")
     for section, values in _env_overrides(environ or {}).items():
         merged = dict(raw.get(section) or {})
@@ -418,11 +480,13 @@ def from_mapping(raw: Mapping[str, Any], environ: Mapping[str, str] | None = Non
         raw[section] = merged
 
     sections = {name: _build(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
-    routes_raw = raw.get("routes", [])
-    if not isinstance(routes_raw, list):
-        raise ConfigError("routes", "expected [[routes]] tables")
-    routes = tuple(_build(RouteConfig, r, f"routes[{i}]") for i, r in enumerate(routes_raw))
-    config = Config(routes=routes, **sections)
+    arrays: dict[str, Any] = {}
+    for name, cls in ARRAYS.items():
+        items = raw.get(name, [])
+        if not isinstance(items, list):
+            raise ConfigError(name, f"expected [[{name}]] tables")
+        arrays[name] = tuple(_build(cls, item, f"{name}[{i}]") for i, item in enumerate(items))
+    config = Config(**arrays, **sections)
     return _check(config)
 
 
@@ -434,6 +498,9 @@ def _check(config: Config) -> Config:
         )
     if config.bounces.listen and not config.bounces.domain:
         raise ConfigError("bounces.domain", "required when bounces.listen is set")
+    if smtp.listen_tls and not smtp.tls_enabled:
+        raise ConfigError("smtp.listen_tls", "needs smtp.tls_cert and smtp.tls_key")
+    _check_arrays(config)
     # Whether the TLS files can be read and loaded is checked when `relay serve` starts (relay.service.listeners).
     for i, route in enumerate(config.routes):
         if not route.domains:
@@ -450,6 +517,18 @@ def _check(config: Config) -> Config:
     scheme, rest = url.split("://", 1)
     url = {"postgresql": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}.get(scheme, scheme) + "://" + rest
     return replace(config, store=replace(config.store, url=url))
+
+
+def _check_arrays(config: Config) -> None:
+    for i, d in enumerate(config.dkim):
+        for name in ("domain", "selector", "key_file"):
+            if not getattr(d, name):
+                raise ConfigError(f"dkim[{i}].{name}", "required")
+    for i, w in enumerate(config.webhooks):
+        if not w.url:
+            raise ConfigError(f"webhooks[{i}].url", "required")
+        if not w.secret:
+            raise ConfigError(f"webhooks[{i}].secret", "required (`relay webhooks secret` prints one)")
 
 
 def _is_ip(text: str) -> bool:

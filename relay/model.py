@@ -219,6 +219,17 @@ class StatsRow:
     latency_p95: float | None
 
 
+# -- webhooks
+
+# The webhook types (Standard Webhooks "type"), defined once: message events are
+# "message." + the event type; the suppression list's additions and removals have their own.
+WebhookType = Literal[
+    "message.received", "message.delivered", "message.deferred", "message.bounced", "message.expired",
+    "message.suppressed", "message.complained", "message.opened", "message.clicked", "message.retried",
+    "message.cancelled", "suppression.created", "suppression.deleted",
+]  # fmt: skip
+WEBHOOK_TYPES: Final[tuple[WebhookType, ...]] = get_args(WebhookType)
+
 # -- suppression
 
 SuppressionReason = Literal["hard_bounce", "complaint", "manual"]
