@@ -237,6 +237,7 @@ def _serve(cfg: config_mod.Config, processes: int) -> int:
             http_sockets=sockets.http,
             tracking_sockets=sockets.tracking,
             bounce_sockets=sockets.bounces,
+            smtp_tls_sockets=sockets.smtp_tls,
         )
     )
 

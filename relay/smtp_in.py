@@ -151,10 +151,11 @@ class SessionTemplate:
     """What aiosmtpd's SMTP.__init__ computes by introspection on every connection, computed
     once per server: the handler's hooks and AUTH mechanisms, and the SMTP verbs."""
 
-    def __init__(self, handler: RelayHandler, **options: Any) -> None:
+    def __init__(self, handler: RelayHandler, *, implicit_tls: bool = False, **options: Any) -> None:
         probe = SMTP(handler, loop=asyncio.get_running_loop(), **options)  # aiosmtpd's own view, once
         self.handler = handler
         self.options = options
+        self.implicit_tls = implicit_tls  # sessions of a listen_tls listener: TLS from the first byte
         self.auth_methods = probe._auth_methods
         self.handle_hooks = probe._handle_hooks
         self.ehlo_hook_ver = probe._ehlo_hook_ver
@@ -214,6 +215,12 @@ class RelaySMTP(SMTP):
         self._ip = ""
         self._junk = 0  # NOOP/RSET/VRFY/HELP since the last MAIL
         self.trusted = False
+        self.implicit_tls = template.implicit_tls
+
+    @property
+    def secure(self) -> bool:
+        """The session is encrypted: after STARTTLS, or on an implicit TLS listener."""
+        return self.implicit_tls or self._tls_protocol is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
@@ -261,7 +268,7 @@ class RelaySMTP(SMTP):
 
     @property
     def tls_info(self) -> str | None:
-        if self._tls_protocol is None or self.transport is None:
+        if not self.secure or self.transport is None:
             return None
         obj = self.transport.get_extra_info("ssl_object")
         if obj is None:
@@ -365,7 +372,7 @@ class RelaySMTP(SMTP):
         if not self.event_handler.offers_auth:
             await self.push(REPLY_NO_AUTH)
             return
-        if self.session is not None and self.session.extended_smtp and not self._tls_protocol and not self.trusted:
+        if self.session is not None and self.session.extended_smtp and not self.secure and not self.trusted:
             await self.push(REPLY_TLS_FIRST)
             return
         await super().smtp_AUTH(arg)
@@ -486,7 +493,7 @@ class RelayHandler:
         session.host_name = hostname
         # AUTH only where it may be used: over TLS, or in plain text from a trusted network
         # (Postfix's smtpd_tls_auth_only); smtp_AUTH answers 538 otherwise.
-        auth_offered = bool(server._tls_protocol) or server.trusted
+        auth_offered = server.secure or server.trusted
         lines = [r[4:] for r in responses[1:] if r[4:] != "HELP" and (auth_offered or not r[4:].startswith("AUTH "))]
         lines = [
             "PIPELINING",
@@ -746,6 +753,7 @@ class SmtpServer:
         self._servers: list[asyncio.Server] = []
         self._tls = _tls_context(config) if config.smtp.tls_enabled else None
         self._template: SessionTemplate | None = None
+        self._tls_template: SessionTemplate | None = None  # implicit TLS sessions: no STARTTLS to offer
 
     def session_options(self) -> dict[str, Any]:
         """The keyword arguments of aiosmtpd's ``SMTP`` for these listeners' sessions."""
@@ -764,18 +772,36 @@ class SmtpServer:
         assert self._template is not None
         return RelaySMTP(self._template, sessions=self.sessions, per_ip=self.per_ip)
 
+    def _tls_factory(self) -> RelaySMTP:
+        assert self._tls_template is not None
+        return RelaySMTP(self._tls_template, sessions=self.sessions, per_ip=self.per_ip)
+
     def listen(self) -> tuple[Listen, ...]:
         return self.config.smtp.listen
 
-    async def start(self, sockets: Sequence[socket.socket] | None = None) -> list[Listen]:
-        """Listen on ``sockets`` if given, else on its configured addresses. Returns the bound addresses."""
+    async def start(
+        self, sockets: Sequence[socket.socket] | None = None, tls_sockets: Sequence[socket.socket] = ()
+    ) -> list[Listen]:
+        """Listen on ``sockets`` if given, else on its configured addresses, and with implicit
+        TLS (RFC 8314) on ``tls_sockets``. Returns the bound addresses, the TLS ones last."""
         loop = asyncio.get_running_loop()
         self._template = SessionTemplate(self.handler, **self.session_options())
         if sockets is None:
             sockets = [bind(listen) for listen in self.listen()]
         for sock in sockets:
             self._servers.append(await loop.create_server(self._factory, sock=sock))
-        return [bound_address(sock) for sock in sockets]
+        if tls_sockets:
+            assert self._tls is not None
+            options = {**self.session_options(), "tls_context": None}  # TLS already: no STARTTLS
+            self._tls_template = SessionTemplate(self.handler, implicit_tls=True, **options)
+            # The handshake comes before the session exists (and before the session limits count
+            # it): bound how long a client may take over it.
+            handshake = min(30.0, self.config.smtp.timeout)
+            for sock in tls_sockets:
+                server = await loop.create_server(self._tls_factory, sock=sock, ssl=self._tls,
+                                                  ssl_handshake_timeout=handshake)  # fmt: skip
+                self._servers.append(server)
+        return [bound_address(sock) for sock in (*sockets, *tls_sockets)]
 
     @property
     def listening(self) -> bool:

@@ -59,6 +59,7 @@ class Relay:
         self.http_address: Listen | None = None
         self.tracking_address: Listen | None = None
         self.bounce_addresses: list[Listen] = []
+        self.smtp_tls_addresses: list[Listen] = []  # [smtp] listen_tls: implicit TLS submission
         self.failed = asyncio.Event()
         self._delivery_task: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -76,6 +77,7 @@ class Relay:
         http_sockets: Sequence[socket.socket] | None = None,
         tracking_sockets: Sequence[socket.socket] | None = None,
         bounce_sockets: Sequence[socket.socket] | None = None,
+        smtp_tls_sockets: Sequence[socket.socket] | None = None,
         upgrade: bool = True,
         deliver: bool = True,
         announce: bool = True,
@@ -84,8 +86,9 @@ class Relay:
         started is stopped and the error raised (a RelayError, one line, for anything expected)."""
         try:
             await self._startup(
-                smtp_sockets, http_sockets, tracking_sockets, bounce_sockets, upgrade=upgrade, deliver=deliver
-            )
+                smtp_sockets, http_sockets, tracking_sockets, bounce_sockets, smtp_tls_sockets,
+                upgrade=upgrade, deliver=deliver,
+            )  # fmt: skip
         except BaseException as exc:
             with contextlib.suppress(Exception):  # quietly: the start's error says it all
                 await self._stack.aclose()
@@ -95,6 +98,8 @@ class Relay:
         if announce:
             for address in self.smtp_addresses:
                 log.info("smtp listening on %s", address)
+            for address in self.smtp_tls_addresses:
+                log.info("smtp (implicit TLS) listening on %s", address)
             log.info("http listening on %s", self.http_address)
             if self.tracking_address is not None:
                 log.info("tracking listening on %s", self.tracking_address)
@@ -107,6 +112,7 @@ class Relay:
         http_sockets: Sequence[socket.socket] | None,
         tracking_sockets: Sequence[socket.socket] | None,
         bounce_sockets: Sequence[socket.socket] | None,
+        smtp_tls_sockets: Sequence[socket.socket] | None,
         *,
         upgrade: bool,
         deliver: bool,
@@ -126,6 +132,8 @@ class Relay:
         if smtp_sockets is None:
             check_tls(config)  # a readable error here rather than an ssl traceback below
             smtp_sockets = [stack.enter_context(bind(listen)) for listen in config.smtp.listen]
+        if smtp_tls_sockets is None:
+            smtp_tls_sockets = [stack.enter_context(bind(listen)) for listen in config.smtp.listen_tls]
         http_socks = list(http_sockets) if http_sockets is not None else [stack.enter_context(bind(config.http.listen))]
         if tracking_sockets is None and config.tracking.listen is not None:
             tracking_sockets = [stack.enter_context(bind(config.tracking.listen))]
@@ -166,7 +174,9 @@ class Relay:
 
         # Last to start, first to stop: SMTP stops taking mail before delivery stops.
         stack.push_async_callback(smtp.shutdown, config.smtp.shutdown_grace)
-        self.smtp_addresses = await smtp.start(smtp_sockets)
+        addresses = await smtp.start(smtp_sockets, smtp_tls_sockets)
+        self.smtp_addresses = addresses[: len(smtp_sockets)]
+        self.smtp_tls_addresses = addresses[len(smtp_sockets) :]
 
     def _not_ready(self) -> list[str]:
         problems = []
@@ -213,6 +223,7 @@ async def serve(
     http_sockets: Sequence[socket.socket] | None = None,
     tracking_sockets: Sequence[socket.socket] | None = None,
     bounce_sockets: Sequence[socket.socket] | None = None,
+    smtp_tls_sockets: Sequence[socket.socket] | None = None,
     upgrade: bool = True,
     quiet: bool = False,
     ready_fd: int | None = None,
@@ -241,7 +252,8 @@ async def serve(
         try:
             await relay.startup(
                 smtp_sockets=smtp_sockets, http_sockets=http_sockets, tracking_sockets=tracking_sockets,
-                bounce_sockets=bounce_sockets, upgrade=upgrade, announce=not quiet,
+                bounce_sockets=bounce_sockets, smtp_tls_sockets=smtp_tls_sockets, upgrade=upgrade,
+                announce=not quiet,
             )  # fmt: skip
         except RelayError as exc:
             if ready_fd is None:

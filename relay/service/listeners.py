@@ -31,9 +31,10 @@ class Sockets:
     http: list[socket.socket] = field(default_factory=list)
     tracking: list[socket.socket] | None = None
     bounces: list[socket.socket] = field(default_factory=list)  # [bounces] listen
+    smtp_tls: list[socket.socket] = field(default_factory=list)  # [smtp] listen_tls
 
     def all(self) -> list[socket.socket]:
-        return [*self.smtp, *self.http, *(self.tracking or ()), *self.bounces]
+        return [*self.smtp, *self.smtp_tls, *self.http, *(self.tracking or ()), *self.bounces]
 
     def close(self) -> None:
         for sock in self.all():
@@ -48,6 +49,7 @@ def prepare(config: Config) -> Sockets:
     sockets = Sockets()
     try:
         sockets.smtp = [bind(listen) for listen in config.smtp.listen]
+        sockets.smtp_tls = [bind(listen) for listen in config.smtp.listen_tls]
         sockets.http = [bind(config.http.listen)]
         if config.tracking.listen is not None:
             sockets.tracking = [bind(config.tracking.listen)]

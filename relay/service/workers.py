@@ -60,7 +60,7 @@ def _worker(config: Config, sockets: Sockets, ready_fd: int) -> int:
     return lifecycle.run(
         lambda: lifecycle.serve(
             config, smtp_sockets=sockets.smtp, http_sockets=sockets.http, tracking_sockets=sockets.tracking,
-            bounce_sockets=sockets.bounces,
+            bounce_sockets=sockets.bounces, smtp_tls_sockets=sockets.smtp_tls,
             upgrade=False, quiet=True, ready_fd=ready_fd,
         )
     )  # fmt: skip
@@ -158,6 +158,7 @@ def _run_workers(config: Config, processes: int, sockets: Sockets) -> int:
             children[pid] = index
             ready_pipes[read_end] = index
         addresses = [("smtp", bound_address(sock)) for sock in sockets.smtp]
+        addresses.extend(("smtps", bound_address(sock)) for sock in sockets.smtp_tls)
         addresses.append(("http", bound_address(sockets.http[0])))
         if sockets.tracking:
             addresses.append(("tracking", bound_address(sockets.tracking[0])))
