@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from relay import config as config_mod
-from relay.errors import ConfigError, RelayError
+from relay.errors import ConfigError, RelayError, SmtpReplyError
 from relay.model import (
     ACTIVE_STATES,
     RETRY_ALL_STATES,
@@ -790,7 +790,9 @@ async def _dkim_check(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         try:
             key = dkim.load_key(entry, f"dkim[{i}]")
             match, why = dkim.record_verdict(key, await resolver.txt(name))
-        except RelayError as exc:
+        except SmtpReplyError as exc:  # DNS trouble, as relay.mx words it
+            match, why = False, exc.reply.text
+        except RelayError as exc:  # the key itself
             match, why = False, str(exc)
         ok = ok and match
         print(f"{entry.selector} ({entry.algorithm}) {name}: {why}")

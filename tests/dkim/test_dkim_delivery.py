@@ -70,9 +70,7 @@ def received(sink: Sink) -> bytes:
     return message.data
 
 
-async def test_rsa_and_ed25519_sign_side_by_side_and_verify_through_dns(
-    tmp_path: Path, zone: Zone, keys: Keys
-) -> None:
+async def test_rsa_and_ed25519_sign_side_by_side_and_verify_through_dns(tmp_path: Path, zone: Zone, keys: Keys) -> None:
     publish(zone, keys.rsa, keys.ed25519)
     async with delivering(tmp_path, zone, [entry(keys.rsa), entry(keys.ed25519)]) as (relay, sink):
         (attempt,), _ = await deliver(relay, MESSAGE)
