@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import stat
+import sys
 from pathlib import Path
 
 import dkim as dkimpy
@@ -13,6 +15,7 @@ from helpers.peers import Zone
 
 from relay import dkim
 
+DK = "_domainkey.example.com"  # a record's name is f"{selector}.{DK}"
 MESSAGE = b"From: App <app@example.com>\r\nTo: jane@dest.test\r\nSubject: Hi\r\n\r\nHello\r\n"
 
 
@@ -83,33 +86,33 @@ async def test_check_says_per_selector_whether_the_record_matches(tmp_path: Path
     code, out, _ = await relay_cli(*check)  # nothing published
     assert code == 1
     assert out.splitlines() == [
-        "rsa1 (rsa-sha256) rsa1._domainkey.example.com: missing record",
-        "ed1 (ed25519-sha256) ed1._domainkey.example.com: missing record",
+        f"rsa1 (rsa-sha256) rsa1.{DK}: missing record",
+        f"ed1 (ed25519-sha256) ed1.{DK}: missing record",
     ]
 
     publish(zone, keys.rsa, keys.ed25519)
     code, out, err = await relay_cli(*check)
     assert (code, err) == (0, "")
     assert out.splitlines() == [
-        "rsa1 (rsa-sha256) rsa1._domainkey.example.com: ok",
-        "ed1 (ed25519-sha256) ed1._domainkey.example.com: ok",
+        f"rsa1 (rsa-sha256) rsa1.{DK}: ok",
+        f"ed1 (ed25519-sha256) ed1.{DK}: ok",
     ]
 
     publish(zone, keys.other_rsa)  # another key at rsa1's name
     code, out, _ = await relay_cli(*check)
     assert code == 1
     assert out.splitlines()[0] == (
-        "rsa1 (rsa-sha256) rsa1._domainkey.example.com: different key: the record publishes another public key"
+        f"rsa1 (rsa-sha256) rsa1.{DK}: different key: the record publishes another public key"
     )
     assert out.splitlines()[1].endswith(": ok")
 
-    zone.txt("rsa1._domainkey.example.com", "v=DKIM1; k=rsa; p=")  # revoked
-    zone.servfail("ed1._domainkey.example.com")
+    zone.txt(f"rsa1.{DK}", "v=DKIM1; k=rsa; p=")  # revoked
+    zone.servfail(f"ed1.{DK}")
     code, out, _ = await relay_cli(*check)
     assert code == 1
     rsa_line, ed_line = out.splitlines()
     assert rsa_line.endswith("different key: the record revokes it (empty p=)")
-    assert ed_line.startswith("ed1 (ed25519-sha256) ed1._domainkey.example.com: DNS lookup of ")
+    assert ed_line.startswith(f"ed1 (ed25519-sha256) ed1.{DK}: DNS lookup of ")
 
 
 async def test_check_a_domain_without_entries(tmp_path: Path, zone: Zone, keys: Keys) -> None:
@@ -122,3 +125,16 @@ def _parse(tmp_path: Path, snippet: str) -> object:
     from relay import config as cfgmod
 
     return cfgmod.load(str(write_config(tmp_path / "snippet.toml", snippet)))
+
+
+async def test_the_signing_benchmark_runs(tmp_path: Path) -> None:
+    bench = Path(__file__).resolve().parents[2] / "bench" / "dkim_sign.py"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(bench), "--n", "20", "--out", str(tmp_path / "dkim.md"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out.decode()
+    table = (tmp_path / "dkim.md").read_text()
+    assert "| RSA 2048 (rsa-sha256) |" in table
+    assert "| Ed25519 (ed25519-sha256) |" in table
