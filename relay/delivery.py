@@ -15,7 +15,8 @@ New mail wakes the dispatcher at once; retries are found by polling the next due
 On shutdown, transactions in flight get a grace period, then they are cancelled and recorded.
 
 Beside this front door: ``relay.retry`` (the policy value), ``relay.transport`` (SMTP out, the
-only aiosmtplib import) and ``relay.mx`` (MX and addresses, the only dnspython import).
+only aiosmtplib import), ``relay.mx`` (MX and addresses, the only dnspython import) and
+``relay.dkim`` (signing, the last step before sending, in a worker thread).
 """
 
 from __future__ import annotations
