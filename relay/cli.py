@@ -1,4 +1,4 @@
-"""``relay serve|db|log|queue|stats|suppressions|users``: argument parsing, then a call into the modules.
+"""``relay serve|db|log|queue|stats|suppressions|users|dkim``: argument parsing, then a call into the modules.
 
 Only ``serve`` and ``db upgrade`` create or upgrade a store; the other commands refuse to run
 on a store that is missing or older than the code, so that a wrong --config never leaves an
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from relay import config as config_mod
-from relay.errors import ConfigError, RelayError
+from relay.errors import ConfigError, RelayError, SmtpReplyError
 from relay.model import (
     ACTIVE_STATES,
     RETRY_ALL_STATES,
@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the API's JSON")
 
     _suppressions_parser(sub, common)
+    _dkim_parser(sub, common)
 
     u = sub.add_parser("users", parents=[common], help="SMTP AUTH users")
     u_sub = u.add_subparsers(dest="users_command", required=True, metavar="ACTION")
@@ -118,6 +119,24 @@ def _parser() -> argparse.ArgumentParser:
     rm = u_sub.add_parser("remove", parents=[common], help="remove a user")
     rm.add_argument("name")
     return p
+
+
+def _dkim_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    dk = sub.add_parser("dkim", parents=[common], help="DKIM keys: make one, check its DNS record")
+    dk_sub = dk.add_subparsers(dest="dkim_command", required=True, metavar="ACTION")
+    gen = dk_sub.add_parser(
+        "keygen", parents=[common], help="make a key under data_dir/dkim/ and print its DNS record and [[dkim]] entry"
+    )
+    gen.add_argument("domain")
+    gen.add_argument("selector")
+    gen.add_argument(
+        "--algorithm", choices=("rsa-sha256", "ed25519-sha256"), default="rsa-sha256",
+        help="rsa-sha256 (2048 bits, the default) or ed25519-sha256 (RFC 8463)",
+    )  # fmt: skip
+    check = dk_sub.add_parser(
+        "check", parents=[common], help="does the DNS record of each of the domain's [[dkim]] entries match its key"
+    )
+    check.add_argument("domain")
 
 
 def _suppressions_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -206,6 +225,8 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
             raise CommandError("--processes must be at least 1", 2)
         return _serve(cfg, args.processes)
     logs.setup(logging.WARNING)
+    if args.command == "dkim":  # no store: keys and DNS only
+        return _dkim_keygen(cfg, args) if args.dkim_command == "keygen" else asyncio.run(_dkim_check(cfg, args))
     commands: dict[str, Callable[[LogStore, argparse.Namespace], Awaitable[int]]] = {
         "db": _db,
         "log": _log,
@@ -728,6 +749,55 @@ async def _suppressions_audit(store: LogStore, args: argparse.Namespace) -> int:
     if more is not None:
         print(f"relay: showing the newest {limit} lines; use --limit for more", file=sys.stderr)
     return 0
+
+
+def _dkim_keygen(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from relay import dkim
+
+    domain, selector = args.domain.strip().rstrip(".").lower(), args.selector.strip().lower()
+    try:
+        new = dkim.generate(cfg.data_dir, domain, selector, args.algorithm)
+    except FileExistsError as exc:
+        raise CommandError(f"{exc.filename} exists: not overwriting a key (pick another selector)") from exc
+    except ValueError as exc:
+        raise CommandError(str(exc), 2) from exc
+    except OSError as exc:
+        raise CommandError(f"cannot write the key: {exc.strerror} ({exc.filename})") from exc
+    key = new.key
+    print(f"wrote {new.path} ({args.algorithm}{', 2048 bits' if key.k == 'rsa' else ''})")
+    print()
+    print("Publish this DNS TXT record:")
+    print(f"  name:  {key.record_name}")
+    print(f"  value: {key.txt_value()}")
+    print(f"  zone:  {dkim.zone_line(key)}")
+    print()
+    print("Add this to the config, then `relay dkim check` and restart:")
+    print(dkim.config_snippet(key), end="")
+    return 0
+
+
+async def _dkim_check(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from relay import dkim
+    from relay.mx import MxResolver
+
+    domain = args.domain.strip().rstrip(".").lower()
+    entries = [(i, e) for i, e in enumerate(cfg.dkim) if e.domain.lower() == domain]
+    if not entries:
+        raise CommandError(f"no [[dkim]] entry for {domain} in the config")
+    resolver = MxResolver(cfg.dns)
+    ok = True
+    for i, entry in entries:
+        name = f"{entry.selector}._domainkey.{domain}"
+        try:
+            key = dkim.load_key(entry, f"dkim[{i}]")
+            match, why = dkim.record_verdict(key, await resolver.txt(name))
+        except SmtpReplyError as exc:  # DNS trouble, as relay.mx words it
+            match, why = False, exc.reply.text
+        except RelayError as exc:  # the key itself
+            match, why = False, str(exc)
+        ok = ok and match
+        print(f"{entry.selector} ({entry.algorithm}) {name}: {why}")
+    return 0 if ok else 1
 
 
 async def _users(store: LogStore, args: argparse.Namespace) -> int:

@@ -15,7 +15,8 @@ New mail wakes the dispatcher at once; retries are found by polling the next due
 On shutdown, transactions in flight get a grace period, then they are cancelled and recorded.
 
 Beside this front door: ``relay.retry`` (the policy value), ``relay.transport`` (SMTP out, the
-only aiosmtplib import) and ``relay.mx`` (MX and addresses, the only dnspython import).
+only aiosmtplib import), ``relay.mx`` (MX and addresses, the only dnspython import) and
+``relay.dkim`` (signing, the last step before sending, in a worker thread).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from relay import metrics
 from relay.bounces.classify import classify, expired
@@ -41,6 +43,9 @@ from relay.model import Claimed, Outcome, ReportTarget, Suppression, header_sect
 from relay.retry import RetryPolicy
 from relay.tracking import Tracker
 from relay.transport import Hop, Result, Transport
+
+if TYPE_CHECKING:
+    from relay.dkim import Signer  # imported by the service only when [[dkim]] entries are set
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +158,15 @@ class DeliveryEngine:
         transport: Transport,
         tracker: Tracker | None = None,
         return_path: ReturnPath | None = None,
+        *,
+        signer: Signer | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.transport = transport
         self.tracker = tracker
         self.return_path = return_path  # [bounces] domain set: VERP, one recipient per transaction
+        self.signer = signer if signer is not None and signer.keys else None  # [[dkim]] entries
         d = config.delivery
         self.policy = RetryPolicy(d.retry_schedule, d.max_age)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -257,8 +265,9 @@ class DeliveryEngine:
         goes wrong inside it (a library error, a cancelled task) is a temporary failure."""
         with with_ids(queue_id=job.queue_id, domain=job.domain):
             started = time.monotonic()
+            signed: tuple[dict[str, str], ...] = ()  # the DKIM signatures the message went with
             try:
-                result = await self._attempt(job, deadline=lease_ends - 0.2 * self.config.delivery.lease)
+                result, signed = await self._attempt(job, deadline=lease_ends - 0.2 * self.config.delivery.lease)
             except asyncio.CancelledError:
                 result = _failed(job, Reply(None, "4.4.2", "delivery attempt interrupted: Relay is shutting down"))
             except StoreError as exc:
@@ -268,7 +277,7 @@ class DeliveryEngine:
                 log.exception("delivery attempt failed unexpectedly")
                 result = _failed(job, Reply(None, "4.3.0", f"Relay failed during the attempt ({type(exc).__name__})"))
             duration_ms = int((time.monotonic() - started) * 1000)
-            outcomes = self._outcomes(job, result, duration_ms, time.time())
+            outcomes = self._outcomes(job, result, duration_ms, time.time(), signed)
             if self.config.bounces.notify_sender and job.mail_from:
                 outcomes = await self._with_dsns(job, outcomes, result)
             try:
@@ -307,12 +316,13 @@ class DeliveryEngine:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.record_retry_max)
 
-    async def _attempt(self, job: Job, deadline: float) -> Result:
-        """Send the message; give up at ``deadline`` (well before the lease runs out)."""
+    async def _attempt(self, job: Job, deadline: float) -> tuple[Result, tuple[dict[str, str], ...]]:
+        """Send the message; give up at ``deadline`` (well before the lease runs out). With it,
+        the DKIM signatures it was sent with."""
         addresses = [c.address for c in job.recipients]
         body = (await self.store.load_bodies([job.queue_id])).get(job.queue_id)
         if body is None:
-            return _failed(job, Reply(None, "5.3.0", "message body missing from the store"))
+            return _failed(job, Reply(None, "5.3.0", "message body missing from the store")), ()
         if job.track and self.tracker is not None:
             body = await self._rewrite(body, job)
         mail_from = job.mail_from
@@ -322,12 +332,27 @@ class DeliveryEngine:
             token = self.return_path.token(job.recipients[0].recipient_id)
             mail_from = f"{PREFIX}{token}@{self.return_path.domain}"
             body = b"X-Relay-Ref: " + token.encode() + b"\r\n" + body
+        signed: tuple[dict[str, str], ...] = ()
+        if self.signer is not None:  # last: the signature covers the message as it goes out
+            body, signed = await self._sign(body)
         budget = deadline - time.time()
         try:
             async with asyncio.timeout(budget):
-                return await self.transport.send(job.domain, mail_from, addresses, body)
+                return await self.transport.send(job.domain, mail_from, addresses, body), signed
         except TimeoutError:
-            return _failed(job, Reply(None, "4.4.7", f"delivery attempt gave up after {max(budget, 0):.0f}s"))
+            reply = Reply(None, "4.4.7", f"delivery attempt gave up after {max(budget, 0):.0f}s")
+            return _failed(job, reply), signed
+
+    async def _sign(self, body: bytes) -> tuple[bytes, tuple[dict[str, str], ...]]:
+        """DKIM-sign with the keys for the From: domain, in a worker thread (an RSA signature is
+        CPU work); a message that cannot be signed goes out unsigned, and the log says why."""
+        assert self.signer is not None
+        keys, why = self.signer.keys_for(body)
+        if not keys:
+            log.info("not signed with DKIM: %s", why)
+            return body, ()
+        signed = await asyncio.to_thread(self.signer.sign, body, keys)
+        return signed.body, signed.signatures
 
     async def _rewrite(self, body: bytes, job: Job) -> bytes:
         assert self.tracker is not None
@@ -336,7 +361,9 @@ class DeliveryEngine:
             return self.tracker.rewrite(body, recipient_id, job.track)
         return await asyncio.to_thread(self.tracker.rewrite, body, recipient_id, job.track)  # keep the loop free
 
-    def _outcomes(self, job: Job, result: Result, duration_ms: int, now: float) -> list[Outcome]:
+    def _outcomes(
+        self, job: Job, result: Result, duration_ms: int, now: float, signed: tuple[dict[str, str], ...] = ()
+    ) -> list[Outcome]:
         hop = result.hop
         outcomes = []
         for c in job.recipients:
@@ -356,6 +383,8 @@ class DeliveryEngine:
             }
             if result.tried:
                 details["tried"] = list(result.tried)
+            if signed:
+                details["dkim"] = [dict(s) for s in signed]
             if decision.next_attempt_at is not None:
                 details["next_attempt_at"] = iso(decision.next_attempt_at)
             suppress = None

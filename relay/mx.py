@@ -65,6 +65,17 @@ class MxResolver:
         hosts.sort(key=lambda h: h.preference)  # stable: equal preferences stay shuffled
         return hosts
 
+    async def txt(self, name: str) -> list[str]:
+        """The TXT records at ``name``, each one string (its strings joined); [] when there are
+        none or the name does not exist. DNS trouble is a TemporaryFailure (``relay dkim check``)."""
+        try:
+            answer = await self._resolver.resolve(_absolute(name), dns.rdatatype.TXT, search=False)
+        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+            return []
+        except Exception as exc:
+            raise _failure(exc, name, "TXT") from exc
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+
     async def addresses(self, host: str) -> list[str]:
         """IPv4 then IPv6 addresses of a host; [] when it has none."""
         try:

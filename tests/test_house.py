@@ -22,6 +22,9 @@ OWNERS = {
     "pydantic": {"http/"},
     "prometheus_client": {"metrics.py"},
     "flufl": {"bounces/reports.py"},
+    "dkim": {"dkim.py"},
+    "cryptography": {"dkim.py"},
+    "nacl": {"dkim.py"},
 }
 
 

@@ -119,6 +119,11 @@ class Relay:
     ) -> None:
         config = self.config
         stack = self._stack
+        dkim_signer = None
+        if deliver and config.dkim:  # each key read once, here: a bad one fails the start first
+            from relay import dkim
+
+            dkim_signer = dkim.Signer(dkim.load_keys(config))
         self.store = store = await LogStore.open(config.store.url)
         stack.push_async_callback(store.close)
         stack.push_async_callback(self._cancel_tasks)
@@ -163,7 +168,8 @@ class Relay:
             # no Tracker, and even mail queued with tracking on goes out unchanged.
             tracker = tracking.Tracker(config.tracking.base_url, signer) if config.tracking.enabled else None
             transport = Transport(config, MxResolver(config.dns))
-            self.delivery = delivery = DeliveryEngine(config, store, transport, tracker, return_path)
+            delivery = DeliveryEngine(config, store, transport, tracker, return_path, signer=dkim_signer)
+            self.delivery = delivery
             self._delivery_task = self.spawn(delivery.run(), "delivery")
             stack.push_async_callback(delivery.shutdown, config.delivery.shutdown_grace)
 

@@ -1,5 +1,6 @@
 """Listening sockets, made before the event loop (and before ``--processes`` forks), and the
-checks a start makes before anything runs: every listener bound, the TLS files loadable.
+checks a start makes before anything runs: every listener bound, the TLS files and the DKIM
+keys loadable.
 
 A start that cannot do these fails with one line (``StartError``) and starts nothing.
 Kept light (no asyncio, no heavy imports): the ``--processes`` parent runs it.
@@ -46,6 +47,7 @@ def prepare(config: Config) -> Sockets:
     any failure close what was bound and raise StartError."""
     make_data_dir(config)
     check_tls(config)
+    check_dkim(config)
     sockets = Sockets()
     try:
         sockets.smtp = [bind(listen) for listen in config.smtp.listen]
@@ -91,6 +93,15 @@ def check_tls(config: Config) -> None:
     except (ssl.SSLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or str(exc).splitlines()[0]
         raise StartError(f"cannot load the TLS certificate {smtp.tls_cert}: {reason}") from exc
+
+
+def check_dkim(config: Config) -> None:
+    """Read every [[dkim]] key once, so that a missing, unreadable or weak key fails the start
+    (StartError naming the file) before anything listens."""
+    if config.dkim:
+        from relay import dkim  # dkimpy and cryptography: only when there are keys
+
+        dkim.load_keys(config)
 
 
 def warn_if_tracking_loopback(config: Config) -> None:

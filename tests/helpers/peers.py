@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from dnslib import AAAA, MX, QTYPE, RCODE, RR, A, DNSLabel
+from dnslib import AAAA, MX, QTYPE, RCODE, RR, TXT, A, DNSLabel
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 
@@ -43,6 +43,17 @@ class Zone(BaseResolver):  # type: ignore[misc]
             key = self._key(host)
             self.records[(key, "A")] = [RR(key, QTYPE.A, rdata=A(ip), ttl=ttl) for ip in ips if ":" not in ip]
             self.records[(key, "AAAA")] = [RR(key, QTYPE.AAAA, rdata=AAAA(ip), ttl=ttl) for ip in ips if ":" in ip]
+            self.rcodes.pop(key, None)
+
+    def txt(self, name: str, *values: str, ttl: int = 0) -> None:
+        """TXT records at ``name`` (none: the name has no TXT); a value over 255 bytes is split
+        into several strings, as a zone file does for a DKIM key."""
+        with self._lock:
+            key = self._key(name)
+            self.records[(key, "TXT")] = [
+                RR(key, QTYPE.TXT, rdata=TXT([v[i : i + 255] for i in range(0, len(v), 255)] or [""]), ttl=ttl)
+                for v in values
+            ]
             self.rcodes.pop(key, None)
 
     def servfail(self, name: str) -> None:
