@@ -351,6 +351,7 @@ def _describe(kind: str, d: dict[str, Any]) -> str:
         text = f"attempt {d['attempt']} via {where} ({tls}, {d.get('duration_ms')} ms): {code} {d.get('reply', '')}"
         lines = [text.rstrip()]
         lines += [f"(tried first: {t})" for t in d.get("tried", ())]
+        lines += [f"signed d={s.get('d')} s={s.get('s')} ({s.get('a')})" for s in d.get("dkim", ())]
         if d.get("reason"):
             lines.append(_why(d))
         if d.get("next_attempt_at"):

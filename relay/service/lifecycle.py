@@ -23,7 +23,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay import tracking
 from relay.auth import Authenticator
@@ -40,6 +40,9 @@ from relay.service.listeners import check_tls, warn_if_tracking_loopback
 from relay.service.signals import StopSignals
 from relay.smtp_in import BounceServer, SmtpServer
 from relay.transport import Transport
+
+if TYPE_CHECKING:
+    from relay.dkim import Signer
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +167,7 @@ class Relay:
         self.http_address = bound_address(http_socks[0])
 
         if deliver:
-            # Tracking is off until [tracking] base_url says where recipients reach Relay: then
-            # no Tracker, and even mail queued with tracking on goes out unchanged.
-            tracker = tracking.Tracker(config.tracking.base_url, signer) if config.tracking.enabled else None
-            transport = Transport(config, MxResolver(config.dns))
-            delivery = DeliveryEngine(config, store, transport, tracker, return_path, signer=dkim_signer)
-            self.delivery = delivery
-            self._delivery_task = self.spawn(delivery.run(), "delivery")
-            stack.push_async_callback(delivery.shutdown, config.delivery.shutdown_grace)
+            self._start_delivery(store, signer, return_path, dkim_signer)
 
         if return_path is not None and bounce_sockets:
             self.bounces = bounces = BounceServer(config, store, BounceInbox(config, store, return_path))
@@ -183,6 +179,22 @@ class Relay:
         addresses = await smtp.start(smtp_sockets, smtp_tls_sockets)
         self.smtp_addresses = addresses[: len(smtp_sockets)]
         self.smtp_tls_addresses = addresses[len(smtp_sockets) :]
+
+    def _start_delivery(
+        self,
+        store: LogStore,
+        signer: tracking.TokenSigner,
+        return_path: ReturnPath | None,
+        dkim_signer: Signer | None,
+    ) -> None:
+        config = self.config
+        # Tracking is off until [tracking] base_url says where recipients reach Relay: then
+        # no Tracker, and even mail queued with tracking on goes out unchanged.
+        tracker = tracking.Tracker(config.tracking.base_url, signer) if config.tracking.enabled else None
+        transport = Transport(config, MxResolver(config.dns))
+        self.delivery = delivery = DeliveryEngine(config, store, transport, tracker, return_path, signer=dkim_signer)
+        self._delivery_task = self.spawn(delivery.run(), "delivery")
+        self._stack.push_async_callback(delivery.shutdown, config.delivery.shutdown_grace)
 
     def _not_ready(self) -> list[str]:
         problems = []
