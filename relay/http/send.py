@@ -246,9 +246,7 @@ async def _message(req: SendRequest, config: Config, store: Any, limit: int) -> 
         raise _invalid(("mail_from",), "only with raw; `from` is the envelope sender")
     if req.from_ is None:
         raise _invalid(("from",), "required (or send raw)")
-    sender_box = compose.mailbox(req.from_, ("from",)) if _ok_text(req.from_) else None
-    if sender_box is None:
-        raise _invalid(("from",), "control characters are not allowed")
+    sender_box = _mailbox(req.from_, ("from",))
     sender = _sender(sender_box.address, ("from",))
     listed = [(f, i, a) for f in ("to", "cc", "bcc") for i, a in enumerate(getattr(req, f))]
     recipients = await _recipients(listed, config, store, bare=False)
@@ -272,6 +270,13 @@ def _ok_text(text: str) -> bool:
     return "\r" not in text and "\n" not in text and "\x00" not in text
 
 
+def _mailbox(text: str, loc: tuple[str | int, ...]) -> compose.Mailbox:
+    try:
+        return compose.mailbox(text, loc)
+    except compose.ComposeError as exc:
+        raise _invalid(exc.field, exc.problem) from exc
+
+
 def _sender(address: str, loc: tuple[str | int, ...]) -> str:
     if not _ok_text(address) or not valid_address(address.strip()):
         raise _invalid(loc, "not a valid address")
@@ -289,10 +294,7 @@ async def _recipients(listed: list[tuple[str, int, str]], config: Config, store:
         loc = (field, i)
         if not _ok_text(text):
             raise _invalid(loc, "control characters are not allowed in an address")
-        try:
-            address = text.strip() if bare else compose.mailbox(text, loc).address
-        except compose.ComposeError as exc:
-            raise _invalid(exc.field, exc.problem) from exc
+        address = text.strip() if bare else _mailbox(text, loc).address
         if not valid_address(address):
             raise _invalid(loc, "not a valid address")
         local, _, domain = address.rpartition("@")
@@ -331,7 +333,7 @@ def _base64(text: str, loc: tuple[str | int, ...], limit: int) -> bytes:
 
 
 def _reply_to(text: str) -> compose.Mailbox:
-    box = compose.mailbox(text, ("reply_to",))
+    box = _mailbox(text, ("reply_to",))
     if not valid_address(box.address):
         raise _invalid(("reply_to",), "not a valid address")
     return box
@@ -361,8 +363,8 @@ def _draft(req: SendRequest, sender: compose.Mailbox, limit: int) -> compose.Dra
         attachments.append(compose.Attachment(a.filename, a.content_type, content))
     return compose.Draft(
         sender=sender,
-        to=tuple(compose.mailbox(a, ("to", i)) for i, a in enumerate(req.to)),
-        cc=tuple(compose.mailbox(a, ("cc", i)) for i, a in enumerate(req.cc)),
+        to=tuple(_mailbox(a, ("to", i)) for i, a in enumerate(req.to)),
+        cc=tuple(_mailbox(a, ("cc", i)) for i, a in enumerate(req.cc)),
         reply_to=None if req.reply_to is None else _reply_to(req.reply_to),
         subject=req.subject,
         text=req.text,
