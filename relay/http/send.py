@@ -81,10 +81,10 @@ def _invalid(loc: tuple[str | int, ...], message: str) -> HTTPException:
     "/messages",
     status_code=201,
     response_model=SendResult,
-    summary="Send a message: queued for delivery once stored",
+    summary="Send a message: 201 once it is stored and queued (a replayed Idempotency-Key: 201 again, "
+    "with Idempotent-Replayed: true)",
     openapi_extra={"requestBody": _BODY},
     responses={
-        200: {"model": SendResult, "description": "Never: a replayed request is 201 again (Idempotent-Replayed)"},
         401: {"model": Problem, "description": "Missing or wrong bearer token"},
         413: {"model": Problem, "description": "The message (or the request) is larger than the limit"},
         422: {"model": Problem, "description": "A field is invalid or refused; `detail[].loc` names it"},
