@@ -12,6 +12,7 @@ import contextlib
 import email
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -27,9 +28,10 @@ from helpers.delivery import delivery_config, final, status
 from helpers.peers import Sink, Zone, sinks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ulid import ULID
 
-from relay.logstore import LogStore
-from relay.model import MessageView, Suppression
+from relay.logstore import IdempotencyKey, LogStore
+from relay.model import MessageView, NewMessage, Suppression
 from relay.service.lifecycle import Relay
 
 TOKEN = "send-api-token-0123456789abcdef"
@@ -369,6 +371,39 @@ async def test_an_idempotent_retry_sends_once(api: Api) -> None:
     assert r.status_code == 201
     assert "Idempotent-Replayed" not in r.headers
     assert r.json()["id"] != twins[0].json()["id"]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_two_nodes_sending_with_one_key_store_one_message(kind: str, tmp_path: Path) -> None:
+    """Two stores on one database (two nodes, or two processes): the key's primary key lets one
+    message in, and the other request gets that one's answer."""
+    async with AsyncExitStack() as stack:
+        url = await store_url(kind, tmp_path / "data" / "relay.db", stack)
+        nodes = []
+        for _ in range(2):
+            node = await LogStore.open(url)
+            stack.push_async_callback(node.close)
+            nodes.append(node)
+        await nodes[0].upgrade()
+
+        def message(n: int) -> NewMessage:
+            return NewMessage(
+                queue_id=str(ULID()), message_id=f"m{n}@example.com", mail_from="a@example.com",
+                recipients=("b@example.net",), subject="", tags=(), user="api:x", client_ip="127.0.0.1",
+                received_at=time.time(), raw=b"Subject: x\r\n\r\nhi\r\n",
+            )  # fmt: skip
+
+        key = IdempotencyKey("api:x", "key-1", "h" * 64)
+        results = await asyncio.gather(*(nodes[n % 2].enqueue(message(n), key) for n in range(6)))
+        assert results.count(None) == 1
+        answers = {r for r in results if r is not None}
+        assert len(answers) == 1
+        (answer,) = answers
+        views, _ = await nodes[1].search(limit=10)
+        assert [v.queue_id for v in views] == [answer.queue_id]
+        assert views[0].message_id == answer.message_id
+        assert await nodes[0].idempotency_key("api:x", "key-1") == answer
+        assert await nodes[0].idempotency_key("api:y", "key-1") is None
 
 
 # -- hostile bodies: never a 500 (intake only, one Relay for all examples, in a thread of its own)
