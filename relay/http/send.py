@@ -25,8 +25,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, HTTPException, Request, Response
 from pydantic import ValidationError
@@ -38,11 +38,12 @@ from relay.errors import InvalidMessage, StoreError, TooManyHops
 from relay.http.api import Caller, Store
 from relay.http.schemas import Problem, SendRequest, SendResult
 from relay.logs import with_ids
-from relay.logstore import IdempotencyKey, Idempotent
+from relay.logstore import IdempotencyKey, Idempotent, LogStore
 from relay.model import NewMessage
 from relay.smtp_in import HEAVY_CONTENT, long_line, valid_address
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BODY_SLACK = 64 * 1024  # bytes of JSON beyond the base64 of a message of the maximum size
 _WHITESPACE = re.compile(rb"[ \t\r\n]+")
@@ -109,7 +110,7 @@ async def send_message(
     limit = config.smtp.max_message_size
     body = await _read_body(request, int(limit * 1.4) + BODY_SLACK)
     try:
-        req = SendRequest.model_validate_json(body)
+        req = await _work(len(body), SendRequest.model_validate_json, body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         raise HTTPException(422, [{**e, "loc": ["body", *e["loc"]]} for e in errors]) from exc
@@ -196,7 +197,7 @@ def _not_utf8(value: object, loc: tuple[str | int, ...] = ()) -> Iterator[tuple[
             yield from _not_utf8(v, (*loc, i))
 
 
-async def _store_call(aw: Any) -> Any:
+async def _store_call(aw: Awaitable[T]) -> T:
     try:
         return await aw
     except StoreError as exc:
@@ -227,7 +228,7 @@ def _field_of(exc: InvalidMessage, where: str) -> str:
     return where
 
 
-async def _message(req: SendRequest, config: Config, store: Any, limit: int) -> tuple[str, tuple[str, ...], bytes]:
+async def _message(req: SendRequest, config: Config, store: LogStore, limit: int) -> tuple[str, tuple[str, ...], bytes]:
     """The envelope sender, the envelope recipients and the message, checked as SMTP checks them."""
     if req.raw is not None:
         for name in sorted(req.model_fields_set & set(_STRUCTURED)):
@@ -236,12 +237,7 @@ async def _message(req: SendRequest, config: Config, store: Any, limit: int) -> 
             raise _invalid(("mail_from",), "required with raw")
         sender = _sender(req.mail_from, ("mail_from",))
         recipients = await _recipients([("to", i, a) for i, a in enumerate(req.to)], config, store, bare=True)
-        raw = _base64(req.raw, ("raw",), limit)
-        if b"\r" not in raw:
-            raw = raw.replace(b"\n", b"\r\n")  # a message written with Unix line ends
-        if long_line(raw):
-            raise _invalid(("raw",), "a line is longer than 1000 octets (RFC 5321 4.5.3.1.6)")
-        return sender, recipients, raw
+        return sender, recipients, await _work(len(req.raw), _raw_message, req.raw, limit)
     if req.mail_from is not None:
         raise _invalid(("mail_from",), "only with raw; `from` is the envelope sender")
     if req.from_ is None:
@@ -250,9 +246,30 @@ async def _message(req: SendRequest, config: Config, store: Any, limit: int) -> 
     sender = _sender(sender_box.address, ("from",))
     listed = [(f, i, a) for f in ("to", "cc", "bcc") for i, a in enumerate(getattr(req, f))]
     recipients = await _recipients(listed, config, store, bare=False)
+    size = sum(len(a.content) for a in req.attachments) + len(req.text or "") + len(req.html or "")
+    return sender, recipients, await _work(size, _built_message, req, sender_box, limit)
+
+
+async def _work(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args), in a worker thread when ``size`` says it is a big message's linear work (as
+    SMTP does past HEAVY_CONTENT): the event loop keeps serving everyone else."""
+    if size > HEAVY_CONTENT:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def _raw_message(text: str, limit: int) -> bytes:
+    raw = _base64(text, ("raw",), limit)
+    if b"\r" not in raw:
+        raw = raw.replace(b"\n", b"\r\n")  # a message written with Unix line ends
+    if long_line(raw):
+        raise _invalid(("raw",), "a line is longer than 1000 octets (RFC 5321 4.5.3.1.6)")
+    return raw
+
+
+def _built_message(req: SendRequest, sender: compose.Mailbox, limit: int) -> bytes:
     try:
-        draft = _draft(req, sender_box, limit)
-        built = compose.build(draft)
+        built = compose.build(_draft(req, sender, limit))
     except compose.ComposeError as exc:
         raise _invalid(exc.field, exc.problem) from exc
     control = [f"X-Relay-Tag: {t}\r\n".encode() for t in req.tags]
@@ -263,7 +280,7 @@ async def _message(req: SendRequest, config: Config, store: Any, limit: int) -> 
         raise HTTPException(413, f"the message is larger than {limit} bytes")
     if long_line(raw):
         raise _invalid(("headers",), "a header line is longer than 1000 octets")
-    return sender, recipients, raw
+    return raw
 
 
 def _ok_text(text: str) -> bool:
@@ -283,7 +300,9 @@ def _sender(address: str, loc: tuple[str | int, ...]) -> str:
     return address.strip()
 
 
-async def _recipients(listed: list[tuple[str, int, str]], config: Config, store: Any, *, bare: bool) -> tuple[str, ...]:
+async def _recipients(
+    listed: list[tuple[str, int, str]], config: Config, store: LogStore, *, bare: bool
+) -> tuple[str, ...]:
     """The envelope recipients, as RCPT takes them: valid addresses, no domain literals, each
     once, at most ``[smtp] max_recipients``, none suppressed (with ``reject_at_rcpt``)."""
     if not listed:

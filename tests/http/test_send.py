@@ -37,7 +37,7 @@ from relay.service.lifecycle import Relay
 TOKEN = "send-api-token-0123456789abcdef"
 OTHER_TOKEN = "another-send-api-token-987654321"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-MAX_SIZE = 200_000
+MAX_SIZE = 600_000  # above relay.smtp_in.HEAVY_CONTENT: big messages take the worker-thread path
 MAX_RCPTS = 5
 PDF = bytes(range(256)) * 3 + b"%PDF-1.7\r\n\x00end"
 
@@ -219,6 +219,29 @@ async def test_a_message_over_the_size_limit_is_413(sqlite_api: Api) -> None:
     )
     assert r.status_code == 413, r.text
     assert await stored_messages(sqlite_api.store) == 0
+
+
+async def test_big_messages_are_sent_whole(sqlite_api: Api) -> None:
+    blob = bytes(range(256)) * 1200  # 300 KiB: parsed, built and checked in a worker thread
+    raw = b"Subject: big raw\r\nMessage-ID: <big@example.com>\r\nDate: Thu, 03 Dec 2026 12:00:00 +0000\r\n\r\n"
+    raw += (b"z" * 998 + b"\r\n") * 300
+    sent = [
+        await sqlite_api.client.post(
+            "/api/v1/messages", json=structured(attachments=[{"filename": "blob.bin", "content": b64(blob)}])
+        ),
+        await sqlite_api.client.post(
+            "/api/v1/messages", json={"raw": b64(raw), "mail_from": "a@example.com", "to": ["jane@example.net"]}
+        ),
+    ]
+    for r in sent:
+        assert r.status_code == 201, r.text
+        await delivered(sqlite_api, r.json()["id"])
+    built, plain = (got.data for got in sqlite_api.sink.messages)
+    parsed = email.message_from_bytes(built, policy=policy.default)
+    assert isinstance(parsed, EmailMessage)
+    (attachment,) = parsed.iter_attachments()
+    assert attachment.get_content() == blob
+    assert plain.endswith(raw)
 
 
 BAD_FIELDS: list[tuple[dict[str, Any], list[Any]]] = [
