@@ -25,7 +25,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, HTTPException, Request, Response
@@ -114,13 +114,10 @@ async def send_message(
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         raise HTTPException(422, [{**e, "loc": ["body", *e["loc"]]} for e in errors]) from exc
-    for loc in _not_utf8(req.model_dump(by_alias=True)):
-        raise _invalid(loc, "must be UTF-8 text")  # a lone surrogate ("\udc80") in the JSON
-    request_hash = hashlib.sha256(
-        json.dumps(req.model_dump(by_alias=True, exclude_unset=True), sort_keys=True).encode()
-    ).hexdigest()
-    key = None if idempotency_key is None else IdempotencyKey(caller, idempotency_key, request_hash)
-    if key is not None:
+    # Every string is UTF-8 from here: the JSON parser refuses a lone surrogate ("\udc80").
+    key = None
+    if idempotency_key is not None:
+        key = IdempotencyKey(caller, idempotency_key, await _work(len(body), _fingerprint, req))
         first = await _store_call(store.idempotency_key(caller, key.key))
         if first is not None:
             return _replay(first, key, response)
@@ -182,19 +179,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _not_utf8(value: object, loc: tuple[str | int, ...] = ()) -> Iterator[tuple[str | int, ...]]:
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            yield loc
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _not_utf8(k, loc)
-            yield from _not_utf8(v, (*loc, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _not_utf8(v, (*loc, i))
+def _fingerprint(req: SendRequest) -> str:
+    """SHA-256 of the request as parsed (keys sorted): the same request in other JSON spacing
+    or key order is the same request."""
+    canonical = json.dumps(req.model_dump(by_alias=True, exclude_unset=True), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 async def _store_call(aw: Awaitable[T]) -> T:

@@ -371,6 +371,12 @@ async def test_an_idempotent_retry_sends_once(api: Api) -> None:
     assert again.status_code == 201, again.text
     assert again.json() == first.json()
     assert again.headers["Idempotent-Replayed"] == "true"
+    reordered = json.dumps(dict(reversed(structured().items())), indent=2).encode()  # the same request
+    again = await api.client.post(
+        "/api/v1/messages", content=reordered, headers={**key, "content-type": "application/json"}
+    )
+    assert again.status_code == 201, again.text
+    assert again.json() == first.json()
     other = await api.client.post("/api/v1/messages", json=structured(subject="Different"), headers=key)
     assert other.status_code == 422, other.text
     assert other.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
