@@ -3,7 +3,8 @@
 Works on bytes and touches only the header section: checks it, reads Message-ID, Subject
 and X-Relay-Tag, strips X-Relay-* control headers, adds Message-ID and Date when missing and
 prepends a Received header. The body passes through unchanged. Bad input raises
-``InvalidMessage`` with the SMTP reply to give.
+``InvalidMessage`` with the SMTP reply to give. ``inspect`` is the whole step that SMTP and
+the HTTP send API share: prepare, then what to track.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from datetime import UTC, datetime
 from email.header import decode_header, make_header
 from email.utils import format_datetime
 
+from relay import tracking
+from relay.config import TrackingConfig
 from relay.errors import InvalidMessage, TooManyHops
 
 MAX_TAGS = 20
@@ -96,6 +99,24 @@ def prepare(raw: bytes, arrival: Arrival, max_hops: int = 50) -> Prepared:
         rest = _CRLF.sub(b"\r\n", rest)  # bare LF or CR in the body: store canonical CRLF line ends
     out = b"".join((_received(arrival), header, *added, rest))
     return Prepared(out, message_id, subject, unique_tags, None if track is None else frozenset(track))
+
+
+def inspect(
+    box: list[bytes], arrival: Arrival, max_hops: int, tracking_config: TrackingConfig
+) -> tuple[Prepared, str, tuple[str, ...]]:
+    """The intake step SMTP and HTTP share: ``prepare`` the message (taken out of ``box``, so
+    the caller's reference goes and a big message is in memory about once), then what to track
+    and its trackable links. Linear work: big messages run this in a worker thread."""
+    prepared = prepare(box.pop(), arrival, max_hops)
+    track = ""
+    if tracking_config.enabled:  # off until [tracking] base_url says where recipients reach Relay
+        track = tracking.tracking_choice(prepared.track, tracking_config.opens, tracking_config.clicks)
+    links: tuple[str, ...] = ()
+    if track and tracking.has_html(prepared.raw):
+        links = tuple(tracking.trackable_links(prepared.raw)) if "clicks" in track else ()
+    else:
+        track = ""
+    return prepared, track, links
 
 
 def _read_fields(fields: list[tuple[bytes, bytes]]) -> tuple[str | None, str, list[str], set[str] | None]:

@@ -42,9 +42,13 @@ from relay.store import log as event_log
 from relay.store import queue, reports, suppressions, users
 from relay.store import statements as q
 from relay.store.engine import Engine, Failure
+from relay.store.queue import IdempotencyKey, Idempotent
 
 if TYPE_CHECKING:
     from relay.store.migrations import SchemaState
+
+# IdempotencyKey and Idempotent are relay.store's, re-exported for the send API.
+__all__ = ["IdempotencyKey", "Idempotent", "LogStore", "display_url", "sqlite_file"]
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +116,22 @@ class LogStore:
 
     # -- intake
 
-    async def enqueue(self, msg: NewMessage) -> None:
+    async def enqueue(self, msg: NewMessage, idempotency: IdempotencyKey | None = None) -> Idempotent | None:
         """Store the message, its body, tags, a queued row per recipient and a "received"
         event in one transaction. Returns once that transaction has committed; the
-        ``on_enqueued`` callbacks then run, and one that raises cannot undo the commit."""
-        await self._engine.submit(queue.Enqueue(msg))
+        ``on_enqueued`` callbacks then run, and one that raises cannot undo the commit.
+
+        With ``idempotency``, the key is written in that same transaction; if its caller has
+        used it already, nothing is stored and the key's first use is returned instead."""
+        taken = await self._engine.submit(queue.Enqueue(msg, idempotency=idempotency))
+        if isinstance(taken, Idempotent):
+            return taken
         self._enqueued(msg)
+        return None
+
+    async def idempotency_key(self, caller: str, key: str) -> Idempotent | None:
+        """What ``caller`` first used ``key`` for, if it has."""
+        return await self._engine.read(lambda conn: queue.idempotency_key(conn, caller, key))
 
     def _enqueued(self, msg: NewMessage) -> None:
         self._bodies.put(msg.queue_id, msg.raw)

@@ -27,7 +27,7 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 from ulid import ULID
 
-from relay import intake, metrics, tracking
+from relay import intake, metrics
 from relay.auth import Authenticator
 from relay.bounces.inbound import BounceInbox
 from relay.config import Config, IPNetwork, Listen
@@ -571,17 +571,18 @@ class RelayHandler:
         )
         content = envelope.content
         assert isinstance(content, bytes)
-        # Hand the content over: from here the box holds the only reference, and _inspect
+        # Hand the content over: from here the box holds the only reference, and inspect
         # drops it once the prepared copy exists, so a big message is in memory about once.
         box = [content]
         envelope.content = envelope.original_content = None
         heavy = len(content) > HEAVY_CONTENT
         del content
         try:
+            hops, tracking_config = self.config.smtp.max_hops, self.config.tracking
             if heavy:
-                prepared, track, links = await asyncio.to_thread(self._inspect, box, arrival)
+                prepared, track, links = await asyncio.to_thread(intake.inspect, box, arrival, hops, tracking_config)
             else:
-                prepared, track, links = self._inspect(box, arrival)
+                prepared, track, links = intake.inspect(box, arrival, hops, tracking_config)
         except InvalidMessage as exc:
             reply = str(exc.reply)
             log.info("refused message from %s: %s", ip, reply)
@@ -617,20 +618,6 @@ class RelayHandler:
             user,
         )
         return f"250 2.0.0 Ok: queued as {queue_id}"
-
-    def _inspect(self, box: list[bytes], arrival: intake.Arrival) -> tuple[intake.Prepared, str, tuple[str, ...]]:
-        """Prepare the message and find its trackable links: linear work, in a worker thread
-        for big messages."""
-        prepared = intake.prepare(box.pop(), arrival, self.config.smtp.max_hops)
-        track = ""
-        if self.config.tracking.enabled:  # off until [tracking] base_url says where recipients reach Relay
-            track = tracking.tracking_choice(prepared.track, self.config.tracking.opens, self.config.tracking.clicks)
-        links: tuple[str, ...] = ()
-        if track and tracking.has_html(prepared.raw):
-            links = tuple(tracking.trackable_links(prepared.raw)) if "clicks" in track else ()
-        else:
-            track = ""
-        return prepared, track, links
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("unexpected error in SMTP session", exc_info=error)

@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from relay import metrics, tracking
 from relay.config import Config
 from relay.errors import StoreError
-from relay.http import api
+from relay.http import api, send
 from relay.logstore import LogStore
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,9 @@ def _private_routes(app: FastAPI, ctx: HttpContext) -> None:
     app.state.store = ctx.store
     app.state.tokens = api.Tokens(ctx.config.http.api_tokens)
     app.state.wake_delivery = ctx.wake_delivery
+    app.state.config = ctx.config
     app.include_router(api.router)
+    app.include_router(send.router)
     _docs_routes(app)
     metrics_token = ctx.config.http.metrics_token.encode()
 

@@ -377,3 +377,41 @@ def suppression_entry(e: Suppression) -> SuppressionEntry:
 
 def suppression_change(c: SuppressionChange) -> SuppressionChangeEntry:
     return SuppressionChangeEntry.model_validate(c.to_json())
+
+
+# -- sending over HTTP (POST /api/v1/messages)
+
+MAX_SEND_LIST = 1000  # entries in to, cc, bcc, headers, attachments: a bound on hostile input; the real limit is
+# [smtp] max_recipients
+
+
+class SendAttachment(BaseModel, extra="forbid"):
+    filename: str = Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f/\\]+$")
+    content_type: str = Field("application/octet-stream", max_length=129, examples=["application/pdf"])
+    content: str = Field(description="The file, base64")
+
+
+# Either `raw` (with `mail_from` and `to`: the envelope), or the parts of a message that Relay
+# builds: `from` is the envelope sender and From:, the envelope recipients are to + cc + bcc.
+class SendRequest(BaseModel, extra="forbid", populate_by_name=True):
+    raw: str | None = Field(None, description="A whole RFC 5322 message, base64; sent as it is")
+    mail_from: str | None = Field(None, max_length=320, description="With `raw`: the envelope sender")
+    from_: str | None = Field(
+        None, alias="from", max_length=998, description="`addr` or `Name <addr>`", examples=["Shop <shop@example.com>"]
+    )
+    to: list[str] = Field(default_factory=list, max_length=MAX_SEND_LIST, examples=[["jane@example.net"]])
+    cc: list[str] = Field(default_factory=list, max_length=MAX_SEND_LIST)
+    bcc: list[str] = Field(default_factory=list, max_length=MAX_SEND_LIST, description="Envelope only, never shown")
+    reply_to: str | None = Field(None, max_length=998)
+    subject: str = Field("", max_length=998)
+    text: str | None = None
+    html: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict, max_length=MAX_SEND_LIST, description="Extra fields")
+    tags: list[str] = Field(default_factory=list, description="At most 20, 100 characters each (X-Relay-Tag)")
+    attachments: list[SendAttachment] = Field(default_factory=list, max_length=MAX_SEND_LIST)
+    track: str | None = Field(None, max_length=100, examples=["opens,clicks"], description="As X-Relay-Track")
+
+
+class SendResult(BaseModel):
+    id: str = Field(description="The queue id")
+    message_id: str = Field(description="The Message-ID header, without <>")

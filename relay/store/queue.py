@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from sqlalchemy.engine import Connection
 
-from relay.errors import NotFound
+from relay.errors import Conflict, NotFound
 from relay.model import (
     ACTIVE_STATES,
     FINAL_STATES,
@@ -36,16 +36,46 @@ from relay.store.schema import LINK_CHUNK, messages, recipients
 # -- intake
 
 
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """An ``Idempotency-Key`` a caller sent with a request (POST /api/v1/messages)."""
+
+    caller: str  # the API token's fingerprint, "api:..."
+    key: str
+    request_hash: str  # SHA-256 (hex) of the request body
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotent:
+    """What an idempotency key was first used for: the request and the message it queued."""
+
+    request_hash: str
+    queue_id: str
+    message_id: str
+    created_at: float
+
+
 @dataclass(slots=True)
 class Enqueue(Op):
     """Store messages whole: message, body, tags, link chunks, a queued row per recipient, and
-    (``announce``) the "received" event; bulk import brings its own events."""
+    (``announce``) the "received" event; bulk import brings its own events.
+
+    With ``idempotency``, the key's row is written in the same transaction; when the caller
+    has used the key already (a retry, or a concurrent twin), nothing of this message is
+    written and its result is the key's first use (``Idempotent``); else None."""
 
     msg: NewMessage
     announce: bool = True
+    idempotency: IdempotencyKey | None = None
 
     @classmethod
     def run_many(cls, conn: Connection, ops: Sequence[Op]) -> list[object]:
+        results: list[object] = [None] * len(ops)
+        if any(isinstance(op, Enqueue) and op.idempotency is not None for op in ops):
+            results = [_take_key(conn, op) if isinstance(op, Enqueue) else None for op in ops]
+            ops = [op for op, taken in zip(ops, results, strict=True) if taken is None]
+            if not ops:
+                return results
         msg_rows: list[dict[str, object]] = []
         body_rows: list[dict[str, object]] = []
         tag_rows: list[dict[str, object]] = []
@@ -101,7 +131,30 @@ class Enqueue(Op):
             conn.execute(q.INSERT_LINK_CHUNK, link_rows)
         conn.execute(q.INSERT_RECIPIENT, rcpt_rows)
         append_events(conn, received)
-        return [None] * len(ops)
+        return results
+
+
+def _take_key(conn: Connection, op: Enqueue) -> Idempotent | None:
+    """Write the op's idempotency key; None when it was free (or the op has none), else what
+    its first use queued. The (caller, key) primary key decides between concurrent twins: on
+    PostgreSQL the second insert waits for the first's commit, then finds its row."""
+    k = op.idempotency
+    if k is None:
+        return None
+    m = op.msg
+    row = {"caller": k.caller, "key": k.key, "request_hash": k.request_hash, "queue_id": m.queue_id,
+           "message_id": m.message_id, "created_at": m.received_at}  # fmt: skip
+    if conn.execute(q.INSERT_IDEMPOTENCY_KEY[conn.dialect.name], row).rowcount == 1:
+        return None
+    found = idempotency_key(conn, k.caller, k.key)
+    if found is None:  # taken and gone in between: only a manual delete does that
+        raise Conflict(f"idempotency key {k.key!r} is in use")
+    return found
+
+
+def idempotency_key(conn: Connection, caller: str, key: str) -> Idempotent | None:
+    r = conn.execute(q.IDEMPOTENCY_KEY, {"caller": caller, "key": key}).first()
+    return None if r is None else Idempotent(r.request_hash, r.queue_id, r.message_id, float(r.created_at))
 
 
 # -- delivery

@@ -16,6 +16,7 @@ from relay.store.schema import (
     bodies,
     bounce_reports,
     events,
+    idempotency_keys,
     link_chunks,
     message_tags,
     messages,
@@ -400,6 +401,21 @@ REPORT_COUNT = sa.select(sa.func.count()).where(
 )
 # One report, raw.
 BOUNCE_REPORT = sa.select(bounce_reports).where(bounce_reports.c.id == sa.bindparam("id"))
+
+# -- sending over HTTP
+
+# Take an idempotency key, unless the caller has taken it already (then no row: rowcount 0).
+INSERT_IDEMPOTENCY_KEY = {
+    "postgresql": postgresql.insert(idempotency_keys).on_conflict_do_nothing(index_elements=["caller", "key"]),
+    "sqlite": sqlite.insert(idempotency_keys).on_conflict_do_nothing(index_elements=["caller", "key"]),
+}
+# A caller's idempotency key: the request it was first used with and the message that request queued.
+IDEMPOTENCY_KEY = sa.select(
+    idempotency_keys.c.request_hash,
+    idempotency_keys.c.queue_id,
+    idempotency_keys.c.message_id,
+    idempotency_keys.c.created_at,
+).where(idempotency_keys.c.caller == sa.bindparam("caller"), idempotency_keys.c.key == sa.bindparam("key"))
 
 # -- health
 
