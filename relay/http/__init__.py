@@ -3,6 +3,7 @@
 - ``app``: the private app (metrics, health, the API and its offline docs), the public app
   (tracking hits), and the uvicorn server that runs them (HttpContext, HttpServer, create_app).
 - ``api``: the JSON API under /api/v1.
+- ``send``: POST /api/v1/messages, sending over HTTP (``relay.compose`` builds the message).
 - ``schemas``: the JSON shapes, once: the pydantic models of the OpenAPI document and the
   functions that build them from relay.model records.
 
