@@ -40,6 +40,7 @@ from relay.service.listeners import check_tls, warn_if_tracking_loopback
 from relay.service.signals import StopSignals
 from relay.smtp_in import BounceServer, SmtpServer
 from relay.transport import Transport
+from relay.webhooks import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Relay:
         self.http: HttpServer | None = None
         self.tracking_http: HttpServer | None = None  # the public side, with [tracking] listen
         self.bounces: BounceServer | None = None  # the bounce listener, with [bounces] listen
+        self.webhooks: Dispatcher | None = None  # with [[webhooks]], beside delivery
         self.smtp_addresses: list[Listen] = []
         self.http_address: Listen | None = None
         self.tracking_address: Listen | None = None
@@ -113,7 +115,7 @@ class Relay:
     ) -> None:
         config = self.config
         stack = self._stack
-        self.store = store = await LogStore.open(config.store.url)
+        self.store = store = await LogStore.open(config.store.url, webhooks=config.webhooks)
         stack.push_async_callback(store.close)
         stack.push_async_callback(self._cancel_tasks)
         if upgrade:
@@ -158,6 +160,12 @@ class Relay:
             self.delivery = delivery = DeliveryEngine(config, store, transport, tracker, return_path)
             self._delivery_task = self.spawn(delivery.run(), "delivery")
             stack.push_async_callback(delivery.shutdown, config.delivery.shutdown_grace)
+            if config.webhooks:
+                # Beside delivery: the outbox's rows are durable, so whichever process runs
+                # next (this one after a crash, another node) sends what is left.
+                self.webhooks = webhooks = Dispatcher(config.webhooks, store)
+                self.spawn(webhooks.run(), "webhooks")
+                stack.push_async_callback(webhooks.shutdown, config.delivery.shutdown_grace)
 
         if return_path is not None and bounce_sockets:
             self.bounces = bounces = BounceServer(config, store, BounceInbox(config, store, return_path))
