@@ -22,6 +22,7 @@ OWNERS = {
     "pydantic": {"http/"},
     "prometheus_client": {"metrics.py"},
     "flufl": {"bounces/reports.py"},
+    "httpx": {"webhooks.py"},
 }
 
 
