@@ -480,7 +480,7 @@ RETRY_WEBHOOK = (
 # Pending deliveries to one endpoint due now (it was enabled again).
 WEBHOOKS_DUE_NOW = (
     _wd.update()
-    .where(_wd.c.url == sa.bindparam("url"), _wd.c.status == "pending", _wd.c.lease_owner.is_(None))
+    .where(_wd.c.url == sa.bindparam("endpoint"), _wd.c.status == "pending", _wd.c.lease_owner.is_(None))
     .values(next_attempt_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
 )
 # Deliveries per endpoint and status (`relay webhooks list`).
@@ -507,7 +507,11 @@ DISABLE_WEBHOOK_ENDPOINT = {
     ),
 }
 # Enable an endpoint again.
-ENABLE_WEBHOOK_ENDPOINT = _we.update().where(_we.c.url == sa.bindparam("url")).values(disabled_at=None)
+ENABLE_WEBHOOK_ENDPOINT = (
+    _we.update()
+    .where(_we.c.url == sa.bindparam("endpoint"), _we.c.disabled_at.is_not(None))
+    .values(disabled_at=None)
+)
 # Events of a window, with their message, for replay (types and order added at the call).
 REPLAY_EVENTS = (
     sa.select(events.c.id, events.c.queue_id, events.c.recipient, events.c.at, events.c.type, events.c.details)

@@ -274,8 +274,8 @@ def disable(conn: Connection, url: str, reason: str, now: float) -> None:
 
 def enable(conn: Connection, url: str, now: float) -> bool:
     """Enable an endpoint again, its pending deliveries due now; False when it was not disabled."""
-    was = conn.execute(q.ENABLE_WEBHOOK_ENDPOINT, {"url": url}).rowcount > 0
-    conn.execute(q.WEBHOOKS_DUE_NOW, {"url": url, "now": now})
+    was = conn.execute(q.ENABLE_WEBHOOK_ENDPOINT, {"endpoint": url}).rowcount > 0
+    conn.execute(q.WEBHOOKS_DUE_NOW, {"endpoint": url, "now": now})
     return was
 
 

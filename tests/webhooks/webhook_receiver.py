@@ -59,6 +59,7 @@ class Receiver:
     port: int = 0
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
+    _closing: asyncio.Event = field(default_factory=asyncio.Event)
 
     def url(self, path: str = "/hooks") -> str:
         return f"http://{self.host}:{self.port}{path}"
@@ -82,8 +83,7 @@ class Receiver:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
+        self._closing.set()  # stalled requests end, unanswered
         await asyncio.gather(*self._handlers, return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -111,10 +111,9 @@ class Receiver:
                 reply = self.answer(req)
                 if reply.stall:
                     self.stalling += 1
-                    try:
-                        await asyncio.sleep(3600)
-                    finally:
-                        self.stalling -= 1
+                    await self._closing.wait()
+                    self.stalling -= 1
+                    return
                 req.answered = reply.status
                 reason = {200: "OK", 204: "No Content", 302: "Found", 410: "Gone"}.get(reply.status, "Status")
                 out = [f"HTTP/1.1 {reply.status} {reason}", f"content-length: {len(reply.body)}",
