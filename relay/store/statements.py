@@ -508,9 +508,7 @@ DISABLE_WEBHOOK_ENDPOINT = {
 }
 # Enable an endpoint again.
 ENABLE_WEBHOOK_ENDPOINT = (
-    _we.update()
-    .where(_we.c.url == sa.bindparam("endpoint"), _we.c.disabled_at.is_not(None))
-    .values(disabled_at=None)
+    _we.update().where(_we.c.url == sa.bindparam("endpoint"), _we.c.disabled_at.is_not(None)).values(disabled_at=None)
 )
 # Events of a window, with their message, for replay (types and order added at the call).
 REPLAY_EVENTS = (

@@ -10,9 +10,9 @@ import time
 import pytest
 import sqlalchemy as sa
 import webhook_fixtures
-from webhook_fixtures import endpoints, message, opened
 from sqlalchemy.ext.asyncio import create_async_engine
 from ulid import ULID
+from webhook_fixtures import endpoints, message, opened
 
 from relay.logstore import LogStore
 from relay.model import Outcome, Suppression

@@ -45,9 +45,7 @@ async def opened(url: str, hooks: Sequence[WebhookConfig]) -> AsyncIterator[LogS
 
 
 @asynccontextmanager
-async def dispatching(
-    store: LogStore, hooks: Sequence[WebhookConfig], **kw: Any
-) -> AsyncIterator[Dispatcher]:
+async def dispatching(store: LogStore, hooks: Sequence[WebhookConfig], **kw: Any) -> AsyncIterator[Dispatcher]:
     kw.setdefault("schedule", SHORT)
     kw.setdefault("poll", 0.05)
     d = Dispatcher(hooks, store, **kw)
