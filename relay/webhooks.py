@@ -168,6 +168,9 @@ async def post(
         return Response(None, one_line(exc) or type(exc).__name__)
     except (OSError, ValueError) as exc:  # a URL httpx cannot use, a socket error it did not wrap
         return Response(None, one_line(exc) or type(exc).__name__)
+    except Exception as exc:  # whatever else a receiver provokes is its failure, never the dispatcher's
+        log.exception("webhook %s to %s: unexpected error", webhook_id, url)
+        return Response(None, f"unexpected error: {type(exc).__name__}")
     status = response.status_code
     if 200 <= status < 300:
         return Response(status)

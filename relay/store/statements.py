@@ -471,10 +471,11 @@ RELEASE_WEBHOOKS = (
     .where(_wd.c.id.in_(sa.bindparam("ids", expanding=True)), _wd.c.lease_owner == sa.bindparam("owner"))
     .values(lease_owner=None, next_attempt_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
 )
-# Make one delivery due now, whatever its status (the API's retry).
+# Make one delivery due now, whatever its status (the API's retry), unless it is being sent.
+WEBHOOK_EXISTS = sa.select(_wd.c.id).where(_wd.c.id == sa.bindparam("did"))
 RETRY_WEBHOOK = (
     _wd.update()
-    .where(_wd.c.id == sa.bindparam("did"))
+    .where(_wd.c.id == sa.bindparam("did"), _wd.c.lease_owner.is_(None))
     .values(status="pending", next_attempt_at=sa.bindparam("now"), lease_owner=None, updated_at=sa.bindparam("now"))
 )
 # Pending deliveries to one endpoint due now (it was enabled again).

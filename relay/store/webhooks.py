@@ -381,8 +381,10 @@ def page(
 
 
 def retry(conn: Connection, delivery_id: int, now: float) -> None:
-    """Make one delivery due now; NotFound when there is none with this id."""
-    if conn.execute(q.RETRY_WEBHOOK, {"did": delivery_id, "now": now}).rowcount == 0:
+    """Make one delivery due now (one being sent right now is left to that attempt);
+    NotFound when there is none with this id."""
+    made_due = conn.execute(q.RETRY_WEBHOOK, {"did": delivery_id, "now": now}).rowcount > 0
+    if not made_due and conn.scalar(q.WEBHOOK_EXISTS, {"did": delivery_id}) is None:
         raise NotFound(f"no webhook delivery {delivery_id}")
 
 
