@@ -22,7 +22,6 @@ async def test_secret_is_32_random_bytes() -> None:
     assert secret.startswith("whsec_")
     assert len(base64.b64decode(secret.removeprefix("whsec_"))) == 32
     Webhook(secret)  # the reference library takes it
-    assert (await relay_cli("webhooks", "secret"))[1].strip() != secret
 
 
 async def test_list_test_replay_enable(tmp_path: Path) -> None:

@@ -227,7 +227,7 @@ async def test_shutdown_gives_leases_back(url: str) -> None:
         hooks = endpoints({"url": r.url(), "secret": secret, "timeout": "60s"})
         async with opened(url, hooks) as store:
             await store.enqueue(message(str(ULID())))
-            async with dispatching(store, hooks):
+            async with dispatching(store, hooks, grace=0.1):
                 await wait_for(lambda: r.stalling == 1, timeout=10)
             # given back, due at once: another process (or the next start) sends it now
             claimed = await store.webhook_claim("next", slots={r.url(): 1}, lease=60)

@@ -45,7 +45,9 @@ async def opened(url: str, hooks: Sequence[WebhookConfig]) -> AsyncIterator[LogS
 
 
 @asynccontextmanager
-async def dispatching(store: LogStore, hooks: Sequence[WebhookConfig], **kw: Any) -> AsyncIterator[Dispatcher]:
+async def dispatching(
+    store: LogStore, hooks: Sequence[WebhookConfig], *, grace: float = 1.0, **kw: Any
+) -> AsyncIterator[Dispatcher]:
     kw.setdefault("schedule", SHORT)
     kw.setdefault("poll", 0.05)
     d = Dispatcher(hooks, store, **kw)
@@ -53,7 +55,7 @@ async def dispatching(store: LogStore, hooks: Sequence[WebhookConfig], **kw: Any
     try:
         yield d
     finally:
-        await d.shutdown(1.0)
+        await d.shutdown(grace)
         await task
 
 
