@@ -1,4 +1,4 @@
-"""``relay serve|db|log|queue|stats|suppressions|users|dkim``: argument parsing, then a call into the modules.
+"""``relay serve|db|log|queue|stats|suppressions|users|dkim|webhooks``: argument parsing, then a call into the modules.
 
 Only ``serve`` and ``db upgrade`` create or upgrade a store; the other commands refuse to run
 on a store that is missing or older than the code, so that a wrong --config never leaves an
@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _suppressions_parser(sub, common)
     _dkim_parser(sub, common)
+    _webhooks_parser(sub, common)
 
     u = sub.add_parser("users", parents=[common], help="SMTP AUTH users")
     u_sub = u.add_subparsers(dest="users_command", required=True, metavar="ACTION")
@@ -173,6 +174,28 @@ def _suppressions_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     audit.add_argument("--json", action="store_true", help="print a JSON array")
 
 
+def _webhooks_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    from relay.model import WEBHOOK_TYPES
+
+    wh = sub.add_parser("webhooks", parents=[common], help="webhook endpoints ([[webhooks]]) and their deliveries")
+    wh_sub = wh.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION")
+    ls = wh_sub.add_parser("list", parents=[common], help="endpoints: pending, failed and delivered counts, disabled?")
+    ls.add_argument("--json", action="store_true", help="print a JSON array")
+    test = wh_sub.add_parser("test", parents=[common], help="send a signed test webhook to an endpoint now")
+    test.add_argument("url", help="a [[webhooks]] url")
+    replay = wh_sub.add_parser(
+        "replay", parents=[common], help="queue the events of a time window again, as new deliveries"
+    )
+    replay.add_argument("--since", type=_when, required=True, metavar="TIME", help="ISO-8601 or epoch seconds")
+    replay.add_argument("--until", type=_when, metavar="TIME", help="ISO-8601 or epoch seconds (default: now)")
+    replay.add_argument(
+        "--type", action="append", choices=WEBHOOK_TYPES, metavar="TYPE", help="only this type (repeatable)"
+    )
+    enable = wh_sub.add_parser("enable", parents=[common], help="send to an endpoint again after it answered 410 Gone")
+    enable.add_argument("url")
+    wh_sub.add_parser("secret", parents=[common], help='print a new secret: "whsec_" + base64 of 32 random bytes')
+
+
 def _when(text: str) -> float:
     try:
         return float(text)
@@ -227,6 +250,8 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     logs.setup(logging.WARNING)
     if args.command == "dkim":  # no store: keys and DNS only
         return _dkim_keygen(cfg, args) if args.dkim_command == "keygen" else asyncio.run(_dkim_check(cfg, args))
+    if args.command == "webhooks" and args.webhooks_command in ("secret", "test"):
+        return _webhooks_no_store(args, cfg)  # neither reads the store
     commands: dict[str, Callable[[LogStore, argparse.Namespace], Awaitable[int]]] = {
         "db": _db,
         "log": _log,
@@ -234,6 +259,7 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         "stats": _stats,
         "suppressions": _suppressions,
         "users": _users,
+        "webhooks": lambda store, args: _webhooks(store, args, cfg),
     }
     return asyncio.run(_with_store(cfg, args, commands[args.command]))
 
@@ -274,7 +300,8 @@ async def _with_store(
     where = str(file) if file is not None else display_url(url)
     if not creates and file is not None and not file.is_file():  # before opening: that would create it
         raise CommandError(f"no store at {where} (use --config or RELAY_CONFIG)", 2)
-    store = await LogStore.open(url)
+    # With [[webhooks]], what a command changes (suppressions, queue retry/delete) is reported too.
+    store = await LogStore.open(url, webhooks=cfg.webhooks)
     try:
         if creates:
             await store.upgrade()
@@ -818,4 +845,60 @@ async def _users(store: LogStore, args: argparse.Namespace) -> int:
     else:
         for name, created in await store.list_users():
             print(f"{name}\t{iso(created)}")
+    return 0
+
+
+# -- webhooks
+
+
+def _webhooks_no_store(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from relay import webhooks
+
+    if args.webhooks_command == "secret":
+        print(webhooks.new_secret())
+        return 0
+    endpoint = next((w for w in cfg.webhooks if w.url == args.url), None)
+    if endpoint is None:
+        raise CommandError(f"no [[webhooks]] endpoint has url {args.url!r}", 2)
+    webhook_id, response = asyncio.run(webhooks.send_test(endpoint))
+    if response.ok:
+        print(f"{webhook_id}: {response.status}")
+        return 0
+    print(f"{webhook_id}: {response.error}")
+    return 1
+
+
+async def _webhooks(store: LogStore, args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    if args.webhooks_command == "list":
+        found = await store.webhook_endpoints([w.url for w in cfg.webhooks])
+        configured = {w.url for w in cfg.webhooks}
+        if args.json:
+            rows = [
+                {"url": e.url, "configured": e.url in configured, "pending": e.pending, "failed": e.failed,
+                 "delivered": e.delivered, "disabled_at": iso(e.disabled_at), "disabled_reason": e.disabled_reason}
+                for e in found
+            ]  # fmt: skip
+            print(json.dumps(rows, indent=2))
+            return 0
+        for e in found:
+            state = (
+                "enabled" if e.disabled_at is None else f"disabled since {_local(e.disabled_at)} ({e.disabled_reason})"
+            )
+            extra = "" if e.url in configured else "  (not configured: its deliveries wait)"
+            print(f"{e.url}  pending {e.pending}  failed {e.failed}  delivered {e.delivered}  {state}{extra}")
+        return 0
+    if args.webhooks_command == "replay":
+        until = time.time() if args.until is None else args.until
+        if args.since > until:
+            raise CommandError("--since must not be after --until", 2)
+        if not cfg.webhooks:
+            raise CommandError("no [[webhooks]] endpoints are configured", 2)
+        count = await store.webhook_replay(cfg.webhooks, since=args.since, until=until, kinds=args.type or ())
+        print(f"queued {count} webhook deliveries")
+        return 0
+    # enable
+    if await store.webhook_enable(args.url):
+        print(f"enabled {args.url}; its pending deliveries are due now")
+    else:
+        print(f"{args.url} was not disabled")
     return 0

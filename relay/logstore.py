@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from relay.config import WebhookConfig
 from relay.errors import StoreError
 from relay.model import (
     ACTIVE_STATES,
@@ -41,6 +42,7 @@ from relay.model import (
 from relay.store import log as event_log
 from relay.store import queue, reports, suppressions, users
 from relay.store import statements as q
+from relay.store import webhooks as webhook_store
 from relay.store.engine import Engine, Failure
 from relay.store.queue import IdempotencyKey, Idempotent
 
@@ -77,9 +79,12 @@ class LogStore:
         self.on_enqueued: list[Callable[[NewMessage], None]] = []
 
     @classmethod
-    async def open(cls, url: str) -> LogStore:
+    async def open(cls, url: str, *, webhooks: Sequence[WebhookConfig] = ()) -> LogStore:
+        """``webhooks``: the [[webhooks]] endpoints, whose outbox rows every event then writes
+        in its own transaction (none: no outbox rows at all)."""
+        outbox = _outbox(webhooks)
         try:
-            engine = Engine(url)
+            engine = Engine(url, options=None if outbox is None else {webhook_store.OUTBOX: outbox})
         except (SQLAlchemyError, OSError, ValueError, ImportError) as exc:
             raise StoreError(f"cannot open the store: {exc}") from exc
         return cls(url, engine)
@@ -335,6 +340,82 @@ class LogStore:
         at = time.time() if now is None else now
         return await self._engine.read(lambda conn: suppressions.count(conn, at))
 
+    # -- webhooks
+
+    async def webhook_claim(
+        self, owner: str, *, slots: Mapping[str, int], lease: float, limit: int = 100, now: float | None = None
+    ) -> list[webhook_store.Pending]:
+        """Lease due webhook deliveries to ``owner`` until now + lease: at most ``slots[url]``
+        per endpoint (the configured ones; disabled endpoints wait), oldest due first."""
+        at = time.time() if now is None else now
+        return await self._engine.call(
+            lambda conn: webhook_store.claim(
+                conn, owner=owner, urls=list(slots), slots=slots, lease=lease, limit=limit, now=at
+            )
+        )
+
+    async def webhook_next_due(self, urls: Collection[str]) -> float | None:
+        """When the next delivery to these endpoints is due (a cheap read; None: none pending)."""
+        return await self._engine.read(lambda conn: webhook_store.next_due(conn, urls))
+
+    async def webhook_record(self, owner: str, url: str, outcomes: Sequence[webhook_store.Attempted]) -> int:
+        """Write what attempts to one endpoint decided, while ``owner`` holds their lease; an
+        outcome with ``disable`` disables the endpoint (410 Gone)."""
+        now = time.time()
+        return await self._engine.call(lambda conn: webhook_store.record(conn, owner, url, outcomes, now))
+
+    async def webhook_release(self, owner: str, ids: Sequence[int]) -> int:
+        """Give leased deliveries back untouched, due at once (shutdown)."""
+        if not ids:
+            return 0
+        now = time.time()
+        return await self._engine.call(lambda conn: webhook_store.release(conn, owner, ids, now))
+
+    async def webhook_enable(self, url: str) -> bool:
+        """Enable an endpoint that answered 410 again; its pending deliveries are due now.
+        False when it was not disabled."""
+        now = time.time()
+        return await self._engine.call(lambda conn: webhook_store.enable(conn, url, now))
+
+    async def webhook_endpoints(self, urls: Sequence[str]) -> list[webhook_store.Endpoint]:
+        """The endpoints (these, and any the outbox holds rows for) with their counts and state."""
+        return await self._engine.read(lambda conn: webhook_store.endpoints(conn, urls))
+
+    async def webhook_summary(self) -> webhook_store.WebhookSummary:
+        """Pending deliveries, the oldest's age, disabled endpoints (the gauges)."""
+        return await self._engine.read(webhook_store.summary)
+
+    async def webhook_deliveries(
+        self,
+        *,
+        status: webhook_store.DeliveryStatus | None = None,
+        url: str | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> tuple[list[webhook_store.Delivery], int | None]:
+        """Deliveries, newest first, a page at a time: pass the returned id as ``before``."""
+        return await self._engine.read(
+            lambda conn: webhook_store.page(conn, status=status, url=url, limit=limit, before=before)
+        )
+
+    async def webhook_retry(self, delivery_id: int) -> None:
+        """Make one delivery due now (whatever its status); NotFound for an unknown id."""
+        now = time.time()
+        await self._engine.call(lambda conn: webhook_store.retry(conn, delivery_id, now))
+
+    async def webhook_replay(
+        self, webhooks: Sequence[WebhookConfig], *, since: float, until: float, kinds: Collection[str] = ()
+    ) -> int:
+        """Queue the events of [since, until) again as new deliveries to the endpoints that
+        want them (only ``kinds``, when given), in one transaction. Returns how many."""
+        outbox = _outbox(webhooks)
+        if outbox is None:
+            return 0
+        now = time.time()
+        return await self._engine.transaction(
+            lambda conn: webhook_store.replay(conn, outbox, since=since, until=until, kinds=kinds, now=now)
+        )
+
     # -- bulk import
 
     async def bulk_import(self, items: Sequence[Imported]) -> None:
@@ -421,3 +502,8 @@ class LogStore:
     async def bounce_report(self, report_id: int) -> bytes | None:
         """A stored report, raw, as it came to the bounce listener."""
         return await self._engine.read(lambda conn: reports.raw(conn, report_id))
+
+
+def _outbox(webhooks: Sequence[WebhookConfig]) -> webhook_store.Outbox | None:
+    routes = tuple(webhook_store.Route(w.url, frozenset(w.events), w.deferred == "every") for w in webhooks if w.url)
+    return webhook_store.Outbox(routes) if routes else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -50,6 +51,11 @@ SUPPRESSED = Counter(
     "relay_suppressed", "Recipients not attempted: their address is suppressed, by the entry's reason", ["reason"]
 )
 BOUNCE_REPORTS = Counter("relay_bounce_reports", "Reports that came to the bounce listener, by result", ["result"])
+WEBHOOK_DELIVERIES = Counter(
+    "relay_webhook_deliveries",
+    "Webhook deliveries that ended an attempt: delivered, failed (for good), disabled (the endpoint answered 410)",
+    ["result"],
+)
 
 REJECTION_REASONS: Final = (
     "auth_required", "auth_failed", "tls_required", "message_size", "too_many_recipients", "bad_address",
@@ -70,6 +76,12 @@ for _reason in ("hard_bounce", "complaint", "manual"):
     SUPPRESSED.labels(_reason)
 for _result in ("matched", "unmatched", "not_a_bounce"):
     BOUNCE_REPORTS.labels(_result)
+_WEBHOOK = {r: WEBHOOK_DELIVERIES.labels(r) for r in ("delivered", "failed", "disabled")}
+
+
+def webhook_delivery(result: str) -> None:
+    """Count a webhook delivery's result: delivered, failed (for good) or disabled (410 Gone)."""
+    _WEBHOOK[result].inc()
 
 
 _RESULT = {"delivered": "delivered", "bounced": "bounced"}  # anything else was a temporary failure
@@ -112,10 +124,20 @@ def rejection_reason(code: int, enhanced: str | None, text: str) -> str:  # noqa
     return "other"
 
 
+@dataclass(frozen=True, slots=True)
+class WebhookGauges:
+    """The webhook outbox, as read from the store at scrape time."""
+
+    pending: int = 0
+    oldest_pending_at: float | None = None  # when the oldest pending delivery was written
+    endpoints_disabled: int = 0
+
+
 class _Queue:
-    def __init__(self, summary: QueueSummary, suppression_entries: int) -> None:
+    def __init__(self, summary: QueueSummary, suppression_entries: int, webhooks: WebhookGauges) -> None:
         self.summary = summary
         self.suppression_entries = suppression_entries
+        self.webhooks = webhooks
 
     def collect(self) -> list[GaugeMetricFamily]:
         states = GaugeMetricFamily("relay_queue_recipients", "Recipients in the queue, by state", labels=["state"])
@@ -128,12 +150,26 @@ class _Queue:
         age.add_metric([], 0.0 if oldest is None else max(0.0, time.time() - oldest))
         entries = GaugeMetricFamily("relay_suppression_entries", "Suppression list entries in force")
         entries.add_metric([], self.suppression_entries)
-        return [states, age, entries]
+        return [states, age, entries, *self._webhook_gauges()]
+
+    def _webhook_gauges(self) -> list[GaugeMetricFamily]:
+        w = self.webhooks
+        pending = GaugeMetricFamily("relay_webhook_pending", "Webhook deliveries waiting to be sent (or retried)")
+        pending.add_metric([], w.pending)
+        oldest = GaugeMetricFamily(
+            "relay_webhook_oldest_pending_seconds", "Age of the oldest webhook delivery still pending"
+        )
+        oldest.add_metric([], 0.0 if w.oldest_pending_at is None else max(0.0, time.time() - w.oldest_pending_at))
+        disabled = GaugeMetricFamily(
+            "relay_webhook_endpoints_disabled", "Webhook endpoints disabled by a 410 Gone (`relay webhooks enable URL`)"
+        )
+        disabled.add_metric([], w.endpoints_disabled)
+        return [pending, oldest, disabled]
 
 
-def render(queue: QueueSummary, suppression_entries: int = 0) -> bytes:
+def render(queue: QueueSummary, suppression_entries: int = 0, webhooks: WebhookGauges | None = None) -> bytes:
     """The exposition text: this process's (or all workers') metrics, and the gauges read from
-    the store (the queue, the suppression list)."""
+    the store (the queue, the suppression list, the webhook outbox)."""
     if MULTIPROCESS:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
@@ -142,5 +178,5 @@ def render(queue: QueueSummary, suppression_entries: int = 0) -> bytes:
 
         registry = REGISTRY
     gauges = CollectorRegistry()
-    gauges.register(_Queue(queue, suppression_entries))
+    gauges.register(_Queue(queue, suppression_entries, webhooks or WebhookGauges()))
     return generate_latest(registry) + generate_latest(gauges)

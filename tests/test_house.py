@@ -25,6 +25,7 @@ OWNERS = {
     "dkim": {"dkim.py"},
     "cryptography": {"dkim.py"},
     "nacl": {"dkim.py"},
+    "httpx": {"webhooks.py"},
 }
 
 

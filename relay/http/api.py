@@ -350,3 +350,45 @@ async def bounce_report(store: Store, id: Annotated[int, Path(ge=1, le=2**63 - 1
     return Response(
         raw, media_type="message/rfc822", headers={"Content-Disposition": f'inline; filename="report-{id}.eml"'}
     )
+
+
+# -- webhooks
+
+_NO_DELIVERY: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such delivery"}}
+
+
+@router.get(
+    "/webhooks/deliveries",
+    response_model=schemas.WebhookDeliveryPage,
+    summary="Webhook deliveries (the outbox), newest first",
+    tags=["webhooks"],
+)
+async def webhook_deliveries(
+    store: Store,
+    status: Annotated[Literal["pending", "failed", "delivered"] | None, Query()] = None,
+    url: Annotated[str | None, Query(max_length=2000, pattern=NO_NUL, description="Only this endpoint's")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(max_length=40)] = None,
+) -> schemas.WebhookDeliveryPage:
+    before = None if cursor is None else _parse_id_cursor(cursor)
+    found, more = await store.webhook_deliveries(status=status, url=url, limit=limit, before=before)
+    return schemas.WebhookDeliveryPage(
+        deliveries=[schemas.webhook_delivery(d) for d in found], next_cursor=_id_cursor(more)
+    )
+
+
+@router.post(
+    "/webhooks/deliveries/{id}/retry",
+    response_model=schemas.WebhookRetryResult,
+    summary="Make a webhook delivery due now (pending, failed or delivered: sent again, same webhook-id)",
+    tags=["webhooks"],
+    responses=_NO_DELIVERY,
+)
+async def retry_webhook_delivery(
+    store: Store, id: Annotated[int, Path(ge=1, le=2**63 - 1)]
+) -> schemas.WebhookRetryResult:
+    try:
+        await store.webhook_retry(id)
+    except NotFound as exc:
+        raise HTTPException(404, "no such webhook delivery") from exc
+    return schemas.WebhookRetryResult(id=id, status="pending")

@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
@@ -26,6 +26,9 @@ from relay.model import (
     iso,
     suppression_key,
 )
+
+if TYPE_CHECKING:
+    from relay.store.webhooks import Delivery
 
 
 class Recipient(BaseModel):
@@ -415,3 +418,35 @@ class SendRequest(BaseModel, extra="forbid", populate_by_name=True):
 class SendResult(BaseModel):
     id: str = Field(description="The queue id")
     message_id: str = Field(description="The Message-ID header, without <>")
+
+
+# -- webhooks
+
+
+class WebhookDelivery(BaseModel):
+    id: int = Field(description="The delivery's id (POST .../deliveries/{id}/retry)")
+    webhook_id: str = Field(description="The webhook-id header: the same on every attempt and for every endpoint")
+    url: str
+    type: str
+    event_at: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: str | None = Field(description="When it is due (pending only)")
+    last_status: int | None = Field(description="The receiver's HTTP status on the last attempt, if it answered")
+    last_error: str | None
+    created_at: str
+    updated_at: str
+
+
+class WebhookDeliveryPage(BaseModel):
+    deliveries: list[WebhookDelivery]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")
+
+
+class WebhookRetryResult(BaseModel):
+    id: int
+    status: Literal["pending"] = Field(description="Due now")
+
+
+def webhook_delivery(d: Delivery) -> WebhookDelivery:
+    return WebhookDelivery.model_validate(d.to_json())

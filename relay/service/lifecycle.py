@@ -40,6 +40,7 @@ from relay.service.listeners import check_tls, warn_if_tracking_loopback
 from relay.service.signals import StopSignals
 from relay.smtp_in import BounceServer, SmtpServer
 from relay.transport import Transport
+from relay.webhooks import Dispatcher
 
 if TYPE_CHECKING:
     from relay.dkim import Signer
@@ -58,6 +59,7 @@ class Relay:
         self.http: HttpServer | None = None
         self.tracking_http: HttpServer | None = None  # the public side, with [tracking] listen
         self.bounces: BounceServer | None = None  # the bounce listener, with [bounces] listen
+        self.webhooks: Dispatcher | None = None  # with [[webhooks]], beside delivery
         self.smtp_addresses: list[Listen] = []
         self.http_address: Listen | None = None
         self.tracking_address: Listen | None = None
@@ -127,7 +129,7 @@ class Relay:
             from relay import dkim
 
             dkim_signer = dkim.Signer(dkim.load_keys(config))
-        self.store = store = await LogStore.open(config.store.url)
+        self.store = store = await LogStore.open(config.store.url, webhooks=config.webhooks)
         stack.push_async_callback(store.close)
         stack.push_async_callback(self._cancel_tasks)
         if upgrade:
@@ -195,6 +197,12 @@ class Relay:
         self.delivery = delivery = DeliveryEngine(config, store, transport, tracker, return_path, signer=dkim_signer)
         self._delivery_task = self.spawn(delivery.run(), "delivery")
         self._stack.push_async_callback(delivery.shutdown, config.delivery.shutdown_grace)
+        if config.webhooks:
+            # Beside delivery: the outbox's rows are durable, so whichever process runs
+            # next (this one after a crash, another node) sends what is left.
+            self.webhooks = webhooks = Dispatcher(config.webhooks, store)
+            self.spawn(webhooks.run(), "webhooks")
+            self._stack.push_async_callback(webhooks.shutdown, config.delivery.shutdown_grace)
 
     def _not_ready(self) -> list[str]:
         problems = []

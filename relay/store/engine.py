@@ -21,7 +21,7 @@ import asyncio
 import fcntl
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
@@ -122,8 +122,10 @@ class Engine:
     """The store's engines and its writer. ``read``, ``call``, ``submit`` and ``transaction``
     are the only ways in; every one maps errors through ``store_error``."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, options: Mapping[str, object] | None = None) -> None:
+        """``options``: execution options every connection carries (the webhook outbox)."""
         parsed = make_url(url)
+        opts = dict(options or {})
         self.dialect = parsed.get_backend_name()
         self._write_sync: sa.Engine | None = None
         self._write_thread: ThreadPoolExecutor | None = None
@@ -140,16 +142,22 @@ class Engine:
                 self._write_lock = os.open(f"{database}-writelock", os.O_CREAT | os.O_RDWR, 0o600)
             sync_url = parsed.set(drivername="sqlite+pysqlite")
             args = {"check_same_thread": False}
-            self._write_sync = sa.create_engine(sync_url, pool_size=1, max_overflow=0, connect_args=args)
+            self._write_sync = sa.create_engine(
+                sync_url, pool_size=1, max_overflow=0, connect_args=args, execution_options=opts
+            )
             _sqlite_setup(self._write_sync, begin="BEGIN IMMEDIATE")
             self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="relay-store-write")
             # Readers in threads too, one hop per read: through aiosqlite (a hop per statement)
             # lookups took 3-4 times as long (bench/store_reads.py).
-            self._read_sync = sa.create_engine(sync_url, pool_size=2, max_overflow=2, connect_args=args)
+            self._read_sync = sa.create_engine(
+                sync_url, pool_size=2, max_overflow=2, connect_args=args, execution_options=opts
+            )
             _sqlite_setup(self._read_sync, begin="BEGIN")
             self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="relay-store-read")
         else:
-            self._async = create_async_engine(url, pool_size=4, max_overflow=8, pool_pre_ping=True)
+            self._async = create_async_engine(
+                url, pool_size=4, max_overflow=8, pool_pre_ping=True, execution_options=opts
+            )
         self._writer = _Writer(self)
 
     async def transaction(self, fn: Callable[[Connection], T], failure: Failure = WRITE_FAILED) -> T:

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 
 from relay.model import DELIVERED, EventType, EventView, MessageView, RecipientView, StatsRow, TrackTarget
 from relay.store import statements as q
+from relay.store import webhooks
 from relay.store.schema import LINK_CHUNK, message_tags, messages, recipients
 
 
@@ -36,13 +37,20 @@ def append_events(conn: Connection, new: Sequence[NewEvent]) -> None:
     """Append events to the log, in the transaction of ``conn``: every event row Relay writes
     comes through here (received, attempt outcomes, retried, cancelled, opened/clicked, bulk
     import). It is the seam where the webhook outbox, bounces and suppression will add their
-    rows in the same transaction as the event."""
-    if new:
-        conn.execute(
-            q.INSERT_EVENT,
-            [{"queue_id": e.queue_id, "recipient": e.recipient, "at": e.at, "type": e.type,
-              "details": dict(e.details)} for e in new],
-        )  # fmt: skip
+    rows in the same transaction as the event.
+
+    With webhooks configured (the engine's ``webhooks.OUTBOX``), the outbox rows of these
+    events are written here too; without, nothing more happens."""
+    if not new:
+        return
+    outbox = webhooks.outbox_of(conn)
+    if outbox is not None:
+        webhooks.write_events(conn, outbox, new)
+    conn.execute(
+        q.INSERT_EVENT,
+        [{"queue_id": e.queue_id, "recipient": e.recipient, "at": e.at, "type": e.type,
+          "details": dict(e.details)} for e in new],
+    )  # fmt: skip
 
 
 # -- views and lookups

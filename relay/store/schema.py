@@ -163,3 +163,38 @@ idempotency_keys = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Index("ix_idempotency_keys_created_at", "created_at"),
 )
+
+# -- webhooks
+
+# The transactional outbox: one row per (event, endpoint), written in the transaction of the
+# event it reports; the dispatcher leases due rows (like recipients) and sends ``body`` as
+# stored, byte for byte (the signature is over those bytes).
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("webhook_id", sa.String(40), nullable=False),  # the webhook-id header: "msg_" + ULID, per event
+    sa.Column("url", sa.Text, nullable=False),  # the endpoint
+    sa.Column("type", sa.String(32), nullable=False),  # message.delivered, suppression.created, ...
+    sa.Column("event_at", sa.Float, nullable=False),  # when the event happened
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending | delivered | failed
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float),  # due time; the lease expiry while sending; NULL when final
+    sa.Column("lease_owner", sa.Text),
+    sa.Column("last_status", sa.Integer),  # the receiver's HTTP status, if it answered
+    sa.Column("last_error", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Index("ix_webhook_deliveries_next_attempt_at", "next_attempt_at"),
+    sa.Index("ix_webhook_deliveries_status_url", "status", "url"),
+)
+
+# Endpoints that answered 410 Gone: nothing is sent to them until `relay webhooks enable URL`.
+webhook_endpoints = sa.Table(
+    "webhook_endpoints",
+    metadata,
+    sa.Column("url", sa.Text, primary_key=True),
+    sa.Column("disabled_at", sa.Float),
+    sa.Column("disabled_reason", sa.Text, nullable=False, server_default=""),
+)

@@ -24,6 +24,8 @@ from relay.store.schema import (
     suppression_audit,
     suppressions,
     users,
+    webhook_deliveries,
+    webhook_endpoints,
 )
 
 # -- intake
@@ -416,6 +418,127 @@ IDEMPOTENCY_KEY = sa.select(
     idempotency_keys.c.message_id,
     idempotency_keys.c.created_at,
 ).where(idempotency_keys.c.caller == sa.bindparam("caller"), idempotency_keys.c.key == sa.bindparam("key"))
+
+# -- webhooks
+
+_wd, _we = webhook_deliveries, webhook_endpoints
+# New deliveries in the outbox (executemany), written in the transaction of their event.
+INSERT_WEBHOOK_DELIVERY = _wd.insert()
+# The message fields every message.* webhook carries, by queue id.
+WEBHOOK_MESSAGES = sa.select(
+    messages.c.queue_id, messages.c.message_id, messages.c.mail_from, messages.c.tags, messages.c.username,
+    messages.c.subject,
+).where(messages.c.queue_id.in_(sa.bindparam("qids", expanding=True)))  # fmt: skip
+# Has the recipient been deferred before? (message.deferred is sent for the first deferral only)
+EARLIER_DEFERRAL = (
+    sa.select(events.c.id)
+    .where(events.c.queue_id == sa.bindparam("qid"), events.c.recipient == sa.bindparam("rcpt"),
+           events.c.type == DEFERRED)
+    .limit(1)
+)  # fmt: skip
+# The first deferral of each recipient of some messages (replay's first-only rule).
+FIRST_DEFERRALS = (
+    sa.select(sa.func.min(events.c.id))
+    .where(events.c.queue_id.in_(sa.bindparam("qids", expanding=True)), events.c.type == DEFERRED)
+    .group_by(events.c.queue_id, events.c.recipient)
+)
+_DISABLED_URLS = sa.select(_we.c.url).where(_we.c.disabled_at.is_not(None))
+# Due deliveries to the given endpoints (not disabled), oldest due first; the claim adds its
+# limit, its full endpoints and (PostgreSQL) FOR UPDATE SKIP LOCKED.
+WEBHOOKS_DUE = (
+    sa.select(_wd.c.id, _wd.c.webhook_id, _wd.c.url, _wd.c.type, _wd.c.body, _wd.c.attempts)
+    .where(
+        _wd.c.status == "pending",
+        _wd.c.next_attempt_at <= sa.bindparam("now"),
+        _wd.c.url.in_(sa.bindparam("urls", expanding=True)),
+        _wd.c.url.not_in(_DISABLED_URLS),
+    )
+    .order_by(_wd.c.next_attempt_at)
+)
+# When the next delivery to the given endpoints is due (None: nothing pending).
+WEBHOOK_NEXT_DUE = sa.select(sa.func.min(_wd.c.next_attempt_at)).where(
+    _wd.c.status == "pending",
+    _wd.c.url.in_(sa.bindparam("urls", expanding=True)),
+    _wd.c.url.not_in(_DISABLED_URLS),
+)
+# Lease claimed deliveries to a dispatcher until a time.
+LEASE_WEBHOOKS = (
+    _wd.update()
+    .where(_wd.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .values(lease_owner=sa.bindparam("owner"), next_attempt_at=sa.bindparam("until"), updated_at=sa.bindparam("at"))
+)
+# Write an attempt's outcome, only while the dispatcher still holds the lease.
+RECORD_WEBHOOK = (
+    _wd.update()
+    .where(_wd.c.id == sa.bindparam("did"), _wd.c.lease_owner == sa.bindparam("owner"))
+    .values(
+        status=sa.bindparam("status"),
+        attempts=sa.bindparam("attempts"),
+        next_attempt_at=sa.bindparam("next_at"),
+        last_status=sa.bindparam("code"),
+        last_error=sa.bindparam("error"),
+        lease_owner=None,
+        updated_at=sa.bindparam("at"),
+    )
+)
+# Give leased deliveries back untouched, due at once (shutdown).
+RELEASE_WEBHOOKS = (
+    _wd.update()
+    .where(_wd.c.id.in_(sa.bindparam("ids", expanding=True)), _wd.c.lease_owner == sa.bindparam("owner"))
+    .values(lease_owner=None, next_attempt_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
+)
+# Make one delivery due now, whatever its status (the API's retry), unless it is being sent.
+WEBHOOK_EXISTS = sa.select(_wd.c.id).where(_wd.c.id == sa.bindparam("did"))
+RETRY_WEBHOOK = (
+    _wd.update()
+    .where(_wd.c.id == sa.bindparam("did"), _wd.c.lease_owner.is_(None))
+    .values(status="pending", next_attempt_at=sa.bindparam("now"), lease_owner=None, updated_at=sa.bindparam("now"))
+)
+# Pending deliveries to one endpoint due now (it was enabled again).
+WEBHOOKS_DUE_NOW = (
+    _wd.update()
+    .where(_wd.c.url == sa.bindparam("endpoint"), _wd.c.status == "pending", _wd.c.lease_owner.is_(None))
+    .values(next_attempt_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
+)
+# Deliveries per endpoint and status (`relay webhooks list`).
+WEBHOOK_COUNTS = sa.select(_wd.c.url, _wd.c.status, sa.func.count()).group_by(_wd.c.url, _wd.c.status)
+# Pending deliveries and when the oldest of them was written (the gauges).
+WEBHOOK_PENDING = sa.select(sa.func.count(), sa.func.min(_wd.c.created_at)).where(_wd.c.status == "pending")
+# A page of deliveries, newest first, one more than :limit (filters and cursor added at the call).
+WEBHOOK_PAGE = sa.select(_wd).order_by(_wd.c.id.desc()).limit(sa.bindparam("limit"))
+# Every endpoint's disabled state.
+WEBHOOK_ENDPOINTS = sa.select(_we)
+# Disable an endpoint (410 Gone), per dialect: a row per URL.
+_disable_pg, _disable_sqlite = postgresql.insert(_we), sqlite.insert(_we)
+DISABLE_WEBHOOK_ENDPOINT = {
+    "postgresql": _disable_pg.on_conflict_do_update(
+        index_elements=["url"],
+        set_={"disabled_at": _disable_pg.excluded.disabled_at, "disabled_reason": _disable_pg.excluded.disabled_reason},
+    ),
+    "sqlite": _disable_sqlite.on_conflict_do_update(
+        index_elements=["url"],
+        set_={
+            "disabled_at": _disable_sqlite.excluded.disabled_at,
+            "disabled_reason": _disable_sqlite.excluded.disabled_reason,
+        },
+    ),
+}
+# Enable an endpoint again.
+ENABLE_WEBHOOK_ENDPOINT = (
+    _we.update().where(_we.c.url == sa.bindparam("endpoint"), _we.c.disabled_at.is_not(None)).values(disabled_at=None)
+)
+# Events of a window, with their message, for replay (types and order added at the call).
+REPLAY_EVENTS = (
+    sa.select(events.c.id, events.c.queue_id, events.c.recipient, events.c.at, events.c.type, events.c.details)
+    .where(events.c.at >= sa.bindparam("since"), events.c.at < sa.bindparam("until"))
+    .order_by(events.c.at, events.c.id)
+)
+# Suppression list changes of a window, for replay.
+REPLAY_SUPPRESSION_CHANGES = (
+    sa.select(suppression_audit)
+    .where(suppression_audit.c.at >= sa.bindparam("since"), suppression_audit.c.at < sa.bindparam("until"))
+    .order_by(suppression_audit.c.id)
+)
 
 # -- health
 

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, Row
 from relay.errors import NotFound, ReasonRequired, RelayError
 from relay.model import Suppression, SuppressionChange, SuppressionOrigin, SuppressionReason, suppression_key
 from relay.store import statements as q
+from relay.store import webhooks
 from relay.store.schema import suppression_audit, suppressions
 
 # Entries that only go with a reason why: a complaint is the recipient saying "stop".
@@ -88,6 +89,9 @@ def _add(
             [{"at": now, "address": e.address, "action": "added", "reason": e.reason, "origin": via or e.origin,
               "actor": actor, "source_queue_id": e.source_queue_id, "note": e.note} for e in added],
         )  # fmt: skip
+        webhooks.write_suppression_changes(
+            conn, "suppression.created", [(e, via or e.origin) for e in added], actor=actor, at=now
+        )
     return added
 
 
@@ -132,6 +136,9 @@ def remove(
         {"at": now, "address": key, "action": "removed", "reason": reason.strip(), "origin": origin,
          "actor": actor, "source_queue_id": entry.source_queue_id, "note": entry.note},
     )  # fmt: skip
+    webhooks.write_suppression_changes(
+        conn, "suppression.deleted", [(entry, origin)], actor=actor, at=now, removal_reason=reason.strip()
+    )
     return entry
 
 
