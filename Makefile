@@ -29,7 +29,7 @@ lint: $(VENV)/.test
 	$(BIN)/mypy relay
 
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto
 
 $(VENV)/.bench: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

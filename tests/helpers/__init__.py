@@ -25,7 +25,11 @@ from relay.service.lifecycle import Relay
 T = TypeVar("T")
 # Read once, then taken out of the environment: it is not a Relay setting, and `relay` (run as a
 # subprocess by tests) refuses RELAY_* variables it does not know.
-POSTGRES_URL = os.environ.pop("RELAY_TEST_POSTGRES_URL", "")
+# pytest-xdist's workers start after the controller imported this: they find it under a name
+# that is not a RELAY_* variable.
+POSTGRES_URL = os.environ.pop("RELAY_TEST_POSTGRES_URL", "") or os.environ.get("PYTEST_RELAY_POSTGRES_URL", "")
+if POSTGRES_URL:
+    os.environ["PYTEST_RELAY_POSTGRES_URL"] = POSTGRES_URL
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
