@@ -214,6 +214,7 @@ class RelaySMTP(SMTP):
         self._refused = False
         self._ip = ""
         self._junk = 0  # NOOP/RSET/VRFY/HELP since the last MAIL
+        self.refused_rcpts = 0  # the bounce listener's refused recipients in this session
         self.trusted = False
         self.implicit_tls = template.implicit_tls
 
@@ -689,19 +690,32 @@ class BounceHandler(RelayHandler):
     async def handle_RCPT(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
+        refusal = self._refusal(address)
+        if refusal is not None:
+            # Guessing tokens is the one thing a stranger can do here: past [smtp]
+            # max_junk_commands refused recipients (never reset: not by MAIL, not by RSET), the
+            # session ends, logged once.
+            server.refused_rcpts += 1
+            if server.refused_rcpts > self.config.smtp.max_junk_commands:
+                log.warning("closing a bounce session from %s: too many refused recipients", client_ip(session))
+                asyncio.get_running_loop().call_soon(server.close_now)
+                return REPLY_TOO_MANY_COMMANDS
+            return refusal
+        if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
+            return REPLY_TOO_MANY_RCPTS
+        if address not in envelope.rcpt_tos:
+            envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    def _refusal(self, address: str) -> str | None:
         if not valid_address(address):
             return REPLY_BAD_RCPT
         return_path = self.inbox.return_path
         if address.rpartition("@")[2].lower().rstrip(".") != return_path.domain:
             return REPLY_RELAY_DENIED
         if return_path.recipient_of(address) is None:
-            log.info("refused a report to an unknown bounce address <%s> from %s", address, client_ip(session))
             return REPLY_UNKNOWN_BOUNCE
-        if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
-            return REPLY_TOO_MANY_RCPTS
-        if address not in envelope.rcpt_tos:
-            envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
+        return None
 
     async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.content

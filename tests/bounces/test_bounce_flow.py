@@ -439,3 +439,28 @@ async def test_a_valid_token_of_an_unknown_recipient_is_unmatched(relay: Relay) 
         metric(metrics.render(QueueSummary({}, None)).decode(), "relay_bounce_reports_total", result="unmatched") >= 1
     )
     assert await relay.store.bounce_report(1) is None  # nothing kept
+
+
+async def test_guessing_tokens_ends_the_session(relay: Relay) -> None:
+    """Past [smtp] max_junk_commands refused recipients, the session is closed: RSET and MAIL do
+    not reset the count."""
+    limit = relay.config.smtp.max_junk_commands
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=relay.bounce_addresses[0].port, timeout=10, local_hostname="mx.example.net"
+    )
+    await client.connect()
+    try:
+        await client.ehlo()
+        replies = []
+        for i in range(limit + 5):
+            if i % 40 == 0:
+                await command(client, "RSET")
+                await command(client, "MAIL FROM:<>")
+            try:
+                replies.append((await command(client, f"RCPT TO:<b+{i:029d}@{DOMAIN}>"))[0])
+            except aiosmtplib.SMTPServerDisconnected:
+                break
+        assert replies[:limit] == [550] * limit
+        assert replies[limit] == 421
+    finally:
+        client.close()
