@@ -242,7 +242,22 @@ class SuppressionPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")
 
 
-class SuppressionRequest(BaseModel, extra="forbid"):
+class _AddressAndNote(BaseModel, extra="forbid"):
+    """What every suppression input checks the same way: an address (a mailbox or ``*@domain``)
+    and a note (no NUL, no control characters). The subclasses declare the fields, in their order."""
+
+    @field_validator("address", check_fields=False)
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return suppression_address(value)
+
+    @field_validator("note", check_fields=False)
+    @classmethod
+    def _note(cls, value: str) -> str:
+        return suppression_text(value)
+
+
+class SuppressionRequest(_AddressAndNote):
     address: str = Field(
         max_length=320,
         pattern="@",
@@ -253,16 +268,6 @@ class SuppressionRequest(BaseModel, extra="forbid"):
     expires_at: datetime | None = Field(
         None, description="ISO-8601, in the future; leave out for never", examples=["2027-01-01T00:00:00Z"]
     )
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        return suppression_address(value)
-
-    @field_validator("note")
-    @classmethod
-    def _note(cls, value: str) -> str:
-        return suppression_text(value)
 
     @field_validator("expires_at")
     @classmethod
@@ -307,7 +312,7 @@ class SuppressionAudit(BaseModel):
 
 # A row of `relay suppressions import`: the columns of `relay suppressions export`, all but
 # `address` optional (empty cells count as absent).
-class SuppressionRow(BaseModel, extra="forbid"):
+class SuppressionRow(_AddressAndNote):
     address: str = Field(max_length=320)
     reason: SuppressionReason = "manual"
     origin: SuppressionOrigin = "cli"
@@ -315,16 +320,6 @@ class SuppressionRow(BaseModel, extra="forbid"):
     created_at: datetime | None = None
     expires_at: datetime | None = None
     note: str = Field("", max_length=SUPPRESSION_NOTE_MAX)
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        return suppression_address(value)
-
-    @field_validator("note")
-    @classmethod
-    def _note(cls, value: str) -> str:
-        return suppression_text(value)
 
     @field_validator("created_at")
     @classmethod
