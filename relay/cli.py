@@ -531,14 +531,20 @@ async def _suppressions_list(store: LogStore, args: argparse.Namespace) -> int:
     limit = max(1, args.limit)
     key = None if args.address is None else _suppression_key(args.address)
     entries, more = await store.suppressions(address=key, reason=args.reason, limit=limit)
-    if args.json:
-        print(json.dumps([e.to_json() for e in entries], indent=2, ensure_ascii=False))
-    else:
-        for e in entries:
-            print(format_suppression(e))
-    if more is not None:
-        print(f"relay: showing the newest {limit} entries; use --limit for more", file=sys.stderr)
+    _print_page(entries, args.json, format_suppression, more is not None and f"the newest {limit} entries")
     return 0
+
+
+def _print_page(items: Sequence[Any], as_json: bool, line: Callable[[Any], str], cut: str | bool) -> None:
+    """A page of records: as JSON (their ``to_json()``) or a line each; when ``cut`` names what
+    is shown, a note on stderr that there is more."""
+    if as_json:
+        print(json.dumps([item.to_json() for item in items], indent=2, ensure_ascii=False))
+    else:
+        for item in items:
+            print(line(item))
+    if cut:
+        print(f"relay: showing {cut}; use --limit for more", file=sys.stderr)
 
 
 def format_suppression(e: Suppression) -> str:
@@ -769,13 +775,7 @@ async def _suppressions_audit(store: LogStore, args: argparse.Namespace) -> int:
     key = None if args.address is None else _suppression_key(args.address)
     limit = max(1, args.limit)
     changes, more = await store.suppression_audit(key, limit=limit)
-    if args.json:
-        print(json.dumps([c.to_json() for c in changes], indent=2, ensure_ascii=False))
-    else:
-        for c in changes:
-            print(format_suppression_change(c))
-    if more is not None:
-        print(f"relay: showing the newest {limit} lines; use --limit for more", file=sys.stderr)
+    _print_page(changes, args.json, format_suppression_change, more is not None and f"the newest {limit} lines")
     return 0
 
 
