@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from relay import config as cfgmod
+from relay.model import NewMessage
 from relay.service.lifecycle import Relay
 
 T = TypeVar("T")
@@ -343,3 +344,24 @@ def metric(text: str, name: str, **labels: str) -> float:
             if got == want:
                 return float(value)
     return 0.0
+
+
+def new_message(
+    qid: str, rcpts: tuple[str, ...] = ("jane@example.com",), *, at: float | None = None, **kw: object
+) -> NewMessage:
+    """A message as intake would hand it to the store; ``kw`` overrides fields."""
+    fields: dict[str, object] = {
+        "queue_id": qid,
+        "message_id": f"{qid.lower()}@app.example",
+        "mail_from": "app@example.com",
+        "recipients": rcpts,
+        "subject": "Hello",
+        "tags": ("welcome",),
+        "user": "app",
+        "client_ip": "127.0.0.1",
+        "received_at": time.time() if at is None else at,
+        "raw": b"Subject: Hello\r\n\r\nbody\r\n",
+        "details": {"client_ip": "127.0.0.1", "protocol": "ESMTP"},
+    }
+    fields.update(kw)
+    return NewMessage(**fields)  # type: ignore[arg-type]

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from helpers import raw_sql, store_url
+from helpers import new_message, raw_sql, store_url
 
 from relay.logstore import LogStore
-from relay.model import NewMessage, Outcome
+from relay.model import Outcome
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -33,24 +33,7 @@ async def store(url: str) -> AsyncIterator[LogStore]:
         await s.close()
 
 
-def message(
-    qid: str, rcpts: tuple[str, ...] = ("jane@example.com",), *, at: float | None = None, **kw: object
-) -> NewMessage:
-    fields: dict[str, object] = {
-        "queue_id": qid,
-        "message_id": f"{qid.lower()}@app.example",
-        "mail_from": "app@example.com",
-        "recipients": rcpts,
-        "subject": "Hello",
-        "tags": ("welcome",),
-        "user": "app",
-        "client_ip": "127.0.0.1",
-        "received_at": time.time() if at is None else at,
-        "raw": b"Subject: Hello\r\n\r\nbody\r\n",
-        "details": {"client_ip": "127.0.0.1"},
-    }
-    fields.update(kw)
-    return NewMessage(**fields)  # type: ignore[arg-type]
+message = new_message  # the store tests' name for it
 
 
 def outcome(

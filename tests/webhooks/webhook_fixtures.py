@@ -5,19 +5,17 @@ retry schedule."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import store_url
+from helpers import new_message, store_url
 
 from relay import config as cfgmod
 from relay.config import WebhookConfig
 from relay.logstore import LogStore
-from relay.model import NewMessage
 from relay.webhooks import Dispatcher, RetrySchedule
 
 SHORT = RetrySchedule(delays=(0.05, 0.05, 0.05), jitter=0.0)
@@ -59,19 +57,4 @@ async def dispatching(
         await task
 
 
-def message(qid: str, rcpts: tuple[str, ...] = ("jane@example.com",), **kw: Any) -> NewMessage:
-    fields: dict[str, Any] = {
-        "queue_id": qid,
-        "message_id": f"{qid.lower()}@app.example",
-        "mail_from": "app@example.com",
-        "recipients": rcpts,
-        "subject": "Hello",
-        "tags": ("welcome",),
-        "user": "app",
-        "client_ip": "127.0.0.1",
-        "received_at": time.time(),
-        "raw": b"Subject: Hello\r\n\r\nbody\r\n",
-        "details": {"client_ip": "127.0.0.1", "protocol": "ESMTP"},
-    }
-    fields.update(kw)
-    return NewMessage(**fields)
+message = new_message  # the webhook tests' name for it
