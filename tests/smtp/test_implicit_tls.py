@@ -7,19 +7,21 @@ import asyncio
 import smtplib
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from helpers import make_config, running_relay, wait_for
 
 from relay.auth import hash_password
+from relay.config import Config
 from relay.errors import ConfigError
 from relay.service.lifecycle import Relay
 
 MESSAGE = b"From: app@example.com\r\nTo: jane@example.com\r\nSubject: over TLS\r\n\r\nHello\r\n"
 
 
-def tls_config(tmp_path: Path, files: tuple[str, str]) -> object:
+def tls_config(tmp_path: Path, files: tuple[str, str]) -> Config:
     cert, key = files
     return make_config(
         tmp_path, smtp={"trusted_networks": [], "tls_cert": cert, "tls_key": key, "listen_tls": ["127.0.0.1:0"]}
@@ -38,21 +40,26 @@ def _submit(port: int, tls: ssl.SSLContext, password: str) -> tuple[list[str], s
         return features, reply[1].decode()
 
 
-async def test_a_client_submits_over_implicit_tls(
-    tmp_path: Path, server_tls_files: tuple[str, str], client_tls: ssl.SSLContext
-) -> None:
-    async with running_relay(tls_config(tmp_path, server_tls_files)) as relay:  # type: ignore[arg-type]
+@pytest.fixture
+async def tls_relay(tmp_path: Path, server_tls_files: tuple[str, str]) -> AsyncIterator[tuple[Relay, int]]:
+    """A Relay with an implicit TLS listener and the user "app": the relay and that listener's port."""
+    async with running_relay(tls_config(tmp_path, server_tls_files)) as relay:
         assert relay.store is not None
         await relay.store.add_user("app", hash_password("s3cret pass"))
         (address,) = relay.smtp_tls_addresses
-        features, _ = await asyncio.to_thread(_submit, address.port, client_tls, "s3cret pass")
-        assert any(f.startswith("auth") for f in features)  # offered at once: the session is encrypted
-        assert not any("starttls" in f for f in features)  # TLS already
-        (msg,) = await wait_for(lambda: _stored(relay))
-        received = msg.events[0].details
-        assert received["protocol"] == "ESMTPSA"
-        assert received["user"] == "app"
-        assert str(received["tls"]).startswith("TLSv1.")
+        yield relay, address.port
+
+
+async def test_a_client_submits_over_implicit_tls(tls_relay: tuple[Relay, int], client_tls: ssl.SSLContext) -> None:
+    relay, port = tls_relay
+    features, _ = await asyncio.to_thread(_submit, port, client_tls, "s3cret pass")
+    assert any(f.startswith("auth") for f in features)  # offered at once: the session is encrypted
+    assert not any("starttls" in f for f in features)  # TLS already
+    (msg,) = await wait_for(lambda: _stored(relay))
+    received = msg.events[0].details
+    assert received["protocol"] == "ESMTPSA"
+    assert received["user"] == "app"
+    assert str(received["tls"]).startswith("TLSv1.")
 
 
 async def _stored(relay: Relay) -> list[object] | None:
@@ -62,24 +69,21 @@ async def _stored(relay: Relay) -> list[object] | None:
 
 
 async def test_wrong_password_and_plain_text_on_the_tls_port(
-    tmp_path: Path, server_tls_files: tuple[str, str], client_tls: ssl.SSLContext
+    tls_relay: tuple[Relay, int], client_tls: ssl.SSLContext
 ) -> None:
-    async with running_relay(tls_config(tmp_path, server_tls_files)) as relay:  # type: ignore[arg-type]
-        assert relay.store is not None
-        await relay.store.add_user("app", hash_password("s3cret pass"))
-        (address,) = relay.smtp_tls_addresses
-        with pytest.raises(smtplib.SMTPAuthenticationError) as err:
-            await asyncio.to_thread(_submit, address.port, client_tls, "wrong")
-        assert err.value.smtp_code == 535
-        # A client speaking plain SMTP to the TLS port gets no SMTP greeting, and the
-        # connection ends (the TLS handshake fails); the listener keeps working.
-        reader, writer = await asyncio.open_connection("127.0.0.1", address.port)
-        writer.write(b"EHLO plain.test\r\n")
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(1000), 10)
-        assert not data.startswith(b"220")
-        writer.close()
-        await asyncio.to_thread(_submit, address.port, client_tls, "s3cret pass")
+    _, port = tls_relay
+    with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+        await asyncio.to_thread(_submit, port, client_tls, "wrong")
+    assert err.value.smtp_code == 535
+    # A client speaking plain SMTP to the TLS port gets no SMTP greeting, and the
+    # connection ends (the TLS handshake fails); the listener keeps working.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"EHLO plain.test\r\n")
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(1000), 10)
+    assert not data.startswith(b"220")
+    writer.close()
+    await asyncio.to_thread(_submit, port, client_tls, "s3cret pass")
 
 
 def test_listen_tls_needs_a_certificate(tmp_path: Path) -> None:
@@ -88,15 +92,12 @@ def test_listen_tls_needs_a_certificate(tmp_path: Path) -> None:
 
 
 async def test_a_stalled_handshake_does_not_hold_the_listener(
-    tmp_path: Path, server_tls_files: tuple[str, str], client_tls: ssl.SSLContext
+    tls_relay: tuple[Relay, int], client_tls: ssl.SSLContext
 ) -> None:
-    async with running_relay(tls_config(tmp_path, server_tls_files)) as relay:  # type: ignore[arg-type]
-        assert relay.store is not None
-        await relay.store.add_user("app", hash_password("s3cret pass"))
-        (address,) = relay.smtp_tls_addresses
-        stalled = [socket.create_connection(("127.0.0.1", address.port)) for _ in range(20)]
-        try:
-            await asyncio.to_thread(_submit, address.port, client_tls, "s3cret pass")
-        finally:
-            for s in stalled:
-                s.close()
+    _, port = tls_relay
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    try:
+        await asyncio.to_thread(_submit, port, client_tls, "s3cret pass")
+    finally:
+        for s in stalled:
+            s.close()
