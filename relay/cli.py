@@ -587,14 +587,21 @@ async def _suppressions_check(store: LogStore, args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_option(flag: str, value: str) -> str:
+    """A free-text option (a note, a reason) as the API takes it, else a usage error naming the flag."""
+    from relay.http import schemas
+
+    try:
+        return schemas.suppression_text(value)
+    except ValueError as exc:
+        raise CommandError(f"{flag} {exc}", 2) from exc
+
+
 async def _suppressions_add(store: LogStore, args: argparse.Namespace) -> int:
     from relay.http import schemas
 
     key = _suppression_key(args.address)
-    try:
-        note = schemas.suppression_text(args.note)
-    except ValueError as exc:
-        raise CommandError(f"--note {exc}", 2) from exc
+    note = _text_option("--note", args.note)
     if len(note) > schemas.SUPPRESSION_NOTE_MAX:
         raise CommandError(f"--note is longer than {schemas.SUPPRESSION_NOTE_MAX} characters", 2)
     now = time.time()
@@ -634,13 +641,9 @@ def _expires(text: str, now: float) -> float:
 
 async def _suppressions_remove(store: LogStore, args: argparse.Namespace) -> int:
     from relay.errors import ReasonRequired
-    from relay.http import schemas
 
     key = _suppression_key(args.address)
-    try:
-        reason = schemas.suppression_text(args.reason)
-    except ValueError as exc:
-        raise CommandError(f"--reason {exc}", 2) from exc
+    reason = _text_option("--reason", args.reason)
     try:
         removed = await store.unsuppress(key, reason, _actor(), "cli")
     except ReasonRequired as exc:
