@@ -248,27 +248,19 @@ def _end_suppressed(conn: Connection, candidates: Sequence[Claimed], now: float)
     """Due recipients whose address is on the suppression list end ``suppressed``, never
     attempted, each with a "suppressed" event naming the entry; returned marked."""
     found = suppressions.find(conn, {c.address for c in candidates}, now)
-    ended = [replace(c, suppressed=entry) for c in candidates if (entry := found.get(c.address)) is not None]
-    if ended:
+    hits = [(c, entry) for c in candidates if (entry := found.get(c.address)) is not None]
+    if hits:
         conn.execute(
             q.SUPPRESS_RECIPIENT,
-            [{"rid": c.recipient_id, "response": suppressed_response(c.suppressed), "at": now} for c in ended],
-        )
+            [{"rid": c.recipient_id, "at": now,
+              "response": f"suppressed: {e.address} is on the suppression list ({e.reason})"} for c, e in hits],
+        )  # fmt: skip
+        details = {"reason": "suppressed", "hard": False}
         append_events(
             conn,
-            [NewEvent(c.queue_id, c.address, now, "suppressed", suppressed_details(c.suppressed)) for c in ended],
+            [NewEvent(c.queue_id, c.address, now, "suppressed", {**details, "entry": e.to_json()}) for c, e in hits],
         )
-    return ended
-
-
-def suppressed_response(entry: Suppression | None) -> str:
-    """What a suppressed recipient's last_response says."""
-    return "" if entry is None else f"suppressed: {entry.address} is on the suppression list ({entry.reason})"
-
-
-def suppressed_details(entry: Suppression | None) -> dict[str, object]:
-    """The "suppressed" event's details: the entry that stopped it."""
-    return {"reason": "suppressed", "hard": False, "entry": None if entry is None else entry.to_json()}
+    return [replace(c, suppressed=e) for c, e in hits]
 
 
 def release(conn: Connection, owner: str, recipient_ids: list[int], now: float) -> int:
