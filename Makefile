@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Only for the tests (`relay` itself refuses RELAY_* variables that are not settings).
 test: export RELAY_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 
-.PHONY: run test lint bench bench-smoke bench-heavy bench-dkim chaos clean
+.PHONY: run test lint browser bench bench-smoke bench-heavy bench-dkim chaos clean
 
 $(VENV)/.run: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ lint: $(VENV)/.test
 	$(BIN)/ruff format --check relay tests bench
 	$(BIN)/mypy relay
 
-test: lint
+# The console's browser tests drive Debian's chromium through chromium-driver.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+test: lint browser
 	$(BIN)/pytest -n auto
 
 $(VENV)/.bench: pyproject.toml

@@ -29,6 +29,7 @@ from relay.model import (
     ACTIVE_STATES,
     RETRY_ALL_STATES,
     RETRY_STATES,
+    ROLES,
     SUPPRESSION_REASONS,
     MessageView,
     QueueEntry,
@@ -109,10 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     _dkim_parser(sub, common)
     _webhooks_parser(sub, common)
 
-    u = sub.add_parser("users", parents=[common], help="SMTP AUTH users")
+    u = sub.add_parser("users", parents=[common], help="SMTP AUTH users and console users")
     u_sub = u.add_subparsers(dest="users_command", required=True, metavar="ACTION")
     add = u_sub.add_parser("add", parents=[common], help="add a user")
     add.add_argument("name")
+    add.add_argument(
+        "--role", choices=ROLES, default="smtp",
+        help="smtp (default): sends mail, cannot sign in; viewer, support, admin: the console, cannot send",
+    )  # fmt: skip
     add.add_argument(
         "--password-stdin", action="store_true", required=True, help="read the password from standard input"
     )
@@ -840,14 +845,14 @@ async def _users(store: LogStore, args: argparse.Namespace) -> int:
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
             raise CommandError("empty password on standard input", 2)
-        await store.add_user(args.name, await asyncio.to_thread(hash_password, password))
-        print(f"added user {args.name}")
+        await store.add_user(args.name, await asyncio.to_thread(hash_password, password), args.role)
+        print(f"added user {args.name} ({args.role})")
     elif args.users_command == "remove":
         await store.remove_user(args.name)
         print(f"removed user {args.name}")
     else:
-        for name, created in await store.list_users():
-            print(f"{name}\t{iso(created)}")
+        for user in await store.list_users():
+            print(f"{user.name}\t{user.role}\t{iso(user.created_at)}")
     return 0
 
 

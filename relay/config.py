@@ -210,6 +210,8 @@ class DeliveryConfig:
     messages_per_connection: int = setting(100, _int(1))  # then QUIT and reconnect
     idle_connection_timeout: float = setting(5.0, parse_duration)  # keep an idle connection this long
     shutdown_grace: float = setting(10.0, parse_duration)  # on SIGTERM, attempts in flight get this long
+    hold: bool = setting(False, _bool)  # staging: keep every new message as "held" until released in the console
+    hold_users: tuple[str, ...] = setting((), _list(_str))  # hold only the mail of these SMTP/API users
 
 
 def _nameserver(value: Any, key: str) -> Listen:
@@ -278,6 +280,13 @@ class HttpConfig:
     listen: Listen = setting(HTTP_DEFAULT, parse_listen)  # the private side: metrics, health, API
     api_tokens: tuple[str, ...] = setting((), _list(_token))
     metrics_token: str = setting("", _str)  # when set, /metrics needs it as a bearer token
+    api_tokens_readonly: tuple[str, ...] = setting((), _list(_token))  # GET only, and no message bodies
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleConfig:
+    session_idle: float = setting(8 * 3600.0, _positive_duration)  # a session unused this long is signed out
+    case_sla: float = setting(24 * 3600.0, _positive_duration)  # a case open longer is overdue
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +386,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     routes: tuple[RouteConfig, ...] = ()
     dkim: tuple[DkimConfig, ...] = ()
     webhooks: tuple[WebhookConfig, ...] = ()
@@ -407,6 +417,7 @@ SECTIONS: dict[str, type[Any]] = {
     "tracking": TrackingConfig,
     "bounces": BouncesConfig,
     "suppression": SuppressionConfig,
+    "console": ConsoleConfig,
 }
 
 

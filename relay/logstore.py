@@ -31,12 +31,14 @@ from relay.model import (
     QueueSummary,
     ReportDecision,
     ReportTarget,
+    Role,
     StatsRow,
     Suppression,
     SuppressionChange,
     SuppressionOrigin,
     SuppressionReason,
     TrackTarget,
+    User,
     suppression_key,
 )
 from relay.store import log as event_log
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = ["IdempotencyKey", "Idempotent", "LogStore", "display_url", "sqlite_file"]
 
 log = logging.getLogger(__name__)
+SMTP_ROLES: tuple[Role, ...] = ("smtp",)
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -465,18 +468,35 @@ class LogStore:
 
     # -- users
 
-    async def add_user(self, name: str, password_hash: str) -> None:
+    async def add_user(self, name: str, password_hash: str, role: Role = "smtp") -> None:
         now = time.time()
-        await self._engine.call(lambda conn: users.add(conn, name, password_hash, now))
+        await self._engine.call(lambda conn: users.add(conn, name, password_hash, now, role))
 
     async def remove_user(self, name: str) -> None:
         await self._engine.call(lambda conn: users.remove(conn, name))
 
-    async def list_users(self) -> list[tuple[str, float]]:
-        return await self._engine.read(users.names)
+    async def list_users(self) -> list[User]:
+        return await self._engine.read(users.all_users)
 
-    async def password_hash(self, name: str) -> str | None:
-        return await self._engine.read(lambda conn: users.password_hash(conn, name))
+    async def password_hash(self, name: str, roles: Collection[Role] = SMTP_ROLES) -> str | None:
+        """The user's hash, when the user has one of ``roles`` (SMTP AUTH asks for "smtp" only,
+        the console's sign-in for CONSOLE_ROLES)."""
+        return await self._engine.read(lambda conn: users.password_hash(conn, name, roles))
+
+    async def user_role(self, name: str) -> Role | None:
+        return await self._engine.read(lambda conn: users.role(conn, name))
+
+    # -- search (relay.search's grammar; relay/store/search.py)
+
+    # -- dashboard
+
+    # -- console sessions (relay/store/sessions.py)
+
+    # -- support actions: resend, notes, hold mode (relay/store/actions.py)
+
+    # -- cases (relay/store/cases.py)
+
+    # -- the access audit (relay/store/audit.py)
 
     # -- bounces
 

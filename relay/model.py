@@ -9,17 +9,20 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal, get_args
 
 # Recipient states, defined once. A recipient is due when next_attempt_at <= now; final ones have none.
-RecipientState = Literal["queued", "deferred", "sending", "delivered", "bounced", "expired", "suppressed", "cancelled"]
+RecipientState = Literal[
+    "queued", "deferred", "sending", "held", "delivered", "bounced", "expired", "suppressed", "cancelled"
+]  # fmt: skip
 STATES: Final[tuple[RecipientState, ...]] = get_args(RecipientState)
 QUEUED: Final = "queued"
 DEFERRED: Final = "deferred"
 SENDING: Final = "sending"
+HELD: Final = "held"  # hold mode ([delivery] hold): kept in the queue, never due, until released or discarded
 DELIVERED: Final = "delivered"
 BOUNCED: Final = "bounced"
 EXPIRED: Final = "expired"
 SUPPRESSED: Final = "suppressed"
 CANCELLED: Final = "cancelled"
-ACTIVE_STATES: Final = (QUEUED, DEFERRED, SENDING)
+ACTIVE_STATES: Final = (QUEUED, DEFERRED, SENDING, HELD)
 FINAL_STATES: Final = (DELIVERED, BOUNCED, EXPIRED, SUPPRESSED, CANCELLED)
 # The one retry rule (`relay queue retry ID`, POST /api/v1/messages/{id}/retry): a message's
 # recipients in these states become due now. Delivered, suppressed and cancelled ones never do.
@@ -32,8 +35,14 @@ RETRY_ALL_STATES: Final = (QUEUED, DEFERRED)
 EventType = Literal[
     "received", "delivered", "deferred", "bounced", "expired", "suppressed",
     "cancelled", "opened", "clicked", "complained", "retried", "noted",
+    "held", "released", "resent", "commented", "unsuppressed",
 ]  # fmt: skip
 # "noted": a report that changes nothing (an auto-reply, a "delivered" DSN, a not-spam report).
+# Support's actions (the console, the API): "held" (hold mode kept it at intake), "released"
+# (held -> queued), "resent" (on the old message: sent again to a corrected address, details
+# name the new queue id; the new message's "received" details carry "resend_of"),
+# "commented" (a support note), "unsuppressed" (the recipient's suppression lifted from here).
+# Every action's details carry "by" (the actor) and, when done from a case, "case_id".
 EVENT_TYPES: Final[tuple[EventType, ...]] = get_args(EventType)
 
 
@@ -226,8 +235,12 @@ class StatsRow:
 WebhookType = Literal[
     "message.received", "message.delivered", "message.deferred", "message.bounced", "message.expired",
     "message.suppressed", "message.complained", "message.opened", "message.clicked", "message.retried",
-    "message.cancelled", "suppression.created", "suppression.deleted",
+    "message.cancelled", "message.held", "message.released", "message.resent",
+    "suppression.created", "suppression.deleted",
 ]  # fmt: skip
+# Events with no webhook of their own: a report that changes nothing, support's notes, and a
+# lifted suppression (which has suppression.deleted).
+NO_WEBHOOK_EVENTS: Final = frozenset({"noted", "commented", "unsuppressed"})
 WEBHOOK_TYPES: Final[tuple[WebhookType, ...]] = get_args(WebhookType)
 
 # -- suppression
@@ -347,3 +360,77 @@ class NewReport:
     mail_from: str
     client_ip: str
     received_at: float
+
+
+# -- the console: users, cases, the access audit
+
+Role = Literal["smtp", "viewer", "support", "admin"]
+ROLES: Final[tuple[Role, ...]] = get_args(Role)
+CONSOLE_ROLES: Final[tuple[Role, ...]] = ("viewer", "support", "admin")  # may sign in; "smtp" may only send
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    role: Role
+    created_at: float
+
+
+CaseState = Literal["open", "action_taken", "resolved", "confirmed", "escalated", "closed_unresolved"]
+CASE_STATES: Final[tuple[CaseState, ...]] = get_args(CaseState)
+CLOSED_CASE_STATES: Final[tuple[CaseState, ...]] = ("confirmed", "closed_unresolved")
+EntryKind = Literal["incident", "interaction", "action", "escalation", "resolution", "confirmation", "feedback"]
+ENTRY_KINDS: Final[tuple[EntryKind, ...]] = get_args(EntryKind)
+
+
+@dataclass(frozen=True, slots=True)
+class CaseEntry:
+    """One line of a case's append-only trail. ``hash`` chains it to the entry before it."""
+
+    id: int
+    case_id: int
+    at: float
+    actor: str
+    kind: EntryKind
+    details: Mapping[str, Any]
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class CaseView:
+    id: int
+    title: str
+    customer_ref: str
+    owner: str
+    state: CaseState
+    opened_by: str
+    opened_at: float
+    updated_at: float
+    closed_reason: str
+    queue_ids: tuple[str, ...]
+    entries: tuple[CaseEntry, ...] = ()  # empty in lists; whole on a case's own page
+    overdue: bool = False  # open past [console] case_sla
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One line of the access audit: who did what, when, from where. Append-only, hash-chained."""
+
+    id: int
+    at: float
+    actor: str
+    ip: str
+    action: str  # signin, signin_failed, signout, view_body, download, action.retry, case.entry, ...
+    target: str  # what it was done to: a queue id, "case:12", a user name; "" for none
+    details: Mapping[str, Any]
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class SearchPage:
+    """One page of a search (relay.search grammar), newest first."""
+
+    messages: tuple[MessageView, ...]
+    total: int  # messages matching, counted up to a cap
+    total_capped: bool  # True: there are more than ``total``
+    next: tuple[float, str] | None  # (received_at, queue id) to pass as ``after``; None: last page

@@ -93,6 +93,8 @@ users = sa.Table(
     sa.Column("name", sa.Text, primary_key=True),
     sa.Column("password_hash", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    # smtp: sends mail (SMTP AUTH), cannot sign in; viewer | support | admin: the console, cannot send
+    sa.Column("role", sa.String(16), nullable=False, server_default="smtp"),
 )
 
 # -- bounces and suppression
@@ -186,7 +188,9 @@ webhook_deliveries = sa.Table(
     sa.Column("last_error", sa.Text),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("queue_id", sa.String(32)),  # the message a message.* event is about (its page lists them)
     sa.Index("ix_webhook_deliveries_next_attempt_at", "next_attempt_at"),
+    sa.Index("ix_webhook_deliveries_queue_id", "queue_id"),
     sa.Index("ix_webhook_deliveries_status_url", "status", "url"),
 )
 
@@ -197,4 +201,96 @@ webhook_endpoints = sa.Table(
     sa.Column("url", sa.Text, primary_key=True),
     sa.Column("disabled_at", sa.Float),
     sa.Column("disabled_reason", sa.Text, nullable=False, server_default=""),
+)
+
+# -- the console
+
+# Signed-in console users. ``id`` is the SHA-256 of the session token (the cookie holds the
+# token, HMAC-signed): the table alone cannot be replayed as cookies.
+console_sessions = sa.Table(
+    "console_sessions",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("username", sa.Text, nullable=False),
+    sa.Column("csrf", sa.String(64), nullable=False),  # the token every form of this session carries
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("seen_at", sa.Float, nullable=False),  # idle expiry: [console] session_idle after this
+    sa.Column("ip", sa.Text, nullable=False),
+    sa.Index("ix_console_sessions_username", "username"),
+)
+
+# Cases: one or more messages, a customer reference, an owner and an append-only trail.
+cases = sa.Table(
+    "cases",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("customer_ref", sa.Text, nullable=False, server_default=""),  # the ticket id
+    sa.Column("owner", sa.Text, nullable=False, server_default=""),
+    sa.Column("state", sa.String(20), nullable=False),  # model.CASE_STATES
+    sa.Column("opened_by", sa.Text, nullable=False),
+    sa.Column("opened_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("closed_reason", sa.Text, nullable=False, server_default=""),
+    sa.Index("ix_cases_state", "state"),
+    sa.Index("ix_cases_opened_at", "opened_at"),
+)
+
+# The messages a case covers. No key to messages: a case outlives nothing it links (retention
+# keeps messages of open cases), and the link must not vanish with a purge of closed ones.
+case_messages = sa.Table(
+    "case_messages",
+    metadata,
+    sa.Column("case_id", _BigId, sa.ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("queue_id", sa.String(32), primary_key=True),
+    sa.Index("ix_case_messages_queue_id", "queue_id"),
+)
+
+# Recipients a case's actions retried or resent: when every one is delivered, the case is
+# confirmed on its own.
+case_targets = sa.Table(
+    "case_targets",
+    metadata,
+    sa.Column("case_id", _BigId, sa.ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("recipient_id", _BigId, primary_key=True),
+    sa.Column("queue_id", sa.String(32), nullable=False),
+    sa.Index("ix_case_targets_recipient_id", "recipient_id"),
+)
+
+case_entries = sa.Table(
+    "case_entries",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("case_id", _BigId, sa.ForeignKey("cases.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("actor", sa.Text, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),  # model.ENTRY_KINDS
+    sa.Column("details", _Json, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),  # chained to the previous entry (chain_heads "cases")
+    sa.Index("ix_case_entries_case_id", "case_id"),
+)
+
+# The access audit: sign-ins, views of bodies, downloads, actions, case entries. Append-only.
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("actor", sa.Text, nullable=False),
+    sa.Column("ip", sa.Text, nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("target", sa.Text, nullable=False, server_default=""),
+    sa.Column("details", _Json, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),  # chained to the previous entry (chain_heads "audit")
+    sa.Index("ix_audit_log_at", "at"),
+)
+
+# The newest link of each hash chain ("audit", "cases"): appending updates this row first, so
+# appends serialize (its row lock on PostgreSQL), and a truncated chain shows.
+chain_heads = sa.Table(
+    "chain_heads",
+    metadata,
+    sa.Column("name", sa.String(16), primary_key=True),
+    sa.Column("last_id", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
 )

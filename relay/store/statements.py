@@ -316,9 +316,12 @@ INSERT_USER = users.insert()
 # Remove a user.
 DELETE_USER = users.delete().where(users.c.name == sa.bindparam("name"))
 # Every user and when it was added, by name.
-LIST_USERS = sa.select(users.c.name, users.c.created_at).order_by(users.c.name)
+LIST_USERS = sa.select(users.c.name, users.c.role, users.c.created_at).order_by(users.c.name)
 # A user's password hash.
-PASSWORD_HASH = sa.select(users.c.password_hash).where(users.c.name == sa.bindparam("name"))
+PASSWORD_HASH = sa.select(users.c.password_hash).where(
+    users.c.name == sa.bindparam("name"), users.c.role.in_(sa.bindparam("roles", expanding=True))
+)
+USER_ROLE = sa.select(users.c.role).where(users.c.name == sa.bindparam("name"))
 
 # -- suppression
 

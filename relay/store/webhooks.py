@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 from ulid import ULID
 
 from relay.errors import NotFound
-from relay.model import Suppression, iso
+from relay.model import NO_WEBHOOK_EVENTS, Suppression, iso
 from relay.store import statements as q
 from relay.store.schema import webhook_deliveries
 
@@ -120,7 +120,7 @@ def write_events(conn: Connection, outbox: Outbox, new: Sequence[LoggedEvent], n
     recipient's first deferral is one with none logged yet). Returns how many rows."""
     wanted: list[tuple[LoggedEvent, str, list[Route]]] = []
     for e in new:
-        if e.type == "noted":  # a report that changes nothing has no webhook
+        if e.type in NO_WEBHOOK_EVENTS:
             continue
         kind = "message." + e.type
         routes = [r for r in outbox.routes if r.wants(kind)]
@@ -397,7 +397,9 @@ def replay(conn: Connection, outbox: Outbox, *, since: float, until: float, kind
         return [r for r in outbox.routes if r.wants(kind) and (not kinds or kind in kinds)]
 
     rows: list[dict[str, object]] = []
-    events = [e for e in conn.execute(q.REPLAY_EVENTS, {"since": since, "until": until}) if e.type != "noted"]
+    events = [
+        e for e in conn.execute(q.REPLAY_EVENTS, {"since": since, "until": until}) if e.type not in NO_WEBHOOK_EVENTS
+    ]
     events = [e for e in events if wanted("message." + e.type)]
     qids = sorted({e.queue_id for e in events})
     msgs: dict[str, Any] = {}

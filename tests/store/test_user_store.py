@@ -15,7 +15,7 @@ async def test_users(store: LogStore) -> None:
     await store.add_user("app", "scrypt$hash")
     with pytest.raises(Conflict):
         await store.add_user("app", "other")
-    assert [name for name, _ in await store.list_users()] == ["app"]
+    assert [u.name for u in await store.list_users()] == ["app"]
     assert await store.password_hash("app") == "scrypt$hash"
     await store.remove_user("app")
     with pytest.raises(NotFound):
