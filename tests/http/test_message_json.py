@@ -56,6 +56,11 @@ def _planted(now: float) -> Imported:
             "feedback_type": "abuse", "source": "arf", "nested": {"a": [1, 2.5, None, True]},
         }),
         EventView(t + 7, "noted", JANE, {"async": True, "report": "auto_reply", "reason": "vacation", "report_id": 1}),
+        EventView(t + 8, "held", JOE, {"by": "hold"}),
+        EventView(t + 9, "released", JOE, {"by": "ann"}),
+        EventView(t + 10, "resent", JOE, {"by": "ann", "to": "joe@example.net", "new_queue_id": "01" + "B" * 24}),
+        EventView(t + 11, "commented", JANE, {"by": "ann", "text": "customer called"}),
+        EventView(t + 12, "unsuppressed", JOE, {"by": "ann", "reason": "address fixed"}),
     )  # fmt: skip
     message = NewMessage(
         queue_id=QID,
