@@ -21,6 +21,7 @@ from relay.errors import StoreError
 from relay.model import (
     ACTIVE_STATES,
     Claimed,
+    Dashboard,
     EventType,
     Imported,
     MessageView,
@@ -507,11 +508,16 @@ class LogStore:
         from relay.store import search
 
         parsed = grammar.parse(query, now=time.time() if now is None else now)
-        return await self._engine.read(
-            lambda conn: search.run(conn, parsed, limit=limit, after=after, count=count)
-        )
+        return await self._engine.read(lambda conn: search.run(conn, parsed, limit=limit, after=after, count=count))
 
     # -- dashboard
+
+    async def dashboard(self, now: float | None = None) -> Dashboard:
+        """The last hour's and day's figures, queue depth, and the last day per tag."""
+        from relay.store import dashboard
+
+        at = time.time() if now is None else now
+        return await self._engine.read(lambda conn: dashboard.dashboard(conn, at))
 
     # -- console sessions (relay/store/sessions.py)
 

@@ -110,7 +110,7 @@ def _tokens(text: str) -> list[tuple[bool, str | None, str, bool]]:
     return out
 
 
-def _term(negated: bool, op: str | None, value: str, quoted: bool, now: float) -> Term:
+def _term(negated: bool, op: str | None, value: str, quoted: bool, now: float) -> Term:  # noqa: PLR0911, PLR0912 -- one case per operator
     if op is None:
         if not value.strip():
             if quoted:

@@ -4,11 +4,11 @@ time, with a count capped at COUNT_CAP.
 How it stays fast at a million messages, the same on SQLite and PostgreSQL:
 
 1. Probe: each positive term an index can answer (to: an address, id:, message-id:, tag:,
-   status:, reason:, domain:, user:, from: an address, is:) fetches at most PROBE_CAP of its
-   queue ids. Terms that only a scan can answer (free text, substrings) are probed only when
-   no indexed term gave a set. Every probe that finished gives the whole set of its matches;
-   their intersection drives the search (``queue_id IN (...)``), and the other terms filter it.
-2. When every probe overflowed (only common terms), the search walks messages newest first
+   status:, reason:, domain:, user:, from: an address, is:) counts its rows, up to PROBE_CAP.
+   Terms that only a scan can answer (free text, substrings) are probed only when no indexed
+   term is under the cap. The rarest term under the cap drives the search (``queue_id IN
+   (its queue ids)``, then a sort of those few), and the other terms filter it.
+2. When no term is under the cap (only common terms), the search walks messages newest first
    by received_at, checking each term (EXISTS), and stops at the page's end; the count stops
    at COUNT_CAP + 1 matches.
 
@@ -30,7 +30,8 @@ from relay.store import log as event_log
 from relay.store.schema import events, message_tags, messages, recipients
 
 COUNT_CAP = 10_000
-PROBE_CAP = 20_000  # below both SQLite's (32766) and asyncpg's (32767) bound parameters
+PROBE_CAP = 50_000  # a term with more matches is common: walking newest first finds a page sooner
+SCAN_IDS = 1000  # a scanning probe (free text, substrings) keeps this many ids, as bound parameters
 # Events whose details carry a classify() reason.
 REASON_EVENTS = ("bounced", "deferred", "expired", "complained")
 
@@ -71,7 +72,7 @@ def _reason_pinned(value: str) -> sa.ColumnElement[bool]:
     return sa.and_(_pin(e.c.type).in_(REASON_EVENTS), e.c.details["reason"].as_string() == value)
 
 
-def condition(term: Term, *, scan: bool) -> sa.ColumnElement[bool]:
+def condition(term: Term, *, scan: bool) -> sa.ColumnElement[bool]:  # noqa: PLR0911, PLR0912 -- one case per operator
     """The term as a condition on a messages row (without its negation). ``scan``: the search
     walks received_at, so the term must not pull the planner onto another index."""
     v = term.value
@@ -119,7 +120,7 @@ def condition(term: Term, *, scan: bool) -> sa.ColumnElement[bool]:
     raise AssertionError(term.op)  # pragma: no cover
 
 
-def _plan(term: Term) -> _Planned:
+def _plan(term: Term) -> _Planned:  # noqa: PLR0912 -- one case per operator
     """The term's probe: a statement of its queue ids, indexed or not; None when it cannot drive."""
     v = term.value
     if term.negated or term.op in ("after", "before"):
@@ -131,7 +132,10 @@ def _plan(term: Term) -> _Planned:
             if term.exact:
                 probe = sa.select(r.c.queue_id).where(sa.func.lower(r.c.address) == v)
             else:
-                probe, indexed = sa.select(r.c.queue_id).where(sa.func.lower(r.c.address).like(like(v), escape="\\")), False
+                probe, indexed = (
+                    sa.select(r.c.queue_id).where(sa.func.lower(r.c.address).like(like(v), escape="\\")),
+                    False,
+                )
         case "from" if term.exact:
             probe = sa.select(m.c.queue_id).where(sa.func.lower(m.c.mail_from) == v)
         case "message-id" | "id" | "user":
@@ -154,49 +158,55 @@ def _plan(term: Term) -> _Planned:
         case "text":
             pattern = like(v)
             probe = sa.select(m.c.queue_id).where(sa.func.lower(m.c.subject).like(pattern, escape="\\"))
-            probe = probe.union(
+            probe = probe.union_all(
                 sa.select(r.c.queue_id).where(sa.func.lower(r.c.address).like(pattern, escape="\\"))
             )  # type: ignore[assignment]
             indexed = False
     return _Planned(term, probe, indexed)
 
 
-def _drive(conn: Connection, planned: Sequence[_Planned]) -> tuple[set[str] | None, set[Term]]:
-    """The queue ids every finished probe agrees on (None: none finished), and the terms they
-    cover (no need to check those again)."""
-    ids: set[str] | None = None
-    covered: set[Term] = set()
-    for indexed in (True, False):
-        if not indexed and ids is not None:
-            break  # a set to filter already: scanning a table to shrink it costs more than it saves
-        for p in planned:
-            if p.probe is None or p.indexed is not indexed:
-                continue
-            stmt = p.probe.limit(PROBE_CAP + 1)
-            found = [row[0] for row in conn.execute(stmt)]
-            if len(found) > PROBE_CAP:
-                continue
-            ids = set(found) if ids is None else ids & set(found)
-            covered.add(p.term)
+def _driver(conn: Connection, planned: Sequence[_Planned]) -> tuple[sa.ColumnElement[bool] | None, Term | None, int]:
+    """The condition that drives the search (the rarest term's queue ids), the term it
+    replaces, and its matches; (None, None, -1) when every term is common. Indexed probes
+    count first; a table scan's probe runs only when none of them is small, and keeps the few
+    ids it found, so the scan is not run again."""
+    best: tuple[sa.ColumnElement[bool] | None, Term | None, int] = (None, None, -1)
+    for p in planned:
+        if p.probe is None or not p.indexed:
+            continue
+        capped = p.probe.limit(PROBE_CAP + 1).subquery()
+        n = int(conn.scalar(sa.select(sa.func.count()).select_from(capped)) or 0)
+        if n <= PROBE_CAP and (best[1] is None or n < best[2]):
+            best = (m.c.queue_id.in_(p.probe), p.term, n)
+        if n == 0:
+            return best
+    if best[1] is not None:
+        return best  # scanning a table to find a smaller set costs more than filtering this one
+    fewest: set[str] | None = None
+    for p in planned:
+        if p.probe is None or p.indexed:
+            continue
+        ids = set(conn.scalars(p.probe.limit(SCAN_IDS + 1)))
+        if len(ids) <= SCAN_IDS and (fewest is None or len(ids) < len(fewest)):
+            fewest = ids
+            best = (m.c.queue_id.in_(sa.bindparam("ids", sorted(ids), expanding=True)), p.term, len(ids))
             if not ids:
-                return ids, covered
-    return ids, covered
+                break
+    return best
 
 
-def run(
-    conn: Connection, query: Query, *, limit: int, after: tuple[float, str] | None, count: bool
-) -> SearchPage:
+def run(conn: Connection, query: Query, *, limit: int, after: tuple[float, str] | None, count: bool) -> SearchPage:
     """One page of the messages matching ``query``, newest first, with the capped count."""
     planned = [_plan(term) for term in query.terms]
-    ids, covered = _drive(conn, planned)
-    if ids is not None and not ids:
+    driver, driving, matches = _driver(conn, planned)
+    if driver is not None and matches == 0:
         return SearchPage(messages=(), total=0, total_capped=False, next=None)
-    scan = ids is None
+    scan = driver is None
     conds: list[sa.ColumnElement[bool]] = []
-    if ids is not None:
-        conds.append(m.c.queue_id.in_(sa.bindparam("ids", sorted(ids), expanding=True)))
+    if driver is not None:
+        conds.append(driver)
     for term in query.terms:
-        if term in covered:
+        if term is driving:
             continue
         cond = condition(term, scan=scan)
         conds.append(sa.not_(cond) if term.negated else cond)
