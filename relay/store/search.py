@@ -101,7 +101,7 @@ def condition(term: Term, *, scan: bool) -> sa.ColumnElement[bool]:  # noqa: PLR
         case "domain":
             return _rcpt(_pin(r.c.domain) == v)
         case "user":
-            return (m.c.username + "" if scan else m.c.username) == v
+            return sa.func.coalesce(m.c.username, "") == v  # no user: not app's, for -user:app
         case "after":
             assert term.at is not None
             return received >= term.at
@@ -138,8 +138,10 @@ def _plan(term: Term) -> _Planned:  # noqa: PLR0912 -- one case per operator
                 )
         case "from" if term.exact:
             probe = sa.select(m.c.queue_id).where(sa.func.lower(m.c.mail_from) == v)
-        case "message-id" | "id" | "user":
+        case "message-id" | "id":
             probe = sa.select(m.c.queue_id).where(condition(term, scan=False))
+        case "user":
+            probe = sa.select(m.c.queue_id).where(m.c.username == v)
         case "tag":
             probe = sa.select(t.c.queue_id).where(t.c.tag == v)
         case "status":
@@ -186,7 +188,7 @@ def _driver(conn: Connection, planned: Sequence[_Planned]) -> tuple[sa.ColumnEle
     for p in planned:
         if p.probe is None or p.indexed:
             continue
-        ids = set(conn.scalars(p.probe.limit(SCAN_IDS + 1)))
+        ids: set[str] = {str(i) for i in conn.scalars(p.probe.limit(SCAN_IDS + 1))}
         if len(ids) <= SCAN_IDS and (fewest is None or len(ids) < len(fewest)):
             fewest = ids
             best = (m.c.queue_id.in_(sa.bindparam("ids", sorted(ids), expanding=True)), p.term, len(ids))
@@ -200,7 +202,7 @@ def run(conn: Connection, query: Query, *, limit: int, after: tuple[float, str] 
     planned = [_plan(term) for term in query.terms]
     driver, driving, matches = _driver(conn, planned)
     if driver is not None and matches == 0:
-        return SearchPage(messages=(), total=0, total_capped=False, next=None)
+        return SearchPage(messages=(), total=0 if count else -1, total_capped=False, next=None)
     scan = driver is None
     conds: list[sa.ColumnElement[bool]] = []
     if driver is not None:
