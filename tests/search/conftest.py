@@ -41,7 +41,8 @@ def _item(
     # bulk_import gives every recipient one state: one Imported per state, same message.
     states = sorted({s for _, s in rcpts})
     if len(states) == 1:
-        return [Imported(msg, states[0], 1, None, "250 ok", evs)]
+        next_at = NOW + HOUR if states[0] in ("queued", "deferred") else None  # held: never due
+        return [Imported(msg, states[0], 1, next_at, "250 ok", evs)]
     raise AssertionError("one state per message in the seed")
 
 
