@@ -3,6 +3,7 @@ else; simple terms survive a round trip through str()."""
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 
 import pytest
@@ -50,7 +51,8 @@ def test_free_text_phrases_and_negation() -> None:
 @pytest.mark.parametrize(
     ("text", "at"),
     [
-        ("after:7d", NOW - 7 * 86400), ("after:2h", NOW - 7200), ("after:30m", NOW - 1800), ("after:1w", NOW - 7 * 86400),
+        ("after:7d", NOW - 7 * 86400), ("after:2h", NOW - 7200), ("after:30m", NOW - 1800),
+        ("after:1w", NOW - 7 * 86400),
         ("after:today", MIDNIGHT), ("before:yesterday", MIDNIGHT - 86400),
         ("after:2027-01-01", datetime(2027, 1, 1, tzinfo=UTC).timestamp()),
         ("after:2027-01-01T10:30", datetime(2027, 1, 1, 10, 30, tzinfo=UTC).timestamp()),
@@ -100,7 +102,10 @@ def test_any_text_parses_or_raises_query_error(text: str) -> None:
     try:
         query = parse(text, now=NOW)
     except QueryError as exc:
-        assert str(exc)
+        message = str(exc)
+        query = None
+    if query is None:
+        assert message
         return
     assert len(query.terms) <= MAX_TERMS
     for term in query.terms:
@@ -110,10 +115,8 @@ def test_any_text_parses_or_raises_query_error(text: str) -> None:
 @given(st.text(alphabet=st.characters(codec="utf-8", exclude_characters='\x00"'), max_size=120))
 def test_text_made_of_operators_never_raises_anything_else(tail: str) -> None:
     for op in (*OPERATORS, "-to", "nope"):
-        try:
+        with contextlib.suppress(QueryError):
             parse(f"{op}:{tail}", now=NOW)
-        except QueryError:
-            pass
 
 
 _WORD = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789.@_%-", min_size=1, max_size=12).filter(
