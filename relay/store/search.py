@@ -31,7 +31,7 @@ from relay.store.schema import events, message_tags, messages, recipients
 
 COUNT_CAP = 10_000
 PROBE_CAP = 50_000  # a term with more matches is common: walking newest first finds a page sooner
-SCAN_IDS = 1000  # a scanning probe (free text, substrings) keeps this many ids, as bound parameters
+ID_LIST = 5000  # a probe that finds this many ids or fewer keeps them (bound parameters)
 # Events whose details carry a classify() reason.
 REASON_EVENTS = ("bounced", "deferred", "expired", "complained")
 
@@ -120,7 +120,7 @@ def condition(term: Term, *, scan: bool) -> sa.ColumnElement[bool]:  # noqa: PLR
     raise AssertionError(term.op)  # pragma: no cover
 
 
-def _plan(term: Term) -> _Planned:  # noqa: PLR0912 -- one case per operator
+def _plan(term: Term, dialect: str) -> _Planned:  # noqa: PLR0912 -- one case per operator
     """The term's probe: a statement of its queue ids, indexed or not; None when it cannot drive."""
     v = term.value
     if term.negated or term.op in ("after", "before"):
@@ -131,6 +131,15 @@ def _plan(term: Term) -> _Planned:  # noqa: PLR0912 -- one case per operator
         case "to":
             if term.exact:
                 probe = sa.select(r.c.queue_id).where(sa.func.lower(r.c.address) == v)
+            elif (domain := v[1:]) and v.startswith("@") and "@" not in domain and dialect == "sqlite":
+                # to:@example.com: the domain index narrows it (addresses are stored with their
+                # domain lower-cased), the substring decides. SQLite compares bytes; PostgreSQL
+                # text under a locale's collation would not keep the prefix's range contiguous.
+                probe = sa.select(r.c.queue_id).where(
+                    r.c.domain >= domain,
+                    r.c.domain < domain + "\U0010ffff",
+                    sa.func.lower(r.c.address).like(like(v), escape="\\"),
+                )
             else:
                 probe, indexed = (
                     sa.select(r.c.queue_id).where(sa.func.lower(r.c.address).like(like(v), escape="\\")),
@@ -169,37 +178,37 @@ def _plan(term: Term) -> _Planned:  # noqa: PLR0912 -- one case per operator
 
 def _driver(conn: Connection, planned: Sequence[_Planned]) -> tuple[sa.ColumnElement[bool] | None, Term | None, int]:
     """The condition that drives the search (the rarest term's queue ids), the term it
-    replaces, and its matches; (None, None, -1) when every term is common. Indexed probes
-    count first; a table scan's probe runs only when none of them is small, and keeps the few
-    ids it found, so the scan is not run again."""
+    replaces, and its matches; (None, None, -1) when every term is common.
+
+    Indexed probes run first; a table scan's probe runs only when none of them is small. A
+    probe keeps the ids it found when they are few (ID_LIST: one reading, then bound
+    parameters); an indexed one with more counts on to PROBE_CAP and drives as a subquery."""
     best: tuple[sa.ColumnElement[bool] | None, Term | None, int] = (None, None, -1)
-    for p in planned:
-        if p.probe is None or not p.indexed:
-            continue
-        capped = p.probe.limit(PROBE_CAP + 1).subquery()
-        n = int(conn.scalar(sa.select(sa.func.count()).select_from(capped)) or 0)
-        if n <= PROBE_CAP and (best[1] is None or n < best[2]):
-            best = (m.c.queue_id.in_(p.probe), p.term, n)
-        if n == 0:
-            return best
-    if best[1] is not None:
-        return best  # scanning a table to find a smaller set costs more than filtering this one
-    fewest: set[str] | None = None
-    for p in planned:
-        if p.probe is None or p.indexed:
-            continue
-        ids: set[str] = {str(i) for i in conn.scalars(p.probe.limit(SCAN_IDS + 1))}
-        if len(ids) <= SCAN_IDS and (fewest is None or len(ids) < len(fewest)):
-            fewest = ids
-            best = (m.c.queue_id.in_(sa.bindparam("ids", sorted(ids), expanding=True)), p.term, len(ids))
-            if not ids:
-                break
+    for indexed in (True, False):
+        if not indexed and best[1] is not None:
+            break  # scanning a table to find a smaller set costs more than filtering this one
+        for p in planned:
+            if p.probe is None or p.indexed is not indexed:
+                continue
+            ids = {str(i) for i in conn.scalars(p.probe.limit(ID_LIST + 1))}
+            if len(ids) <= ID_LIST:
+                if best[1] is None or len(ids) < best[2]:
+                    best = (m.c.queue_id.in_(sa.bindparam("ids", sorted(ids), expanding=True)), p.term, len(ids))
+                if not ids:
+                    return best
+                continue
+            if not indexed or (best[1] is not None and best[2] <= ID_LIST):
+                continue  # many: a table scan stops here; a smaller set is at hand already
+            capped = p.probe.limit(PROBE_CAP + 1).subquery()
+            n = int(conn.scalar(sa.select(sa.func.count()).select_from(capped)) or 0)
+            if n <= PROBE_CAP and (best[1] is None or n < best[2]):
+                best = (m.c.queue_id.in_(p.probe), p.term, n)
     return best
 
 
 def run(conn: Connection, query: Query, *, limit: int, after: tuple[float, str] | None, count: bool) -> SearchPage:
     """One page of the messages matching ``query``, newest first, with the capped count."""
-    planned = [_plan(term) for term in query.terms]
+    planned = [_plan(term, conn.dialect.name) for term in query.terms]
     driver, driving, matches = _driver(conn, planned)
     if driver is not None and matches == 0:
         return SearchPage(messages=(), total=0 if count else -1, total_capped=False, next=None)

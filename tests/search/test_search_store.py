@@ -126,7 +126,7 @@ async def test_common_and_rare_terms_plan_alike(store: LogStore, monkeypatch: py
     """With tiny caps every term is "common" (the newest-first walk) or every scan probe
     overflows: the answers are the same as with the driving plan."""
     monkeypatch.setattr(store_search, "PROBE_CAP", 0)
-    monkeypatch.setattr(store_search, "SCAN_IDS", 0)
+    monkeypatch.setattr(store_search, "ID_LIST", 0)
     for text, want in CASES:
         page = await store.search_messages(text, limit=50, now=NOW)
         got = "".join(m.queue_id[8].lower() for m in page.messages)
