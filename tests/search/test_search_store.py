@@ -122,15 +122,19 @@ async def test_count_is_capped(store: LogStore, monkeypatch: pytest.MonkeyPatch)
     assert (page.total, page.total_capped) == (3, False)
 
 
-@pytest.mark.parametrize(("probe_cap", "id_list"), [(0, 0), (50_000, 1), (1, 1), (2, 0)])
+@pytest.mark.parametrize(
+    ("probe_cap", "scan_ids", "max_params"),
+    [(0, 0, 30_000), (50_000, 1, 30_000), (1, 1, 30_000), (2, 0, 30_000), (50_000, 5000, 1)],
+)
 async def test_every_plan_finds_the_same(
-    store: LogStore, monkeypatch: pytest.MonkeyPatch, probe_cap: int, id_list: int
+    store: LogStore, monkeypatch: pytest.MonkeyPatch, probe_cap: int, scan_ids: int, max_params: int
 ) -> None:
     """With tiny caps every term is "common" (the newest-first walk), or drives as a subquery
     rather than a list of ids; a probe stopped at its limit by a message's second recipient
     must not pass for a complete set: the answers are the same as with the usual plan."""
     monkeypatch.setattr(store_search, "PROBE_CAP", probe_cap)
-    monkeypatch.setattr(store_search, "ID_LIST", id_list)
+    monkeypatch.setattr(store_search, "SCAN_IDS", scan_ids)
+    monkeypatch.setattr(store_search, "MAX_PARAMS", max_params)
     for text, want in CASES:
         page = await store.search_messages(text, limit=50, now=NOW)
         got = "".join(m.queue_id[8].lower() for m in page.messages)
