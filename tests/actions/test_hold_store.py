@@ -38,7 +38,8 @@ async def test_held_mail_is_kept_and_never_due(held_store: LogStore, url: str) -
     assert await store.claim_due("w", lease=60, now=later) == []
     assert not await store.anything_due(now=later)
     summary = await store.queue_summary()
-    assert summary.counts["held"] == 2 and summary.oldest_queued_at is None  # the queue-age alert stays quiet
+    assert summary.counts["held"] == 2
+    assert summary.oldest_queued_at is None
     assert [e.state for e in await store.queue_list(state="held")] == ["held", "held"]
     # retry never releases held mail, silently or otherwise
     assert await store.retry("01HELD1") == 0
@@ -72,7 +73,8 @@ async def test_discard_ends_held_mail_as_cancelled(held_store: LogStore, url: st
     assert await store.discard("01DIS1", by="sam") == 1
     assert await states(url) == {("01DIS1", "a@example.com"): ("cancelled", None)}
     (ev,) = events(await view(store, "01DIS1"), "cancelled")
-    assert ev["discarded"] is True and ev["by"] == "sam"
+    assert ev["discarded"] is True
+    assert ev["by"] == "sam"
     assert await store.discard("01DIS1", by="sam") == 0
     assert await store.release("01DIS1", by="sam") == 0  # a discarded message cannot come back
 
