@@ -100,9 +100,10 @@ def _private_routes(app: FastAPI, ctx: HttpContext) -> None:
         try:
             queue = await ctx.store.queue_summary(active_only=True)
             entries = await ctx.store.suppression_count()
+            cases = await ctx.store.case_counts()
         except StoreError:
             return Response("store unreachable\n", status_code=503, media_type="text/plain")
-        return Response(metrics.render(queue, entries), media_type=metrics.CONTENT_TYPE)
+        return Response(metrics.render(queue, entries, cases=cases), media_type=metrics.CONTENT_TYPE)
 
 
 def _bearer_matches(request: Request, token: bytes) -> bool:
