@@ -120,7 +120,7 @@ async def test_open_read_add_close(api: Api) -> None:
     ],
 )
 async def test_bad_entries_are_422_and_write_nothing(api: Api, body: Any) -> None:
-    client, store = api
+    client, _store = api
     case = (await client.post("/api/v1/cases", json={"title": "t", "incident": "x"})).json()
     r = await client.post(f"/api/v1/cases/{case['id']}/entries", json=body)
     assert r.status_code == 422, r.text
