@@ -3,6 +3,7 @@ that assumes the queue is due or leased mistakes them, and release / discard end
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -117,3 +118,21 @@ async def test_resend_of_held_users_mail_is_held_too(url: str) -> None:
         assert (await states(url))[(new_id, "b@example.com")] == ("held", None)
     finally:
         await store.close()
+
+
+async def test_release_and_discard_at_once_one_wins(url: str) -> None:
+    # two stores: two processes (or nodes) acting on the same held message at the same moment
+    first, second = await open_store(url, delivery=hold_all()), await open_store(url)
+    try:
+        for i in range(5):
+            await first.enqueue(message(f"01RACE{i}", ("a@example.com", "b@example.com")))
+        for i in range(5):
+            released, discarded = await asyncio.gather(
+                first.release(f"01RACE{i}", by="sam"), second.discard(f"01RACE{i}", by="kim")
+            )
+            assert sorted((released, discarded)) == [0, 2]
+            got = {s for (q, _), (s, _) in (await states(url)).items() if q == f"01RACE{i}"}
+            assert got == ({"queued"} if released else {"cancelled"})
+    finally:
+        await first.close()
+        await second.close()
