@@ -51,8 +51,12 @@ async def test_held_mail_is_kept_and_never_due(held_store: LogStore, url: str) -
 async def test_release_makes_held_recipients_due_once(held_store: LogStore, url: str) -> None:
     store = held_store
     await store.enqueue(message("01REL1", ("a@example.com", "b@example.net")))
+    woken: list[str] = []
+    store.on_due.append(lambda: woken.append("due"))
     assert await store.release("01REL1", by="sam", ip="10.0.0.7") == 2
+    assert woken == ["due"]  # delivery is woken after the commit
     assert await store.release("01REL1", by="sam") == 0  # nothing held any more
+    assert woken == ["due"]
     claimed = await store.claim_due("w", lease=60, now=time.time() + 1)
     assert {c.address for c in claimed} == {"a@example.com", "b@example.net"}
     released = events(await view(store, "01REL1"), "released")
