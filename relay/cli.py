@@ -23,10 +23,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
+from relay import cases_cli
 from relay import config as config_mod
 from relay.errors import ConfigError, RelayError, SmtpReplyError
 from relay.model import (
     ACTIVE_STATES,
+    HELD,
     RETRY_ALL_STATES,
     RETRY_STATES,
     ROLES,
@@ -101,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     delete = q_sub.add_parser("delete", parents=[common], help="cancel a message's pending recipients")
     delete.add_argument("id", help="queue id")
+    release = q_sub.add_parser("release", parents=[common], help="hold mode: make a message's held recipients due now")
+    release.add_argument("id", help="queue id")
+    discard = q_sub.add_parser("discard", parents=[common], help="hold mode: cancel a message's held recipients")
+    discard.add_argument("id", help="queue id")
 
     st = sub.add_parser("stats", parents=[common], help="recipients delivered, deferred, bounced... per group")
     st.add_argument("--group-by", choices=("tag", "domain", "user"), default="tag", help="(default tag)")
@@ -111,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     _suppressions_parser(sub, common)
     _dkim_parser(sub, common)
     _webhooks_parser(sub, common)
+    cases_cli.add_parsers(sub, common)  # relay audit [verify], relay cases list
 
     u = sub.add_parser("users", parents=[common], help="SMTP AUTH users and console users")
     u_sub = u.add_subparsers(dest="users_command", required=True, metavar="ACTION")
@@ -282,6 +289,8 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         "suppressions": _suppressions,
         "users": _users,
         "webhooks": lambda store, args: _webhooks(store, args, cfg),
+        "audit": cases_cli.audit,
+        "cases": lambda store, args: cases_cli.cases(store, args, cfg),
     }
     return asyncio.run(_with_store(cfg, args, commands[args.command]))
 
@@ -461,10 +470,18 @@ async def _queue(store: LogStore, args: argparse.Namespace) -> int:
     if args.queue_command == "retry":
         n = await store.retry(None if args.all else args.id, by="cli")
         print(f"{n} recipient(s) due now")
+        if not args.all and (held := await _held(store, args.id)):  # retry never releases held mail
+            print(f"{held} held recipient(s) left held: use `relay queue release {args.id}`")
         return 0
     if args.queue_command == "delete":
         n = await store.cancel(args.id, by="cli")
         print(f"{n} recipient(s) cancelled" if n else "nothing to cancel: every recipient is final already")
+        return 0
+    if args.queue_command in ("release", "discard"):
+        act = store.release if args.queue_command == "release" else store.discard
+        n = await act(args.id, by="cli")
+        done = "due now" if args.queue_command == "release" else "discarded"
+        print(f"{n} recipient(s) {done}" if n else f"nothing to {args.queue_command}: no recipient is held")
         return 0
     summary = await store.queue_summary()
     width = max(len(k) for k in summary.counts)
@@ -473,6 +490,11 @@ async def _queue(store: LogStore, args: argparse.Namespace) -> int:
     age = "-" if summary.oldest_queued_at is None else f"{time.time() - summary.oldest_queued_at:.0f}s"
     print(f"oldest queued message: {age}")
     return 0
+
+
+async def _held(store: LogStore, queue_id: str) -> int:
+    view = await store.get_message(queue_id)
+    return 0 if view is None else sum(1 for r in view.recipients if r.status == HELD)
 
 
 async def _queue_list(store: LogStore, args: argparse.Namespace) -> int:

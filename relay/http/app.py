@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from relay import metrics, tracking
 from relay.config import Config
 from relay.errors import StoreError
-from relay.http import api, send
+from relay.http import api, cases, send
 from relay.logstore import LogStore
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,12 @@ def create_app(ctx: HttpContext, *, private: bool = True, public: bool = True) -
 
 def _private_routes(app: FastAPI, ctx: HttpContext) -> None:
     app.state.store = ctx.store
-    app.state.tokens = api.Tokens(ctx.config.http.api_tokens)
+    app.state.tokens = api.Tokens(ctx.config.http.api_tokens, ctx.config.http.api_tokens_readonly)
     app.state.wake_delivery = ctx.wake_delivery
     app.state.config = ctx.config
     app.include_router(api.router)
     app.include_router(send.router)
+    app.include_router(cases.router)
     _docs_routes(app)
     metrics_token = ctx.config.http.metrics_token.encode()
 
@@ -100,9 +101,10 @@ def _private_routes(app: FastAPI, ctx: HttpContext) -> None:
         try:
             queue = await ctx.store.queue_summary(active_only=True)
             entries = await ctx.store.suppression_count()
+            case_counts = await ctx.store.case_counts()
         except StoreError:
             return Response("store unreachable\n", status_code=503, media_type="text/plain")
-        return Response(metrics.render(queue, entries), media_type=metrics.CONTENT_TYPE)
+        return Response(metrics.render(queue, entries, cases=case_counts), media_type=metrics.CONTENT_TYPE)
 
 
 def _bearer_matches(request: Request, token: bytes) -> bool:
