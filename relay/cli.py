@@ -119,20 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     _webhooks_parser(sub, common)
     cases_cli.add_parsers(sub, common)  # relay audit [verify], relay cases list
 
-    u = sub.add_parser("users", parents=[common], help="SMTP AUTH users and console users")
-    u_sub = u.add_subparsers(dest="users_command", required=True, metavar="ACTION")
-    add = u_sub.add_parser("add", parents=[common], help="add a user")
-    add.add_argument("name")
-    add.add_argument(
-        "--role", choices=ROLES, default="smtp",
-        help="smtp (default): sends mail, cannot sign in; viewer, support, admin: the console, cannot send",
-    )  # fmt: skip
-    add.add_argument(
-        "--password-stdin", action="store_true", required=True, help="read the password from standard input"
-    )
-    u_sub.add_parser("list", parents=[common], help="list users")
-    rm = u_sub.add_parser("remove", parents=[common], help="remove a user")
-    rm.add_argument("name")
+    _users_parser(sub, common)
     return p
 
 
@@ -148,6 +135,23 @@ def _search_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     se.add_argument("query", nargs="+", help="the search (several arguments are joined with spaces)")
     se.add_argument("--limit", type=int, default=20, help="at most this many messages (default 20, at most 1000)")
     se.add_argument("--json", action="store_true", help="print the API's JSON: messages, total, total_capped")
+
+
+def _users_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    u = sub.add_parser("users", parents=[common], help="SMTP AUTH users and console users")
+    u_sub = u.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    add = u_sub.add_parser("add", parents=[common], help="add a user")
+    add.add_argument("name")
+    add.add_argument(
+        "--role", choices=ROLES, default="smtp",
+        help="smtp (default): sends mail, cannot sign in; viewer, support, admin: the console, cannot send",
+    )  # fmt: skip
+    add.add_argument(
+        "--password-stdin", action="store_true", required=True, help="read the password from standard input"
+    )
+    u_sub.add_parser("list", parents=[common], help="list users")
+    rm = u_sub.add_parser("remove", parents=[common], help="remove a user")
+    rm.add_argument("name")
 
 
 def _dkim_parser(sub: Any, common: argparse.ArgumentParser) -> None:
