@@ -340,3 +340,31 @@ async def test_held_messages_release_and_discard(tmp_path: Path) -> None:
         assert discarded is not None
         assert [r.status for r in released.recipients] == ["queued"]
         assert {r.status for r in discarded.recipients} == {"cancelled"}
+
+
+async def test_cases_covering_the_message_and_acting_for_one(console: Console) -> None:
+    q = await _seed(console)
+    case = await console.store.open_case(title="Jane's invoice", customer_ref="T-42", queue_ids=[q], actor="sam")
+    closed = await console.store.open_case(title="Old one", queue_ids=[q], actor="sam")
+    await console.store.close_case(closed.id, "duplicate", actor="sam")
+    async with console.signed_in("sam") as client:
+        page = await client.get(f"/ui/messages/{q}")
+        assert f'href="/ui/cases/{case.id}"' in page.text
+        assert f"Case #{case.id} opened by sam: Jane&#39;s invoice" in page.text
+        assert f'<option value="{case.id}">' in page.text  # act for the open case
+        assert f'<option value="{closed.id}">' not in page.text  # not for a closed one
+        csrf = await csrf_of(client, f"/ui/messages/{q}")
+        r = await client.post(
+            f"/ui/messages/{q}/note", data={"csrf": csrf, "text": "called Jane", "case_id": str(case.id)}
+        )
+        assert r.status_code == 303
+        assert "Note added." in (await client.get(r.headers["location"])).text
+        r = await client.post(f"/ui/messages/{q}/note", data={"csrf": csrf, "text": "late", "case_id": str(closed.id)})
+        assert "flash-error" in (await client.get(r.headers["location"])).text
+    found = await console.store.case(case.id, sla=3600)
+    assert found is not None
+    assert [e.kind for e in found.entries][-1] == "action"
+    assert found.entries[-1].details["action"] == "note"
+    view = await console.store.get_message(q)
+    assert view is not None
+    assert [e.type for e in view.events].count("commented") == 1  # the closed case's note was refused whole
