@@ -368,3 +368,15 @@ async def test_cases_covering_the_message_and_acting_for_one(console: Console) -
     view = await console.store.get_message(q)
     assert view is not None
     assert [e.type for e in view.events].count("commented") == 1  # the closed case's note was refused whole
+
+
+async def test_webhook_deliveries_on_the_timeline(tmp_path: Path) -> None:
+    import base64
+
+    secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    hooks = [{"url": "http://127.0.0.1:9/hooks", "secret": secret, "events": ["message.received"]}]
+    async with console_with(tmp_path, webhooks=hooks) as c:
+        q = await _seed(c)
+        async with c.signed_in("vera") as client:
+            page = await client.get(f"/ui/messages/{q}")
+        assert "Webhook message.received to http://127.0.0.1:9/hooks: not delivered yet" in _text(page.text)
