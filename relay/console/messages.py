@@ -47,15 +47,14 @@ async def message_page(request: Request, user: Viewer, queue_id: QueueId) -> Res
     store = web.store_of(request)
     view = await _message(request, queue_id)
     qid = view.queue_id
-    webhooks = await store.message_webhooks(qid)
-    cases = await _cases_of(request, qid)
-    raw = await store.raw_message(qid)
+    # The reads are independent: run them at once (each on a reader thread).
+    checked = [r.address for r in view.recipients[:MAX_RECIPIENTS_CHECKED]]
+    webhooks, cases, raw = await asyncio.gather(
+        store.message_webhooks(qid), _cases_of(request, qid), store.raw_message(qid)
+    )
+    entries = await asyncio.gather(*(store.suppression(a) for a in checked))
     parsed = await asyncio.to_thread(mime.parse, raw) if raw is not None else None
-    suppressed: dict[str, Suppression] = {}
-    for r in view.recipients[:MAX_RECIPIENTS_CHECKED]:
-        entry = await store.suppression(r.address)
-        if entry is not None:
-            suppressed[r.address] = entry
+    suppressed: dict[str, Suppression] = {a: e for a, e in zip(checked, entries, strict=True) if e is not None}
     show_body = user.can_act and parsed is not None and (parsed.text is not None or parsed.html is not None)
     if show_body:
         assert parsed is not None
