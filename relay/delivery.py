@@ -180,6 +180,7 @@ class DeliveryEngine:
         self._backlog = False  # the last claim left due work behind
         self._next_retry = float("inf")  # the earliest retry this process scheduled
         store.on_enqueued.append(lambda _msg: self._wake.set())
+        store.on_due.append(self._wake.set)  # a retry or release from the console or the API
 
     def wake(self) -> None:
         self._wake.set()
@@ -453,7 +454,7 @@ class DeliveryEngine:
                 log.warning("cancelled %d delivery attempts still running after %.0fs", len(pending), grace)
                 await asyncio.gather(*pending, return_exceptions=True)
         if self._held:
-            released = await self.store.release(self.owner, self._held)
+            released = await self.store.release_leases(self.owner, self._held)
             log.info("released %d recipients", released)
             self._held.clear()
         await self.transport.close()

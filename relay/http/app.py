@@ -67,7 +67,7 @@ def create_app(ctx: HttpContext, *, private: bool = True, public: bool = True) -
 
 def _private_routes(app: FastAPI, ctx: HttpContext) -> None:
     app.state.store = ctx.store
-    app.state.tokens = api.Tokens(ctx.config.http.api_tokens)
+    app.state.tokens = api.Tokens(ctx.config.http.api_tokens, ctx.config.http.api_tokens_readonly)
     app.state.wake_delivery = ctx.wake_delivery
     app.state.config = ctx.config
     app.include_router(api.router)
