@@ -326,6 +326,7 @@ async def test_held_messages_release_and_discard(tmp_path: Path) -> None:
             r = await client.post(f"/ui/messages/{one}/release", data={"csrf": csrf, "back": "/ui/held"})
             assert r.status_code == 303
             assert r.headers["location"] == "/ui/held"
+            assert f"Released {one}" in (await client.get(r.headers["location"])).text
             r = await client.post(f"/ui/messages/{two}/discard", data={"csrf": csrf, "back": "https://evil.example/"})
             assert r.status_code == 303
             assert r.headers["location"].startswith("/ui/")
