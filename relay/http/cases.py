@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "Missing or wrong bearer token"},
+    403: {"model": Problem, "description": "A read-only token, for a change"},
     422: {"model": Problem, "description": "A parameter or a field is invalid; `detail[].loc` names it"},
 }
 _NO_CASE: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such case"}}

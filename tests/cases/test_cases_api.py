@@ -17,6 +17,7 @@ from test_case_store import bounced_message
 from relay.logstore import LogStore
 
 TOKEN = "cases-api-token-0123456789abcdef"
+READONLY = "cases-readonly-token-0123456789ab"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 Api = tuple[httpx.AsyncClient, LogStore]
 
@@ -25,7 +26,11 @@ Api = tuple[httpx.AsyncClient, LogStore]
 async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Api]:
     async with AsyncExitStack() as stack:
         url = await store_url(request.param, tmp_path / "data" / "relay.db", stack)
-        config = make_config(tmp_path, http={"listen": "127.0.0.1:0", "api_tokens": [TOKEN]}, store={"url": url})
+        config = make_config(
+            tmp_path,
+            http={"listen": "127.0.0.1:0", "api_tokens": [TOKEN], "api_tokens_readonly": [READONLY]},
+            store={"url": url},
+        )
         relay = await stack.enter_async_context(running_relay(config))
         assert relay.http_address is not None
         assert relay.store is not None
@@ -164,3 +169,20 @@ async def test_pages_and_the_gauge(api: Api) -> None:
     assert metric(text, "relay_cases", state="open") == 5
     assert metric(text, "relay_cases", state="confirmed") == 0
     assert "relay_case_time_to_confirmation_seconds" in text
+
+
+async def test_a_read_only_token_reads_and_writes_nothing(api: Api) -> None:
+    client, store = api
+    case = (await client.post("/api/v1/cases", json={"title": "t"})).json()
+    ro = {"Authorization": f"Bearer {READONLY}"}
+    assert (await client.get("/api/v1/cases", headers=ro)).status_code == 200
+    assert (await client.get(f"/api/v1/cases/{case['id']}", headers=ro)).status_code == 200
+    for path, body in (
+        ("/api/v1/cases", {"title": "x"}),
+        (f"/api/v1/cases/{case['id']}/entries", {"kind": "resolution", "summary": "x"}),
+        (f"/api/v1/cases/{case['id']}/close", {"reason": "x"}),
+    ):
+        r = await client.post(path, json=body, headers=ro)
+        assert r.status_code == 403, (path, r.text)
+    assert (await store.case(case["id"], sla=1.0)).state == "open"  # type: ignore[union-attr]
+    assert (await store.verify_chains()).counts == {"audit": 1, "cases": 0}

@@ -120,7 +120,18 @@ async def test_concurrent_appends_from_two_stores_never_fork(store: LogStore, ur
                     s.add_case_entry(case.id, "interaction", {"channel": "chat", "summary": f"{who} {i}"}, actor=who),
                 )
 
+        async def verifying() -> None:  # verify while appends commit: never a false alarm
+            while not done.is_set():
+                report = await store.verify_chains()
+                assert report.ok, report.text()
+                checks.append(report.counts["audit"])
+
+        done, checks = asyncio.Event(), []
+        checker = asyncio.create_task(verifying())
         await asyncio.gather(burst(store, "a"), burst(other, "b"), burst(store, "c"), burst(other, "d"))
+        done.set()
+        await checker
+        assert checks
     finally:
         await other.close()
     report = await store.verify_chains()
