@@ -225,7 +225,11 @@ async def get_message(store: Store, id: Annotated[str, Path(pattern=QUEUE_ID)]) 
     "/messages/{id}/retry",
     response_model=RetryResult,
     summary="Make queued, deferred, expired or bounced recipients due now",
-    responses={**_NOT_FOUND, 400: {"model": Problem, "description": "The body is not JSON"}},
+    responses={
+        **_NOT_FOUND,
+        400: {"model": Problem, "description": "The body is not JSON"},
+        409: {"model": Problem, "description": "The case named by case_id is closed"},
+    },
 )
 async def retry_message(
     request: Request,

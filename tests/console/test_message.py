@@ -7,7 +7,7 @@ import re
 import time
 from pathlib import Path
 
-from conftest import Console, console_with, csrf_of
+from console_fixtures import Console, console_with, csrf_of
 from helpers import new_message
 from ulid import ULID
 

@@ -6,7 +6,7 @@ import html
 import re
 import time
 
-from conftest import Console
+from console_fixtures import Console
 from helpers import new_message
 from ulid import ULID
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 import sqlalchemy as sa
-from conftest import LOGIN_FIELD, PASSWORD, Console, console_with, csrf_of, sign_in
+from console_fixtures import LOGIN_FIELD, PASSWORD, Console, console_with, csrf_of, sign_in
 from helpers import make_config, raw_sql, running_relay
 
 from relay.auth import Throttle

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import DAY, NOW
+from search_fixtures import DAY, NOW
 
 from relay.logstore import LogStore
 from relay.model import DashboardWindow

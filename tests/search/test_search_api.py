@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import SEED, qid
 from helpers import make_config, relay_cli, running_relay, write_config
+from search_fixtures import SEED, qid
 
 from relay.logstore import LogStore
 
@@ -22,7 +22,7 @@ def _recent() -> list[object]:
     """The seed, moved to end a minute ago (the API's relative times count from the clock)."""
     from dataclasses import replace
 
-    from conftest import NOW
+    from search_fixtures import NOW
 
     shift = time.time() - 60 - NOW
     out = []

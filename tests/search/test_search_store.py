@@ -4,7 +4,7 @@ newest first and the capped count."""
 from __future__ import annotations
 
 import pytest
-from conftest import NOW, qid
+from search_fixtures import NOW, qid
 
 from relay.logstore import LogStore
 from relay.search import QueryError
