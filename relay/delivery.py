@@ -453,7 +453,7 @@ class DeliveryEngine:
                 log.warning("cancelled %d delivery attempts still running after %.0fs", len(pending), grace)
                 await asyncio.gather(*pending, return_exceptions=True)
         if self._held:
-            released = await self.store.release(self.owner, self._held)
+            released = await self.store.release_leases(self.owner, self._held)
             log.info("released %d recipients", released)
             self._held.clear()
         await self.transport.close()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from relay.config import WebhookConfig
+from relay.config import DeliveryConfig, WebhookConfig
 from relay.errors import StoreError
 from relay.model import (
     ACTIVE_STATES,
@@ -41,8 +41,8 @@ from relay.model import (
     User,
     suppression_key,
 )
+from relay.store import actions, queue, reports, suppressions, users
 from relay.store import log as event_log
-from relay.store import queue, reports, suppressions, users
 from relay.store import statements as q
 from relay.store import webhooks as webhook_store
 from relay.store.engine import Engine, Failure
@@ -74,23 +74,28 @@ def display_url(url: str) -> str:
 class LogStore:
     """Named operations on the queue and the log. Create with ``await LogStore.open(url)``."""
 
-    def __init__(self, url: str, engine: Engine) -> None:
+    def __init__(self, url: str, engine: Engine, hold: actions.Hold = actions.NO_HOLD) -> None:
         self._display_url = display_url(url)
         self._engine = engine
         self._bodies = queue.BodyCache()
+        self._hold = hold  # hold mode: which new messages are stored "held"
         # Called after each enqueue has committed (delivery's wake-up); one that raises is logged.
         self.on_enqueued: list[Callable[[NewMessage], None]] = []
 
     @classmethod
-    async def open(cls, url: str, *, webhooks: Sequence[WebhookConfig] = ()) -> LogStore:
+    async def open(
+        cls, url: str, *, webhooks: Sequence[WebhookConfig] = (), delivery: DeliveryConfig | None = None
+    ) -> LogStore:
         """``webhooks``: the [[webhooks]] endpoints, whose outbox rows every event then writes
-        in its own transaction (none: no outbox rows at all)."""
+        in its own transaction (none: no outbox rows at all). ``delivery``: its ``hold`` and
+        ``hold_users`` (hold mode) decide which new messages are stored "held"."""
         outbox = _outbox(webhooks)
         try:
             engine = Engine(url, options=None if outbox is None else {webhook_store.OUTBOX: outbox})
         except (SQLAlchemyError, OSError, ValueError, ImportError) as exc:
             raise StoreError(f"cannot open the store: {exc}") from exc
-        return cls(url, engine)
+        hold = actions.NO_HOLD if delivery is None else actions.Hold(delivery.hold, frozenset(delivery.hold_users))
+        return cls(url, engine, hold)
 
     async def close(self) -> None:
         await self._engine.dispose()
@@ -130,8 +135,11 @@ class LogStore:
         ``on_enqueued`` callbacks then run, and one that raises cannot undo the commit.
 
         With ``idempotency``, the key is written in that same transaction; if its caller has
-        used it already, nothing is stored and the key's first use is returned instead."""
-        taken = await self._engine.submit(queue.Enqueue(msg, idempotency=idempotency))
+        used it already, nothing is stored and the key's first use is returned instead.
+
+        In hold mode (``[delivery] hold``, or the message's user in ``hold_users``) the
+        recipients are stored "held", never due, with a "held" event each."""
+        taken = await self._engine.submit(queue.Enqueue(msg, idempotency=idempotency, hold=self._hold.rule(msg)))
         if isinstance(taken, Idempotent):
             return taken
         self._enqueued(msg)
@@ -188,8 +196,9 @@ class LogStore:
         for dsn in queued:
             self._enqueued(dsn)
 
-    async def release(self, owner: str, recipient_ids: Iterable[int], now: float | None = None) -> int:
-        """Give leased recipients back untouched, due at once (graceful shutdown)."""
+    async def release_leases(self, owner: str, recipient_ids: Iterable[int], now: float | None = None) -> int:
+        """Give leased recipients back untouched, due at once (graceful shutdown). (``release``
+        is support's: held recipients made due.)"""
         ids = list(recipient_ids)
         if not ids:
             return 0
@@ -211,18 +220,45 @@ class LogStore:
 
     # -- queue control
 
-    async def retry(self, queue_id: str | None, *, by: str = "cli", reason: str = "", now: float | None = None) -> int:
+    async def retry(
+        self,
+        queue_id: str | None,
+        *,
+        by: str = "cli",
+        reason: str = "",
+        now: float | None = None,
+        case_id: int | None = None,
+        ip: str = "",
+    ) -> int:
         """Make the message's recipients in RETRY_STATES due now (with no id: every message's
-        recipients in RETRY_ALL_STATES, never old bounces); log a "retried" event for each.
-        Raises NotFound for an unknown queue id."""
-        at = time.time() if now is None else now
-        return await self._engine.call(lambda conn: queue.retry(conn, queue_id, by=by, reason=reason, now=at))
+        recipients in RETRY_ALL_STATES, never old bounces; held ones never: see ``release``);
+        log a "retried" event for each, and an audit line naming ``by``. With ``case_id``, the
+        case's action entry too, whose targets are the recipients made due; all in one
+        transaction. NotFound: an unknown queue id or case; Conflict: a closed case."""
+        if queue_id is None and case_id is not None:
+            raise ValueError("a case's retry names a message")
+        actor, at = actions.Actor(by, ip, case_id), time.time() if now is None else now
+        _text("reason", reason)
+        done = await self._engine.call(lambda conn: actions.retry(conn, queue_id, actor, reason=reason, now=at))
+        return len(done)
 
-    async def cancel(self, queue_id: str, *, by: str = "cli", reason: str = "", now: float | None = None) -> int:
-        """Cancel the message's recipients that are not final yet; log "cancelled" for each.
-        Their last_response stays the remote server's last reply: the cancellation is an event."""
-        at = time.time() if now is None else now
-        count = await self._engine.call(lambda conn: queue.cancel(conn, queue_id, by=by, reason=reason, now=at))
+    async def cancel(
+        self,
+        queue_id: str,
+        *,
+        by: str = "cli",
+        reason: str = "",
+        now: float | None = None,
+        case_id: int | None = None,
+        ip: str = "",
+    ) -> int:
+        """Cancel the message's recipients that are not final yet (held ones too); log
+        "cancelled" for each, an audit line and (``case_id``) the case's entry, in one
+        transaction. Their last_response stays the remote server's last reply: the
+        cancellation is an event."""
+        actor, at = actions.Actor(by, ip, case_id), time.time() if now is None else now
+        _text("reason", reason)
+        count = await self._engine.call(lambda conn: actions.cancel(conn, queue_id, actor, reason=reason, now=at))
         self._bodies.drop(queue_id)
         return count
 
@@ -493,6 +529,102 @@ class LogStore:
     # -- console sessions (relay/store/sessions.py)
 
     # -- support actions: resend, notes, hold mode (relay/store/actions.py)
+    # Each writes its events, its audit line ("action.*", naming ``by`` and ``ip``) and, with
+    # ``case_id``, the case's action entry, in one transaction: an unknown case (NotFound) or a
+    # closed one (Conflict) refuses the whole action. Bad input is a ValueError.
+
+    async def resend(
+        self,
+        queue_id: str,
+        address: str,
+        new_address: str,
+        *,
+        by: str,
+        ip: str = "",
+        case_id: int | None = None,
+        reason: str = "",
+    ) -> str:
+        """Send the message again as a new message (new queue id; same body, sender, tags,
+        user and tracking) to ``new_address`` alone: its "received" event says ``resend_of``,
+        the old message's recipient ``address`` gets a "resent" event naming the new queue id.
+        Delivery is woken after the commit, as for any new message (hold mode holds it like
+        any other of its user's). Returns the new queue id.
+
+        ValueError: ``new_address`` is not a valid address. NotFound: no such message, or
+        ``address`` is not one of its recipients. Conflict: ``new_address`` is suppressed, or
+        the old message's body is no longer kept."""
+        new = _mailbox(new_address)
+        _text("reason", reason)
+        actor, at = actions.Actor(by, ip, case_id), time.time()
+        msg = await self._engine.call(
+            lambda conn: actions.resend(
+                conn, queue_id, address, new, actor, reason=reason, hold=self._hold, now=at
+            )
+        )  # fmt: skip
+        log.info("resent %s to <%s> as %s by %s", queue_id, new, msg.queue_id, by)
+        self._enqueued(msg)
+        return msg.queue_id
+
+    async def comment(self, queue_id: str, text: str, *, by: str, ip: str = "", case_id: int | None = None) -> None:
+        """A support note on the message's timeline ("commented": no webhook)."""
+        if not text.strip():
+            raise ValueError("a note needs some text")
+        _text("text", text)
+        actor, at = actions.Actor(by, ip, case_id), time.time()
+        await self._engine.call(lambda conn: actions.comment(conn, queue_id, text, actor, now=at))
+
+    async def release(self, queue_id: str, *, by: str, ip: str = "", case_id: int | None = None) -> int:
+        """Held recipients -> queued, due now, a "released" event each; how many (0: none
+        was held). With ``case_id`` they are the case's targets."""
+        actor, at = actions.Actor(by, ip, case_id), time.time()
+        done = await self._engine.call(lambda conn: actions.release(conn, queue_id, actor, now=at))
+        if done:
+            log.info("released %s (%d recipients) by %s", queue_id, len(done), by)
+        return len(done)
+
+    async def discard(self, queue_id: str, *, by: str, ip: str = "", case_id: int | None = None) -> int:
+        """Held recipients -> cancelled, a "cancelled" event each with ``discarded``; how many."""
+        actor, at = actions.Actor(by, ip, case_id), time.time()
+        count = await self._engine.call(lambda conn: actions.discard(conn, queue_id, actor, now=at))
+        if count:
+            log.info("discarded %s (%d held recipients) by %s", queue_id, count, by)
+            self._bodies.drop(queue_id)
+        return count
+
+    async def unsuppress_recipient(
+        self,
+        queue_id: str,
+        address: str,
+        reason: str,
+        *,
+        by: str,
+        ip: str = "",
+        case_id: int | None = None,
+        origin: SuppressionOrigin = "api",
+    ) -> Suppression:
+        """Lift the suppression of one of the message's recipients (its own entry) with a
+        reason, an "unsuppressed" event on the message, the suppression audit line and the
+        access audit's, in one transaction. NotFound: no such message or recipient, or it has
+        no entry of its own; ReasonRequired: a complaint's entry and a blank reason."""
+        _text("reason", reason)
+        actor, at = actions.Actor(by, ip, case_id), time.time()
+        entry = await self._engine.call(
+            lambda conn: actions.unsuppress(conn, queue_id, address, reason, actor, origin=origin, now=at)
+        )
+        log.info("unsuppressed %s (was %s) from %s by %s, reason: %s", entry.address, entry.reason, queue_id, by,
+                 reason.strip() or "-")  # fmt: skip
+        return entry
+
+    async def raw_message(self, queue_id: str) -> bytes | None:
+        """The stored body, as it is sent (None: no such message, or the body is gone)."""
+        cached = self._bodies.get(queue_id)
+        if cached is not None:
+            return cached
+        return await self._engine.read(lambda conn: actions.raw_message(conn, queue_id))
+
+    async def message_webhooks(self, queue_id: str, limit: int = 100) -> list[webhook_store.Delivery]:
+        """The webhook deliveries of the message's events, newest first."""
+        return await self._engine.read(lambda conn: webhook_store.of_message(conn, queue_id, limit))
 
     # -- cases (relay/store/cases.py)
 
@@ -522,6 +654,27 @@ class LogStore:
     async def bounce_report(self, report_id: int) -> bytes | None:
         """A stored report, raw, as it came to the bounce listener."""
         return await self._engine.read(lambda conn: reports.raw(conn, report_id))
+
+
+def _text(name: str, text: str) -> None:
+    """A free-text field of an action: bounded, and no NUL (PostgreSQL text cannot hold one)."""
+    if len(text) > actions.MAX_TEXT:
+        raise ValueError(f"{name} is too long (at most {actions.MAX_TEXT} characters)")
+    if "\x00" in text:
+        raise ValueError(f"{name} must not contain NUL characters")
+
+
+def _mailbox(address: str) -> str:
+    """A corrected address as RCPT would take it (no domain literal), its domain in lower case."""
+    from relay.smtp_in import valid_address  # the RCPT rule
+
+    text = address.strip()
+    if not text or any(ord(c) < 32 or ord(c) == 127 for c in text) or not valid_address(text):
+        raise ValueError(f"not a valid address: {address!r}")
+    local, _, domain = text.rpartition("@")
+    if domain.startswith("["):
+        raise ValueError("domain literals are not accepted")
+    return f"{local}@{domain.lower()}"
 
 
 def _outbox(webhooks: Sequence[WebhookConfig]) -> webhook_store.Outbox | None:

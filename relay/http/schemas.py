@@ -431,6 +431,7 @@ class WebhookDelivery(BaseModel):
     last_error: str | None
     created_at: str
     updated_at: str
+    queue_id: str | None = Field(None, description="The message a message.* event is about (null: suppression.*)")
 
 
 class WebhookDeliveryPage(BaseModel):

@@ -129,7 +129,7 @@ class Relay:
             from relay import dkim
 
             dkim_signer = dkim.Signer(dkim.load_keys(config))
-        self.store = store = await LogStore.open(config.store.url, webhooks=config.webhooks)
+        self.store = store = await LogStore.open(config.store.url, webhooks=config.webhooks, delivery=config.delivery)
         stack.push_async_callback(store.close)
         stack.push_async_callback(self._cancel_tasks)
         if upgrade:

@@ -7,7 +7,7 @@ kinds, ``Enqueue`` and ``Record``; every event they log goes through ``log.appen
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from sqlalchemy.engine import Connection
@@ -16,6 +16,7 @@ from relay.errors import Conflict, NotFound
 from relay.model import (
     ACTIVE_STATES,
     FINAL_STATES,
+    HELD,
     QUEUED,
     RETRY_ALL_STATES,
     RETRY_STATES,
@@ -67,6 +68,8 @@ class Enqueue(Op):
     msg: NewMessage
     announce: bool = True
     idempotency: IdempotencyKey | None = None
+    # Hold mode: the setting that keeps the message "held" (never due until released), or None.
+    hold: str | None = None
 
     @classmethod
     def run_many(cls, conn: Connection, ops: Sequence[Op]) -> list[object]:
@@ -82,6 +85,7 @@ class Enqueue(Op):
         rcpt_rows: list[dict[str, object]] = []
         link_rows: list[dict[str, object]] = []
         received: list[NewEvent] = []
+        held: list[NewEvent] = []
         for op in ops:
             assert isinstance(op, Enqueue)
             m = op.msg
@@ -114,15 +118,17 @@ class Enqueue(Op):
                     "queue_id": m.queue_id,
                     "address": a,
                     "domain": a.rpartition("@")[2].lower(),
-                    "status": QUEUED,
+                    "status": QUEUED if op.hold is None else HELD,
                     "attempts": 0,
-                    "next_attempt_at": m.received_at,
+                    "next_attempt_at": m.received_at if op.hold is None else None,  # held: never due
                     "updated_at": m.received_at,
                 }
                 for a in m.recipients
             )
             if op.announce:
                 received.append(NewEvent(m.queue_id, None, m.received_at, "received", m.details))
+            if op.hold is not None:
+                held += [NewEvent(m.queue_id, a, m.received_at, "held", {"by": op.hold}) for a in m.recipients]
         conn.execute(q.INSERT_MESSAGE, msg_rows)
         conn.execute(q.INSERT_BODY, body_rows)
         if tag_rows:
@@ -130,7 +136,7 @@ class Enqueue(Op):
         if link_rows:
             conn.execute(q.INSERT_LINK_CHUNK, link_rows)
         conn.execute(q.INSERT_RECIPIENT, rcpt_rows)
-        append_events(conn, received)
+        append_events(conn, received + held)
         return results
 
 
@@ -284,24 +290,37 @@ def must_exist(conn: Connection, queue_id: str) -> None:
         raise NotFound(f"no message {queue_id}")
 
 
-def retry(conn: Connection, queue_id: str | None, *, by: str, reason: str, now: float) -> int:
+def retry(
+    conn: Connection,
+    queue_id: str | None,
+    *,
+    by: str,
+    reason: str,
+    now: float,
+    extra: Mapping[str, object] | None = None,
+) -> list[tuple[int, str]]:
     """Make recipients due now (RETRY_STATES of one message, or RETRY_ALL_STATES of every
-    message) and log "retried" for each; NotFound for an unknown queue id."""
+    message; never held ones: release does that) and log "retried" for each, its details
+    with ``extra`` (a case's id); NotFound for an unknown queue id. Returns the (recipient id,
+    queue id) of each (relay.store.actions adds the audit line and the case's entry)."""
     if queue_id is None:
         rows = conn.execute(q.RETRY_ALL, {"states": list(RETRY_ALL_STATES), "now": now}).all()
     else:
         must_exist(conn, queue_id)
         rows = conn.execute(q.RETRY_ONE, {"states": list(RETRY_STATES), "now": now, "qid": queue_id}).all()
-    details = {"by": by, "reason": reason}
+    details = {"by": by, "reason": reason, **(extra or {})}
     append_events(conn, [NewEvent(r.queue_id, r.address, now, "retried", details) for r in rows])
-    return len(rows)
+    return [(int(r.id), r.queue_id) for r in rows]
 
 
-def cancel(conn: Connection, queue_id: str, *, by: str, reason: str, now: float) -> int:
-    """Cancel the message's recipients that are not final yet and log "cancelled" for each."""
+def cancel(
+    conn: Connection, queue_id: str, *, by: str, reason: str, now: float, extra: Mapping[str, object] | None = None
+) -> int:
+    """Cancel the message's recipients that are not final yet (held ones too) and log
+    "cancelled" for each, its details with ``extra``."""
     must_exist(conn, queue_id)
     rows = conn.execute(q.CANCEL, {"qid": queue_id, "now": now}).all()
-    details = {"by": by, "reason": reason}
+    details = {"by": by, "reason": reason, **(extra or {})}
     append_events(conn, [NewEvent(queue_id, r.address, now, "cancelled", details) for r in rows])
     return len(rows)
 

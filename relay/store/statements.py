@@ -123,7 +123,7 @@ _RETRY = (
         next_attempt_at=sa.bindparam("now"),
         updated_at=sa.bindparam("now"),
     )
-    .returning(recipients.c.queue_id, recipients.c.address)
+    .returning(recipients.c.id, recipients.c.queue_id, recipients.c.address)
 )
 RETRY_ALL = _RETRY
 RETRY_ONE = _RETRY.where(recipients.c.queue_id == sa.bindparam("qid"))

@@ -17,7 +17,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
-from sqlalchemy.engine import Connection
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Row
 from ulid import ULID
 
 from relay.errors import NotFound
@@ -102,12 +103,21 @@ def _message_data(msg: Any, queue_id: str, recipient: str | None, details: Mappi
 
 
 def _rows(
-    routes: Sequence[Route], kind: str, key: str, at: float, data: Mapping[str, object], *, now: float
+    routes: Sequence[Route],
+    kind: str,
+    key: str,
+    at: float,
+    data: Mapping[str, object],
+    *,
+    now: float,
+    queue_id: str | None = None,
 ) -> list[dict[str, object]]:
+    """``queue_id``: the message a message.* event is about (its page lists the deliveries);
+    None for suppression.* events."""
     wid, payload = webhook_id(kind, key, at), body(kind, at, data)
     return [
         {"webhook_id": wid, "url": r.url, "type": kind, "event_at": at, "body": payload, "status": "pending",
-         "attempts": 0, "next_attempt_at": now, "created_at": now, "updated_at": now}
+         "attempts": 0, "next_attempt_at": now, "created_at": now, "updated_at": now, "queue_id": queue_id}
         for r in routes
     ]  # fmt: skip
 
@@ -144,7 +154,10 @@ def write_events(conn: Connection, outbox: Outbox, new: Sequence[LoggedEvent], n
             if not first:
                 routes = [r for r in routes if r.every_deferral]
         data = _message_data(msgs.get(e.queue_id), e.queue_id, e.recipient, e.details)
-        rows += _rows(routes, kind, f"{e.queue_id}\0{e.recipient or ''}", e.at, data, now=e.at if now is None else now)
+        rows += _rows(
+            routes, kind, f"{e.queue_id}\0{e.recipient or ''}", e.at, data, now=e.at if now is None else now,
+            queue_id=e.queue_id,
+        )  # fmt: skip
     if rows:
         conn.execute(q.INSERT_WEBHOOK_DELIVERY, rows)
     return len(rows)
@@ -319,6 +332,7 @@ class Delivery:
     last_error: str | None
     created_at: float
     updated_at: float
+    queue_id: str | None = None  # the message a message.* event is about
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -334,6 +348,7 @@ class Delivery:
             "last_error": self.last_error,
             "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),
+            "queue_id": self.queue_id,
         }
 
 
@@ -371,13 +386,30 @@ def page(
     if before is not None:
         stmt = stmt.where(wd.c.id < before)
     rows = conn.execute(stmt, {"limit": limit + 1}).all()
-    found = [
-        Delivery(int(r.id), r.webhook_id, r.url, r.type, float(r.event_at), r.status, int(r.attempts),
-                 None if r.next_attempt_at is None else float(r.next_attempt_at), r.last_status, r.last_error,
-                 float(r.created_at), float(r.updated_at))
-        for r in rows[:limit]
-    ]  # fmt: skip
+    found = [delivery(r) for r in rows[:limit]]
     return found, (found[-1].id if len(rows) > limit else None)
+
+
+def delivery(r: Row[Any]) -> Delivery:
+    return Delivery(
+        int(r.id), r.webhook_id, r.url, r.type, float(r.event_at), r.status, int(r.attempts),
+        None if r.next_attempt_at is None else float(r.next_attempt_at), r.last_status, r.last_error,
+        float(r.created_at), float(r.updated_at), r.queue_id,
+    )  # fmt: skip
+
+
+# The webhook deliveries of one message's events, newest first.
+_OF_MESSAGE = (
+    sa.select(webhook_deliveries)
+    .where(webhook_deliveries.c.queue_id == sa.bindparam("qid"))
+    .order_by(webhook_deliveries.c.id.desc())
+    .limit(sa.bindparam("limit"))
+)
+
+
+def of_message(conn: Connection, queue_id: str, limit: int) -> list[Delivery]:
+    """The deliveries of one message's events (written since webhook_deliveries.queue_id was), newest first."""
+    return [delivery(r) for r in conn.execute(_OF_MESSAGE, {"qid": queue_id, "limit": limit})]
 
 
 def retry(conn: Connection, delivery_id: int, now: float) -> None:
@@ -416,7 +448,9 @@ def replay(conn: Connection, outbox: Outbox, *, since: float, until: float, kind
             routes = [r for r in routes if r.every_deferral]
         details = e.details if isinstance(e.details, dict) else json.loads(e.details)
         data = _message_data(msgs.get(e.queue_id), e.queue_id, e.recipient, details)
-        rows += _rows(routes, kind, f"{e.queue_id}\0{e.recipient or ''}", float(e.at), data, now=now)
+        rows += _rows(
+            routes, kind, f"{e.queue_id}\0{e.recipient or ''}", float(e.at), data, now=now, queue_id=e.queue_id
+        )
     for c in conn.execute(q.REPLAY_SUPPRESSION_CHANGES, {"since": since, "until": until}):
         kind = "suppression.created" if c.action == "added" else "suppression.deleted"
         routes = wanted(kind)

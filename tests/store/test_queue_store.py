@@ -49,7 +49,7 @@ async def test_record_and_release(store: LogStore) -> None:
     a, b, c = await store.claim_due("w1", limit=10, lease=60, now=now)
     await store.record("w1", [outcome(a.recipient_id, "01R1", a.address, "delivered"),
                               outcome(b.recipient_id, "01R1", b.address, "deferred", next_at=now + 300)])  # fmt: skip
-    assert await store.release("w1", [c.recipient_id], now=now) == 1
+    assert await store.release_leases("w1", [c.recipient_id], now=now) == 1
     (m,) = await store.lookup("01R1")
     states = {r.address: (r.status, r.attempts, r.next_attempt_at) for r in m.recipients}
     assert states["a@example.com"] == ("delivered", 1, None)
