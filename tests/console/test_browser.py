@@ -1,0 +1,455 @@
+"""The console in a real browser: headless Chromium driven by Selenium, against `relay serve`
+delivering for real to an SMTP sink on loopback (reached by a static route), the journeys of
+issue 12 in order (a..i), sharing one relay and one browser. Each page is saved as a screenshot
+under test-artifacts/console/."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import shutil
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from helpers import ServeProcess, serve_config
+from helpers.peers import Sink, SinkBehaviour
+
+T = TypeVar("T")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "console"
+TOKEN = "browser-test-api-token-0123456789"
+PASSWORDS = {"sam": "support-password-1", "val": "viewer-password-1"}  # support, viewer
+JANE = "jane@example.com"
+REFUSED = "550 5.1.1 <jane@example.com>: Recipient address rejected: User unknown"
+WAIT = 20.0  # seconds a page may take to show what a step waits for
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _browser_or_skip() -> None:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package")
+    if missing:
+        reason = f"browser tests need {', '.join(missing)} (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)  # CI never skips them silently
+        pytest.skip(reason)
+
+
+# -- what the journeys run against
+
+
+class Background:
+    """An event loop in a thread: the sink and the relay process live there, the (blocking)
+    browser in the test's thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="browser-test-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class PixelServer:
+    """A tiny HTTP server that records every request: the remote image of the HTML test message
+    points here, so a hit means the console let the message fetch it."""
+
+    def __init__(self) -> None:
+        self.hits: list[str] = []
+        hits = self.hits
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                hits.append(self.path)
+                body = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
+                self.send_response(200)
+                self.send_header("Content-Type", "image/gif")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class World:
+    base: str  # the console's origin, http://127.0.0.1:PORT
+    smtp_port: int
+    driver: Any  # selenium.webdriver.Chrome
+    sink: Sink
+    pixel: PixelServer
+    found: dict[str, Any] = field(default_factory=dict)  # what one journey leaves for the next
+
+    def api(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+
+    def browser_client(self) -> httpx.Client:
+        """An HTTP client holding the browser's cookies (the session cookie is HttpOnly: the
+        page's JavaScript cannot read it, WebDriver can)."""
+        jar = httpx.Cookies()
+        for c in self.driver.get_cookies():
+            jar.set(c["name"], c["value"], domain="127.0.0.1", path=c.get("path", "/"))
+        return httpx.Client(base_url=self.base, cookies=jar, timeout=10, follow_redirects=False)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    _browser_or_skip()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_factory.mktemp("console-browser")
+    bg = Background()
+    pixel = PixelServer()
+    sink = bg.run(Sink("127.0.0.1", behaviour=SinkBehaviour(rcpt={JANE: REFUSED})).start())
+    config = serve_config(tmp, f"""
+[delivery]
+retry_schedule = ["1h"]
+connect_timeout = "2s"
+[http]
+listen = "127.0.0.1:0"
+api_tokens = ["{TOKEN}"]
+[suppression]
+hard_bounces = false
+[[routes]]
+domains = ["*"]
+host = "127.0.0.1"
+port = {sink.port}
+""")  # fmt: skip
+    # (hard_bounces off: the journey's retry is meant to reach the fixed sink, not the suppression list)
+    for name, role in (("sam", "support"), ("val", "viewer")):
+        subprocess.run(
+            [sys.executable, "-m", "relay", "users", "add", name, "--role", role, "--password-stdin",
+             "--config", str(config)],
+            input=PASSWORDS[name].encode(), check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+    server = bg.run(ServeProcess(config).start())
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
+                "--disable-gpu", "--no-first-run", "--disable-extensions"):  # fmt: skip
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(WAIT)
+    try:
+        yield World(f"http://127.0.0.1:{server.ports['http']}", server.smtp_port, driver, sink, pixel)
+    finally:
+        driver.quit()
+        server.terminate()
+        bg.run(server.wait())
+        bg.run(sink.close())
+        pixel.close()
+        bg.stop()
+
+
+# -- small steps
+
+
+def shot(world: World, name: str) -> None:
+    world.driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+
+
+def wait(world: World, condition: Callable[[Any], Any], timeout: float = WAIT) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(world.driver, timeout).until(condition)
+
+
+def css(world: World, selector: str) -> Any:
+    from selenium.webdriver.common.by import By
+
+    return world.driver.find_element(By.CSS_SELECTOR, selector)
+
+
+def all_css(world: World, selector: str) -> list[Any]:
+    from selenium.webdriver.common.by import By
+
+    return list(world.driver.find_elements(By.CSS_SELECTOR, selector))
+
+
+def page_ready(world: World) -> None:
+    wait(world, lambda d: d.execute_script("return document.readyState") == "complete")
+
+
+def open_page(world: World, path: str) -> None:
+    world.driver.get(world.base + path)
+    page_ready(world)
+
+
+def sign_in(world: World, name: str) -> None:
+    """Signs out whoever was signed in (cookies dropped) and signs ``name`` in."""
+    world.driver.delete_all_cookies()
+    open_page(world, "/ui/")
+    wait(world, lambda d: "/ui/signin" in d.current_url)
+    css(world, "input[name=name]").send_keys(name)
+    css(world, "input[name=password]").send_keys(PASSWORDS[name])
+    css(world, "form button[type=submit], form input[type=submit]").click()
+    wait(world, lambda d: "/ui/signin" not in d.current_url)
+    page_ready(world)
+
+
+def submit(world: World, rcpt: str, data: bytes) -> str:
+    """One message over SMTP; its queue id."""
+    with smtplib.SMTP("127.0.0.1", world.smtp_port, timeout=10) as client:
+        client.mail("app@example.com")
+        code, _ = client.rcpt(rcpt)
+        assert code == 250
+        code, reply = client.data(data)
+        assert code == 250, reply
+    return reply.decode().rsplit("queued as ", 1)[1].strip()
+
+
+def message_state(world: World, qid: str) -> dict[str, str]:
+    with world.api() as api:
+        r = api.get(f"/api/v1/messages/{qid}")
+        r.raise_for_status()
+        return {x["address"]: x["status"] for x in r.json()["recipients"]}
+
+
+def poll(check: Callable[[], T | None], timeout: float = WAIT, what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        time.sleep(0.1)
+
+
+# -- the journeys, in order
+
+
+def test_a_sign_in(world: World) -> None:
+    world.driver.delete_all_cookies()
+    open_page(world, "/ui/")
+    wait(world, lambda d: "/ui/signin" in d.current_url)  # not signed in: sent to sign in
+    shot(world, "a_signin")
+    sign_in(world, "sam")
+    assert "sam" in world.driver.page_source
+    shot(world, "a_signed_in")
+
+
+def test_b_search_finds_the_bounce(world: World) -> None:
+    qid = submit(world, JANE, b"From: app@example.com\r\nTo: jane@example.com\r\nSubject: Your invoice\r\n\r\n"
+                 b"Invoice 42 is attached.\r\n")  # fmt: skip
+    world.found["bounced"] = qid
+    poll(lambda: message_state(world, qid).get(JANE) == "bounced", what="the bounce")
+    open_page(world, "/ui/search?q=" + httpx.QueryParams({"q": f"to:{JANE} status:bounced"})["q"])
+    wait(world, lambda d: qid in d.page_source)
+    shot(world, "b_search")
+    link = css(world, f"a[href*='{qid}']")
+    assert link.is_displayed()
+
+
+def test_c_message_timeline(world: World) -> None:
+    qid = world.found["bounced"]
+    css(world, f"a[href*='{qid}']").click()
+    wait(world, lambda d: f"/ui/messages/{qid}" in d.current_url)
+    page_ready(world)
+    text = world.driver.page_source
+    assert "bounced" in text
+    assert "5.1.1" in text and "User unknown" in text  # the sink's reply, as the timeline shows it
+    shot(world, "c_message")
+
+
+def test_d_open_a_case(world: World) -> None:
+    qid = world.found["bounced"]
+    buttons = all_css(world, "form[action='/ui/cases/new'] button[type=submit]")
+    if buttons:
+        buttons[0].click()  # the message page's "open a case"
+    else:
+        open_page(world, f"/ui/cases/new?queue_id={qid}")
+    wait(world, lambda d: "/ui/cases/new" in d.current_url or "/ui/cases/" in d.current_url)
+    page_ready(world)
+    if all_css(world, "form.case-new input[name=title]"):
+        title = css(world, "form.case-new input[name=title]")
+        title.clear()
+        title.send_keys("Invoice to Jane bounced")
+        css(world, "form.case-new input[name=customer_ref]").send_keys("TICKET-4711")
+        shot(world, "d_case_new")
+        css(world, "form.case-new button[type=submit]").click()
+    wait(world, lambda d: d.current_url.rstrip("/").split("/")[-1].split("#")[0].isdigit())
+    page_ready(world)
+    case_id = int(world.driver.current_url.split("/ui/cases/")[1].split("#")[0].split("?")[0])
+    world.found["case"] = case_id
+    assert css(world, "#case-state").get_attribute("data-state") == "open"
+    assert qid in css(world, "#messages").text
+    incident = css(world, ".trail .entry[data-kind=incident]").text
+    assert JANE in incident or "5.1.1" in incident  # summarised automatically from the bounce
+    shot(world, "d_case")
+
+
+def test_e_fix_retry_and_confirmed_by_itself(world: World) -> None:
+    case_id, qid = world.found["case"], world.found["bounced"]
+    world.sink.behaviour.rcpt.pop(JANE, None)  # the mailbox exists again
+    open_page(world, f"/ui/cases/{case_id}")
+    css(world, f"tr[data-queue-id='{qid}'] button.action-retry").click()
+    wait(world, lambda d: all_css(world, ".trail .entry[data-kind=action]"))
+    shot(world, "e_case_retried")
+
+    def confirmed() -> bool:
+        open_page(world, f"/ui/cases/{case_id}")
+        return css(world, "#case-state").get_attribute("data-state") == "confirmed"
+
+    poll(confirmed, timeout=45, what="the case confirmed on its own")
+    assert message_state(world, qid)[JANE] == "delivered"
+    assert JANE in world.sink.rcpts
+    confirmation = css(world, ".trail .entry[data-kind=confirmation]")
+    assert confirmation.find_element("css selector", ".actor").text != "sam"  # not by hand
+    shot(world, "e_case_confirmed")
+
+
+def test_f_export_the_resolution_log(world: World) -> None:
+    case_id = world.found["case"]
+    with world.browser_client() as client:
+        r = client.get(f"/ui/cases/{case_id}/export.json")
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        assert f"case-{case_id}.json" in r.headers["content-disposition"]
+        doc = r.json()
+        r = client.get(f"/ui/cases/{case_id}/export.csv")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/csv")
+        rows = list(csv.reader(io.StringIO(r.text)))
+    assert doc["case"]["id"] == case_id and doc["case"]["state"] == "confirmed"
+    assert doc["case"]["customer_ref"] == "TICKET-4711"
+    kinds = [e["kind"] for e in doc["entries"]]
+    assert kinds[0] == "incident" and "action" in kinds and kinds[-1] == "confirmation"
+    assert all(len(e["hash"]) == 64 for e in doc["entries"])
+    assert rows[0] == ["at", "actor", "kind", "summary", "hash"]
+    assert [r[2] for r in rows[1:]] == kinds
+    assert [r[4] for r in rows[1:]] == [e["hash"] for e in doc["entries"]]
+    open_page(world, f"/ui/cases/{case_id}/print")
+    assert not all_css(world, "nav")  # printable: no navigation
+    assert "TICKET-4711" in world.driver.page_source
+    shot(world, "f_print")
+
+
+def test_g_viewer_sees_no_body_and_no_actions(world: World) -> None:
+    qid, case_id = world.found["bounced"], world.found["case"]
+    sign_in(world, "val")
+    open_page(world, f"/ui/messages/{qid}")
+    assert "Invoice 42 is attached" not in world.driver.page_source  # no body
+    assert not all_css(world, "iframe")
+    assert not all_css(world, "main form[method=post], main form[method=POST]")  # no action buttons
+    shot(world, "g_viewer_message")
+    open_page(world, f"/ui/cases/{case_id}")
+    assert not all_css(world, "form[method=post]")
+    assert not all_css(world, "button.action-retry")
+    shot(world, "g_viewer_case")
+    with world.browser_client() as client:  # and the server refuses what the page does not offer
+        r = client.post(f"/ui/cases/{case_id}/entries", data={"kind": "interaction", "channel": "phone",
+                                                               "summary": "viewer was here"})  # fmt: skip
+        assert r.status_code == 403
+
+
+def test_h_post_without_csrf_refused(world: World) -> None:
+    sign_in(world, "sam")
+    qid = submit(world, "bob@example.net", b"Subject: Order shipped\r\n\r\nOn its way.\r\n")
+    open_page(world, f"/ui/cases/new?queue_id={qid}")
+    css(world, "form.case-new input[name=title]").send_keys("Bob asks about his order")
+    css(world, "form.case-new button[type=submit]").click()
+    wait(world, lambda d: d.current_url.split("#")[0].rstrip("/").split("/")[-1].isdigit())
+    case_id = int(world.driver.current_url.split("/ui/cases/")[1].split("#")[0])
+    page_ready(world)
+    before = len(all_css(world, ".trail .entry"))
+    # the browser: the form's hidden token removed, then sent
+    world.driver.execute_script("document.querySelector('#form-interaction input[name=csrf]').remove()")
+    css(world, "#form-interaction textarea[name=summary]").send_keys("called the customer")
+    css(world, "#form-interaction button[type=submit]").click()
+    page_ready(world)
+    assert "403" in world.driver.title or "403" in world.driver.page_source or "CSRF" in world.driver.page_source
+    shot(world, "h_csrf_refused")
+    # and a forged request with the session cookie but a wrong token
+    with world.browser_client() as client:
+        r = client.post(f"/ui/cases/{case_id}/entries",
+                        data={"kind": "interaction", "channel": "phone", "summary": "forged", "csrf": "x" * 43})  # fmt: skip
+        assert r.status_code == 403
+        r = client.post(f"/ui/cases/{case_id}/entries", data={"kind": "interaction", "channel": "phone",
+                                                               "summary": "forged"})  # fmt: skip
+        assert r.status_code == 403
+    open_page(world, f"/ui/cases/{case_id}")
+    assert len(all_css(world, ".trail .entry")) == before  # nothing changed
+    assert "called the customer" not in world.driver.page_source
+
+
+def test_i_html_body_script_and_pixel_inert(world: World) -> None:
+    pixel = f"http://127.0.0.1:{world.pixel.port}/pixel.gif"
+    html = (
+        "<html><head><title>Mail</title></head><body>"
+        '<p id="marker">untouched</p>'
+        "<script>document.getElementById('marker').textContent = 'script ran'; window.ranScript = 1;"
+        " try { parent.document.title = 'hijacked'; } catch (e) {}</script>"
+        f'<img id="pixel" src="{pixel}" width="1" height="1" alt="">'
+        '<p><a href="https://example.org/offer">offer</a></p>'
+        "</body></html>"
+    )
+    data = (
+        "From: App <app@example.com>\r\nTo: kim@example.net\r\nSubject: HTML with a script\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/alternative; boundary="b1"\r\n\r\n'
+        "--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nPlain part\r\n"
+        f"--b1\r\nContent-Type: text/html; charset=utf-8\r\n\r\n{html}\r\n--b1--\r\n"
+    ).encode()
+    qid = submit(world, "kim@example.net", data)
+    open_page(world, f"/ui/messages/{qid}")
+    title = world.driver.title
+    frame = wait(world, lambda d: all_css(world, "iframe") and css(world, "iframe"))
+    assert "allow-scripts" not in (frame.get_attribute("sandbox") or "allow-scripts")  # sandboxed, no scripts
+    world.driver.switch_to.frame(frame)
+    try:
+        wait(world, lambda d: all_css(world, "#marker"))
+        page_ready(world)
+        assert css(world, "#marker").text == "untouched"  # the script did not run
+    finally:
+        world.driver.switch_to.default_content()
+    assert world.driver.title == title != "hijacked"
+    shot(world, "i_html_message")
+    assert world.pixel.hits == []  # the remote image was never fetched
+
+
+def test_z_screenshots_for_the_readme(world: World) -> None:
+    """Every journey saved its pages; the README's three come from these."""
+    for name in ("b_search", "c_message", "e_case_confirmed"):
+        assert (ARTIFACTS / f"{name}.png").stat().st_size > 1000
+    if os.environ.get("CONSOLE_DOCS_SCREENSHOTS"):  # refresh docs/ by hand: CONSOLE_DOCS_SCREENSHOTS=1 pytest ...
+        docs = ARTIFACTS.parents[1] / "docs"
+        for src, dst in (("b_search", "console-search"), ("c_message", "console-message"),
+                         ("e_case_confirmed", "console-case")):  # fmt: skip
+            shutil.copyfile(ARTIFACTS / f"{src}.png", docs / f"{dst}.png")
