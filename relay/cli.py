@@ -27,6 +27,7 @@ from relay import config as config_mod
 from relay.errors import ConfigError, RelayError, SmtpReplyError
 from relay.model import (
     ACTIVE_STATES,
+    HELD,
     RETRY_ALL_STATES,
     RETRY_STATES,
     ROLES,
@@ -99,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     delete = q_sub.add_parser("delete", parents=[common], help="cancel a message's pending recipients")
     delete.add_argument("id", help="queue id")
+    release = q_sub.add_parser("release", parents=[common], help="hold mode: make a message's held recipients due now")
+    release.add_argument("id", help="queue id")
+    discard = q_sub.add_parser("discard", parents=[common], help="hold mode: cancel a message's held recipients")
+    discard.add_argument("id", help="queue id")
 
     st = sub.add_parser("stats", parents=[common], help="recipients delivered, deferred, bounced... per group")
     st.add_argument("--group-by", choices=("tag", "domain", "user"), default="tag", help="(default tag)")
@@ -420,10 +425,18 @@ async def _queue(store: LogStore, args: argparse.Namespace) -> int:
     if args.queue_command == "retry":
         n = await store.retry(None if args.all else args.id, by="cli")
         print(f"{n} recipient(s) due now")
+        if not args.all and (held := await _held(store, args.id)):  # retry never releases held mail
+            print(f"{held} held recipient(s) left held: use `relay queue release {args.id}`")
         return 0
     if args.queue_command == "delete":
         n = await store.cancel(args.id, by="cli")
         print(f"{n} recipient(s) cancelled" if n else "nothing to cancel: every recipient is final already")
+        return 0
+    if args.queue_command in ("release", "discard"):
+        act = store.release if args.queue_command == "release" else store.discard
+        n = await act(args.id, by="cli")
+        done = "due now" if args.queue_command == "release" else "discarded"
+        print(f"{n} recipient(s) {done}" if n else f"nothing to {args.queue_command}: no recipient is held")
         return 0
     summary = await store.queue_summary()
     width = max(len(k) for k in summary.counts)
@@ -432,6 +445,11 @@ async def _queue(store: LogStore, args: argparse.Namespace) -> int:
     age = "-" if summary.oldest_queued_at is None else f"{time.time() - summary.oldest_queued_at:.0f}s"
     print(f"oldest queued message: {age}")
     return 0
+
+
+async def _held(store: LogStore, queue_id: str) -> int:
+    view = await store.get_message(queue_id)
+    return 0 if view is None else sum(1 for r in view.recipients if r.status == HELD)
 
 
 async def _queue_list(store: LogStore, args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ from relay.model import (
 )
 from relay.store import actions, queue, reports, suppressions, users
 from relay.store import log as event_log
+from relay.store import sessions as console_sessions
 from relay.store import statements as q
 from relay.store import webhooks as webhook_store
 from relay.store.engine import Engine, Failure
@@ -527,6 +528,34 @@ class LogStore:
     # -- dashboard
 
     # -- console sessions (relay/store/sessions.py)
+
+    async def session_create(
+        self, username: str, ip: str, *, idle: float, now: float | None = None
+    ) -> tuple[str, console_sessions.ConsoleSession]:
+        """A new console session for ``username``: (the token for the cookie, the session). Sessions
+        idle past ``idle`` seconds are deleted in the same transaction."""
+        at = time.time() if now is None else now
+        return await self._engine.call(lambda conn: console_sessions.create(conn, username, ip, idle=idle, now=at))
+
+    async def session_get(
+        self, token: str, *, idle: float, now: float | None = None
+    ) -> console_sessions.ConsoleSession | None:
+        """The session of a cookie's token, with its user's current role; None when unknown, idle
+        past ``idle`` seconds, or its user can no longer sign in."""
+        at = time.time() if now is None else now
+        return await self._engine.read(lambda conn: console_sessions.get(conn, token, idle=idle, now=at))
+
+    async def session_touch(self, session_id: str, now: float | None = None) -> bool:
+        """Mark a session used now (written only when its last mark is older than a minute)."""
+        at = time.time() if now is None else now
+        return await self._engine.call(lambda conn: console_sessions.touch(conn, session_id, at))
+
+    async def session_delete(self, session_id: str) -> bool:
+        return await self._engine.call(lambda conn: console_sessions.delete(conn, session_id))
+
+    async def session_delete_user(self, username: str) -> int:
+        """Sign a user out of every console session."""
+        return await self._engine.call(lambda conn: console_sessions.delete_user(conn, username))
 
     # -- support actions: resend, notes, hold mode (relay/store/actions.py)
     # Each writes its events, its audit line ("action.*", naming ``by`` and ``ip``) and, with

@@ -14,18 +14,25 @@ import binascii
 import hashlib
 import hmac
 import time
+from collections.abc import Awaitable
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from relay.errors import NotFound, ReasonRequired
+from relay.errors import Conflict, NotFound, ReasonRequired
 from relay.http import schemas
 from relay.http.schemas import (
+    ActionRequest,
+    ActionResult,
+    CaseRef,
     Message,
     MessagePage,
+    NoteRequest,
     Problem,
+    ResendRequest,
+    ResendResult,
     RetryRequest,
     RetryResult,
     Stats,
@@ -34,30 +41,41 @@ from relay.http.schemas import (
     SuppressionEntry,
     SuppressionPage,
     SuppressionRequest,
+    UnsuppressRecipientRequest,
     UnsuppressRequest,
 )
 from relay.logstore import LogStore
 from relay.model import Suppression, SuppressionReason
 
-State = Literal["queued", "deferred", "sending", "delivered", "bounced", "expired", "suppressed", "cancelled"]
+T = TypeVar("T")
+State = Literal["queued", "deferred", "sending", "held", "delivered", "bounced", "expired", "suppressed", "cancelled"]
 QUEUE_ID = r"^[0-9A-Za-z]{26}$"
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: 422, not a 500
 _bearer = HTTPBearer(auto_error=False, description="One of the tokens in [http] api_tokens")
 
 
 class Tokens:
-    """API tokens, compared in constant time (as SHA-256 digests, so lengths do not leak)."""
+    """API tokens, compared in constant time (as SHA-256 digests, so lengths do not leak).
+    ``readonly`` tokens ([http] api_tokens_readonly) may only read, and never a body; a token
+    listed in both is read-only."""
 
-    def __init__(self, tokens: tuple[str, ...]) -> None:
-        self._digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
+    def __init__(self, tokens: tuple[str, ...], readonly: tuple[str, ...] = ()) -> None:
+        ro = {hashlib.sha256(t.encode()).digest() for t in readonly}
+        full = {hashlib.sha256(t.encode()).digest() for t in tokens} - ro
+        self._digests = [(d, False) for d in sorted(full)] + [(d, True) for d in sorted(ro)]
 
-    def who(self, presented: str) -> str | None:
+    def identify(self, presented: str) -> tuple[str, bool] | None:
+        """(the token's label "api:...", whether it is read-only), or None for no token of ours."""
         digest = hashlib.sha256(presented.encode()).digest()
         match = None
-        for known in self._digests:
+        for known, readonly in self._digests:  # every one compared: the time does not tell which matched
             if hmac.compare_digest(digest, known):
-                match = known
-        return None if match is None else "api:" + match.hex()[:12]
+                match = (known, readonly)
+        return None if match is None else ("api:" + match[0].hex()[:12], match[1])
+
+    def who(self, presented: str) -> str | None:
+        found = self.identify(presented)
+        return None if found is None else found[0]
 
 
 def _store(request: Request) -> LogStore:
@@ -65,26 +83,48 @@ def _store(request: Request) -> LogStore:
     return store
 
 
+READ_METHODS = ("GET", "HEAD")
+
+
 def _caller(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
-    who: str | None = None
+    """The token's label; 401 without a valid token, 403 when a read-only token asks to change
+    anything (any method but GET and HEAD)."""
+    found: tuple[str, bool] | None = None
     if credentials is not None and credentials.scheme.lower() == "bearer":
         tokens: Tokens = request.app.state.tokens
-        who = tokens.who(credentials.credentials)
-    if who is None:
+        found = tokens.identify(credentials.credentials)
+    if found is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
         )
+    who, readonly = found
+    request.state.read_only = readonly
+    if readonly and request.method not in READ_METHODS:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "read-only token")
     return who
+
+
+def _full_token(request: Request, caller: Annotated[str, Depends(_caller)]) -> str:
+    """The caller, if its token is not read-only (read-only tokens never read bodies)."""
+    if getattr(request.state, "read_only", True):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "read-only token: message bodies are not readable with it")
+    return caller
+
+
+def _client_ip(request: Request) -> str:
+    return request.client.host if request.client else ""
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "Missing or wrong bearer token"},
+    403: {"model": Problem, "description": "A read-only token, for a change or a message body"},
     422: {"model": Problem, "description": "A parameter is invalid; `detail[].loc` names it"},
 }
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such message"}}
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(_caller)], tags=["log"], responses=_ERRORS)
 Store = Annotated[LogStore, Depends(_store)]
 Caller = Annotated[str, Depends(_caller)]
+FullCaller = Annotated[str, Depends(_full_token)]
 
 
 def _cursor(after: tuple[float, str] | None) -> str | None:
@@ -156,12 +196,166 @@ async def retry_message(
     id: Annotated[str, Path(pattern=QUEUE_ID)],
     body: RetryRequest | None = None,
 ) -> RetryResult:
+    case_id = body.case_id if body else None
     try:
-        count = await store.retry(id.upper(), by=caller, reason=body.reason if body else "")  # RETRY_STATES
+        count = await store.retry(
+            id.upper(), by=caller, reason=body.reason if body else "", case_id=case_id, ip=_client_ip(request)
+        )  # RETRY_STATES
     except NotFound as exc:
-        raise HTTPException(404, "no such message") from exc
+        raise HTTPException(404, "no such message" if case_id is None else str(exc)) from exc
+    except Conflict as exc:
+        raise HTTPException(409, str(exc)) from exc
     request.app.state.wake_delivery()
     return RetryResult(id=id.upper(), retried=count)
+
+
+# -- support actions on a message (the console's, for scripts); every one is audited
+
+_ACTION_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "The body is not JSON"},
+    404: {"model": Problem, "description": "No such message, recipient or case"},
+    409: {"model": Problem, "description": "The case is closed, or the action cannot be done (e.g. suppressed)"},
+}
+
+
+async def _act(aw: Awaitable[T]) -> T:
+    """An action's store call, its refusals as Problem answers."""
+    try:
+        return await aw
+    except NotFound as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except Conflict as exc:
+        raise HTTPException(409, str(exc)) from exc
+    except ReasonRequired as exc:
+        raise _invalid("body", "reason", str(exc)) from exc
+    except ValueError as exc:
+        raise HTTPException(422, [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]) from exc
+
+
+@router.post(
+    "/messages/{id}/cancel",
+    response_model=ActionResult,
+    summary="Cancel the recipients not final yet",
+    tags=["actions"],
+    responses=_ACTION_ERRORS,
+)
+async def cancel_message(
+    request: Request, store: Store, caller: Caller, id: Annotated[str, Path(pattern=QUEUE_ID)],
+    body: ActionRequest | None = None,
+) -> ActionResult:  # fmt: skip
+    reason, case_id = (body.reason, body.case_id) if body else ("", None)
+    n = await _act(store.cancel(id.upper(), by=caller, reason=reason, case_id=case_id, ip=_client_ip(request)))
+    return ActionResult(id=id.upper(), action="cancel", count=n)
+
+
+@router.post(
+    "/messages/{id}/resend",
+    response_model=ResendResult,
+    status_code=201,
+    summary="Send the message again to a corrected address, as a new message linked to this one",
+    tags=["actions"],
+    responses=_ACTION_ERRORS,
+)
+async def resend_message(
+    request: Request, store: Store, caller: Caller, id: Annotated[str, Path(pattern=QUEUE_ID)], body: ResendRequest
+) -> ResendResult:
+    new_id = await _act(
+        store.resend(id.upper(), body.address, body.new_address, by=caller, ip=_client_ip(request),
+                     case_id=body.case_id, reason=body.reason)
+    )  # fmt: skip
+    return ResendResult(id=id.upper(), new_id=new_id)
+
+
+@router.post(
+    "/messages/{id}/release",
+    response_model=ActionResult,
+    summary="Release held recipients (hold mode): queued, due now",
+    tags=["actions"],
+    responses=_ACTION_ERRORS,
+)
+async def release_message(
+    request: Request, store: Store, caller: Caller, id: Annotated[str, Path(pattern=QUEUE_ID)],
+    body: CaseRef | None = None,
+) -> ActionResult:  # fmt: skip
+    case_id = body.case_id if body else None
+    n = await _act(store.release(id.upper(), by=caller, ip=_client_ip(request), case_id=case_id))
+    if n:
+        request.app.state.wake_delivery()
+    return ActionResult(id=id.upper(), action="release", count=n)
+
+
+@router.post(
+    "/messages/{id}/discard",
+    response_model=ActionResult,
+    summary="Discard held recipients (hold mode): cancelled, never sent",
+    tags=["actions"],
+    responses=_ACTION_ERRORS,
+)
+async def discard_message(
+    request: Request, store: Store, caller: Caller, id: Annotated[str, Path(pattern=QUEUE_ID)],
+    body: CaseRef | None = None,
+) -> ActionResult:  # fmt: skip
+    case_id = body.case_id if body else None
+    n = await _act(store.discard(id.upper(), by=caller, ip=_client_ip(request), case_id=case_id))
+    return ActionResult(id=id.upper(), action="discard", count=n)
+
+
+@router.post(
+    "/messages/{id}/notes",
+    response_model=ActionResult,
+    status_code=201,
+    summary="Add a support note to the message's timeline",
+    tags=["actions"],
+    responses=_ACTION_ERRORS,
+)
+async def add_note(
+    request: Request, store: Store, caller: Caller, id: Annotated[str, Path(pattern=QUEUE_ID)], body: NoteRequest
+) -> ActionResult:
+    await _act(store.comment(id.upper(), body.text, by=caller, ip=_client_ip(request), case_id=body.case_id))
+    return ActionResult(id=id.upper(), action="note", count=0)
+
+
+@router.post(
+    "/messages/{id}/unsuppress",
+    response_model=ActionResult,
+    summary="Remove the suppression entry of one of the message's recipients (a complaint's needs a reason)",
+    tags=["actions"],
+    responses=_ACTION_ERRORS,
+)
+async def unsuppress_recipient(
+    request: Request, store: Store, caller: Caller, id: Annotated[str, Path(pattern=QUEUE_ID)],
+    body: UnsuppressRecipientRequest,
+) -> ActionResult:  # fmt: skip
+    await _act(
+        store.unsuppress_recipient(id.upper(), body.address, body.reason, by=caller, ip=_client_ip(request),
+                                   case_id=body.case_id)
+    )  # fmt: skip
+    return ActionResult(id=id.upper(), action="unsuppress", count=1)
+
+
+@router.get(
+    "/messages/{id}/raw",
+    summary="The message as stored and sent (message/rfc822); not for read-only tokens; audited",
+    response_class=Response,
+    responses={
+        200: {"content": {"message/rfc822": {}}, "description": "The message, as an .eml attachment"},
+        404: {"model": Problem, "description": "No such message, or its body is no longer kept"},
+    },
+)
+async def raw_message(
+    request: Request, store: Store, caller: FullCaller, id: Annotated[str, Path(pattern=QUEUE_ID)]
+) -> Response:
+    qid = id.upper()
+    raw = await store.raw_message(qid)
+    if raw is None:
+        found = await store.get_message(qid)
+        raise HTTPException(404, "no such message" if found is None else "the body is no longer kept")
+    # Recorded before the body leaves: a download that cannot be audited does not happen.
+    await store.audit(actor=caller, ip=_client_ip(request), action="download", target=qid,
+                      details={"via": "api", "size": len(raw)})  # fmt: skip
+    return Response(
+        raw, media_type="message/rfc822", headers={"Content-Disposition": f'attachment; filename="{qid}.eml"'}
+    )
 
 
 @router.get("/stats", response_model=Stats, summary="What happened per tag, domain or user")
@@ -343,7 +537,8 @@ async def remove_suppression(
     response_class=Response,
     responses={200: {"content": {"message/rfc822": {}}}, 404: {"model": Problem, "description": "No such report"}},
 )
-async def bounce_report(store: Store, id: Annotated[int, Path(ge=1, le=2**63 - 1)]) -> Response:
+async def bounce_report(store: Store, _: FullCaller, id: Annotated[int, Path(ge=1, le=2**63 - 1)]) -> Response:
+    # A report may quote the original message whole: a body, which read-only tokens do not read.
     raw = await store.bounce_report(id)
     if raw is None:
         raise HTTPException(404, "no such report")

@@ -1,8 +1,9 @@
 """The apps and the server, in the same process and event loop as SMTP and delivery.
 
 The private side (``[http] listen``): /metrics (with ``[http] metrics_token``, a bearer token),
-/healthz, /readyz, the JSON API (relay.http.api), its OpenAPI document at /api/openapi.json and
-Swagger UI at /api/docs. The public side: the tracking endpoints (/t/o/{token}, /t/c/{token}),
+/healthz, /readyz, the JSON API (relay.http.api), its OpenAPI document at /api/openapi.json,
+Swagger UI at /api/docs, and the support console at /ui (relay.console).
+The public side: the tracking endpoints (/t/o/{token}, /t/c/{token}),
 on ``[tracking] listen`` when set (and then only there), else beside the private side.
 FastAPI on uvicorn."""
 
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +30,7 @@ from fastapi.staticfiles import StaticFiles
 
 from relay import metrics, tracking
 from relay.config import Config
+from relay.console import app as console
 from relay.errors import StoreError
 from relay.http import api, send
 from relay.logstore import LogStore
@@ -45,6 +48,7 @@ class HttpContext:
     signer: tracking.TokenSigner
     ready: Callable[[], list[str]]  # what is not ready; empty when all is well
     wake_delivery: Callable[[], None]
+    console_key: bytes = b""  # signs the console's session cookies (console.web.console_key); empty: a random one
 
 
 def create_app(ctx: HttpContext, *, private: bool = True, public: bool = True) -> FastAPI:
@@ -67,12 +71,14 @@ def create_app(ctx: HttpContext, *, private: bool = True, public: bool = True) -
 
 def _private_routes(app: FastAPI, ctx: HttpContext) -> None:
     app.state.store = ctx.store
-    app.state.tokens = api.Tokens(ctx.config.http.api_tokens)
+    app.state.tokens = api.Tokens(ctx.config.http.api_tokens, ctx.config.http.api_tokens_readonly)
     app.state.wake_delivery = ctx.wake_delivery
     app.state.config = ctx.config
     app.include_router(api.router)
     app.include_router(send.router)
     _docs_routes(app)
+    # The console (/ui) lives on the private side only, never on [tracking] listen.
+    console.install(app, ctx.config, ctx.store, ctx.console_key or secrets.token_bytes(32), ctx.wake_delivery)
     metrics_token = ctx.config.http.metrics_token.encode()
 
     @app.get("/healthz", include_in_schema=False)

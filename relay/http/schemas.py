@@ -66,13 +66,64 @@ class MessagePage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")
 
 
+def _case_id() -> Any:
+    return Field(None, ge=1, le=2**63 - 1, description="The case this action belongs to (its trail records it)")
+
+
+_NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: 422, not a 500
+
+
 class RetryRequest(BaseModel, extra="forbid"):
-    reason: str = Field("", max_length=1000, description="Why; logged with the retried events")
+    reason: str = Field("", max_length=1000, pattern=_NO_NUL, description="Why; logged with the retried events")
+    case_id: int | None = _case_id()
 
 
 class RetryResult(BaseModel):
     id: str
     retried: int = Field(description="Recipients made due now")
+
+
+# -- support actions on a message
+
+
+class ActionRequest(BaseModel, extra="forbid"):
+    reason: str = Field("", max_length=1000, pattern=_NO_NUL, description="Why; logged with the events")
+    case_id: int | None = _case_id()
+
+
+class CaseRef(BaseModel, extra="forbid"):
+    case_id: int | None = _case_id()
+
+
+class ResendRequest(BaseModel, extra="forbid"):
+    address: str = Field(max_length=320, pattern=_NO_NUL, description="The recipient of this message to send again")
+    new_address: str = Field(
+        max_length=320, pattern=_NO_NUL, description="Where to send it now (the corrected address)"
+    )
+    reason: str = Field("", max_length=1000, pattern=_NO_NUL)
+    case_id: int | None = _case_id()
+
+
+class NoteRequest(BaseModel, extra="forbid"):
+    text: str = Field(min_length=1, max_length=10_000, pattern=_NO_NUL, description="The note, shown on the timeline")
+    case_id: int | None = _case_id()
+
+
+class UnsuppressRecipientRequest(BaseModel, extra="forbid"):
+    address: str = Field(max_length=320, pattern=_NO_NUL, description="The recipient whose own entry to remove")
+    reason: str = Field("", max_length=1000, pattern=_NO_NUL, description="Why (required for a complaint's entry)")
+    case_id: int | None = _case_id()
+
+
+class ActionResult(BaseModel):
+    id: str
+    action: Literal["cancel", "release", "discard", "note", "unsuppress"]
+    count: int = Field(description="Recipients it changed (a note: 0)")
+
+
+class ResendResult(BaseModel):
+    id: str
+    new_id: str = Field(description="The queue id of the new message")
 
 
 class Counts(BaseModel):

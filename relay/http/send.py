@@ -87,6 +87,7 @@ def _invalid(loc: tuple[str | int, ...], message: str) -> HTTPException:
     openapi_extra={"requestBody": _BODY},
     responses={
         401: {"model": Problem, "description": "Missing or wrong bearer token"},
+        403: {"model": Problem, "description": "A read-only token"},
         413: {"model": Problem, "description": "The message (or the request) is larger than the limit"},
         422: {"model": Problem, "description": "A field is invalid or refused; `detail[].loc` names it"},
         503: {"model": Problem, "description": "The store failed; nothing was queued, try again"},

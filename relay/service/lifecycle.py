@@ -30,6 +30,7 @@ from relay.auth import Authenticator
 from relay.bounces.inbound import BounceInbox
 from relay.bounces.verp import ReturnPath
 from relay.config import Config, Listen
+from relay.console.web import console_key
 from relay.delivery import DeliveryEngine
 from relay.errors import RelayError, StartError, one_line
 from relay.http import HttpContext, HttpServer, create_app
@@ -156,7 +157,9 @@ class Relay:
         # With [tracking] listen, /t/... are served there and only there; the private side
         # (metrics, health, API) never on the public listener. The public side starts first
         # so that it stops last.
-        context = HttpContext(config, store, signer, self._not_ready, self._wake_delivery)
+        context = HttpContext(
+            config, store, signer, self._not_ready, self._wake_delivery, console_key=console_key(signer_secret)
+        )
         if tracking_sockets is not None:
             tracking_socks = list(tracking_sockets)
             self.tracking_http = tracking_http = HttpServer(create_app(context, private=False))
