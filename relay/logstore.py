@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -20,7 +20,12 @@ from relay.config import DeliveryConfig, WebhookConfig
 from relay.errors import StoreError
 from relay.model import (
     ACTIVE_STATES,
+    AuditEntry,
+    CaseEntry,
+    CaseState,
+    CaseView,
     Claimed,
+    EntryKind,
     EventType,
     Imported,
     MessageView,
@@ -41,11 +46,14 @@ from relay.model import (
     User,
     suppression_key,
 )
-from relay.store import actions, queue, reports, suppressions, users
+from relay.store import actions, chain, queue, reports, suppressions, users
+from relay.store import audit as audit_store
+from relay.store import cases as case_store
 from relay.store import log as event_log
 from relay.store import sessions as console_sessions
 from relay.store import statements as q
 from relay.store import webhooks as webhook_store
+from relay.store.chain import ChainReport
 from relay.store.engine import Engine, Failure
 from relay.store.queue import IdempotencyKey, Idempotent
 
@@ -657,7 +665,133 @@ class LogStore:
 
     # -- cases (relay/store/cases.py)
 
+    async def open_case(
+        self,
+        *,
+        title: str,
+        customer_ref: str = "",
+        owner: str = "",
+        queue_ids: Sequence[str] = (),
+        actor: str,
+        ip: str = "",
+        incident: str = "",
+        now: float | None = None,
+    ) -> CaseView:
+        """Open a case over ``queue_ids`` with its "incident" entry: ``incident`` when given,
+        else a summary of what went wrong for those messages. ValueError: a bad field or an
+        unknown queue id."""
+        at = time.time() if now is None else now
+        case_id = await self._engine.call(
+            lambda conn: case_store.open_case(
+                conn, title=title, customer_ref=customer_ref, owner=owner, queue_ids=queue_ids, actor=actor,
+                ip=ip, incident=incident, at=at,
+            )
+        )  # fmt: skip
+        log.info("case %s opened by %s over %d messages", case_id, actor, len(queue_ids))
+        view = await self.case(case_id, sla=float("inf"))
+        assert view is not None
+        return view
+
+    async def case(self, case_id: int, *, sla: float, now: float | None = None) -> CaseView | None:
+        """A case with its whole trail; ``sla``: [console] case_sla, for ``overdue``."""
+        at = time.time() if now is None else now
+        return await self._engine.read(lambda conn: case_store.case(conn, case_id, sla=sla, now=at))
+
+    async def cases(
+        self,
+        *,
+        state: CaseState | None = None,
+        owner: str | None = None,
+        overdue: bool | None = None,
+        escalated: bool | None = None,
+        queue_id: str | None = None,
+        sla: float,
+        limit: int = 50,
+        before: int | None = None,
+        now: float | None = None,
+    ) -> tuple[list[CaseView], int | None]:
+        """Cases (without their trails) newest first, filtered, a page at a time: pass the
+        returned id as ``before`` for the next (None: no more). ``escalated``: escalated at some
+        time; ``overdue``: opened more than ``sla`` seconds ago and not closed."""
+        at = time.time() if now is None else now
+        return await self._engine.read(
+            lambda conn: case_store.page(
+                conn, state=state, owner=owner, overdue=overdue, escalated=escalated, queue_id=queue_id, sla=sla,
+                now=at, limit=limit, before=before,
+            )
+        )  # fmt: skip
+
+    async def add_case_entry(
+        self, case_id: int, kind: EntryKind, details: Mapping[str, Any], *, actor: str, ip: str = ""
+    ) -> CaseEntry:
+        """Append an entry written by hand (relay.cases.validate says what each kind holds);
+        ValueError: bad details or kind "action"; NotFound; Conflict: the case is closed."""
+        at = time.time()
+        entry = await self._engine.call(
+            lambda conn: case_store.add_entry(conn, case_id, kind, details, actor=actor, ip=ip, at=at)
+        )
+        log.info("case %s: %s entry %s by %s", case_id, kind, entry.id, actor)
+        return entry
+
+    async def close_case(self, case_id: int, reason: str, *, actor: str, ip: str = "") -> CaseView:
+        """Close without a resolution (closed_unresolved). ValueError: no reason; NotFound;
+        Conflict: closed already."""
+        at = time.time()
+        await self._engine.call(lambda conn: case_store.close_case(conn, case_id, reason, actor=actor, ip=ip, at=at))
+        log.info("case %s closed unresolved by %s", case_id, actor)
+        view = await self.case(case_id, sla=float("inf"))
+        assert view is not None
+        return view
+
+    async def confirm_cases(self, now: float | None = None) -> list[tuple[int, float]]:
+        """Confirm every case whose retried or resent recipients are all delivered; returns
+        (case id, seconds from opening to the last delivery) for each confirmed by this call."""
+        at = time.time() if now is None else now
+        done = await self._engine.call(lambda conn: case_store.confirm(conn, now=at))
+        for case_id, took in done:
+            log.info("case %s confirmed: every target delivered, %.0f s after it was opened", case_id, took)
+        return done
+
+    async def case_counts(self) -> dict[str, int]:
+        """Cases per state, every state included (the gauge relay_cases)."""
+        return await self._engine.read(case_store.counts)
+
+    async def case_messages(self, case: CaseView) -> list[MessageView]:
+        """The messages a case covers, with their recipients' live states."""
+        return await self._engine.read(lambda conn: event_log.views(conn, case.queue_ids))
+
     # -- the access audit (relay/store/audit.py)
+
+    async def audit(
+        self,
+        *,
+        actor: str,
+        ip: str,
+        action: str,
+        target: str = "",
+        details: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> AuditEntry:
+        """Append a line to the access audit (hash-chained; nothing edits or deletes one)."""
+        at = time.time() if now is None else now
+        return await self._engine.call(
+            lambda conn: audit_store.append(
+                conn, actor=actor, ip=ip, action=action, target=target, details=details, at=at
+            )
+        )
+
+    async def audit_entries(
+        self, *, limit: int = 100, before: int | None = None, actor: str | None = None, action: str | None = None
+    ) -> tuple[list[AuditEntry], int | None]:
+        """Lines newest first (only ``actor``'s, only ``action``), a page at a time: pass the
+        returned id as ``before`` for the next (None: no more)."""
+        return await self._engine.read(
+            lambda conn: audit_store.page(conn, limit=limit, before=before, actor=actor, action=action)
+        )
+
+    async def verify_chains(self) -> ChainReport:
+        """Recompute the audit's and the case trails' hash chains: the first broken link, if any."""
+        return await self._engine.read(chain.verify)
 
     # -- bounces
 
