@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
+from relay import cases_cli
 from relay import config as config_mod
 from relay.errors import ConfigError, RelayError, SmtpReplyError
 from relay.model import (
@@ -114,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     _suppressions_parser(sub, common)
     _dkim_parser(sub, common)
     _webhooks_parser(sub, common)
+    cases_cli.add_parsers(sub, common)  # relay audit [verify], relay cases list
 
     u = sub.add_parser("users", parents=[common], help="SMTP AUTH users and console users")
     u_sub = u.add_subparsers(dest="users_command", required=True, metavar="ACTION")
@@ -270,6 +272,8 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         "suppressions": _suppressions,
         "users": _users,
         "webhooks": lambda store, args: _webhooks(store, args, cfg),
+        "audit": cases_cli.audit,
+        "cases": lambda store, args: cases_cli.cases(store, args, cfg),
     }
     return asyncio.run(_with_store(cfg, args, commands[args.command]))
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
-from relay.model import ACTIVE_STATES, QueueSummary
+from relay.model import ACTIVE_STATES, CASE_STATES, QueueSummary
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -55,6 +56,11 @@ WEBHOOK_DELIVERIES = Counter(
     "relay_webhook_deliveries",
     "Webhook deliveries that ended an attempt: delivered, failed (for good), disabled (the endpoint answered 410)",
     ["result"],
+)
+CASE_TIME_TO_CONFIRMATION = Histogram(
+    "relay_case_time_to_confirmation_seconds",
+    "Cases confirmed automatically: from the case's opening to the last delivery of what it retried or resent",
+    buckets=(60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400),
 )
 
 REJECTION_REASONS: Final = (
@@ -134,10 +140,17 @@ class WebhookGauges:
 
 
 class _Queue:
-    def __init__(self, summary: QueueSummary, suppression_entries: int, webhooks: WebhookGauges) -> None:
+    def __init__(
+        self,
+        summary: QueueSummary,
+        suppression_entries: int,
+        webhooks: WebhookGauges,
+        cases: Mapping[str, int] | None = None,
+    ) -> None:
         self.summary = summary
         self.suppression_entries = suppression_entries
         self.webhooks = webhooks
+        self.cases = cases or {}
 
     def collect(self) -> list[GaugeMetricFamily]:
         states = GaugeMetricFamily("relay_queue_recipients", "Recipients in the queue, by state", labels=["state"])
@@ -150,7 +163,10 @@ class _Queue:
         age.add_metric([], 0.0 if oldest is None else max(0.0, time.time() - oldest))
         entries = GaugeMetricFamily("relay_suppression_entries", "Suppression list entries in force")
         entries.add_metric([], self.suppression_entries)
-        return [states, age, entries, *self._webhook_gauges()]
+        cases = GaugeMetricFamily("relay_cases", "Support cases, by state", labels=["state"])
+        for state in CASE_STATES:
+            cases.add_metric([state], self.cases.get(state, 0))
+        return [states, age, entries, cases, *self._webhook_gauges()]
 
     def _webhook_gauges(self) -> list[GaugeMetricFamily]:
         w = self.webhooks
@@ -167,9 +183,14 @@ class _Queue:
         return [pending, oldest, disabled]
 
 
-def render(queue: QueueSummary, suppression_entries: int = 0, webhooks: WebhookGauges | None = None) -> bytes:
+def render(
+    queue: QueueSummary,
+    suppression_entries: int = 0,
+    webhooks: WebhookGauges | None = None,
+    cases: Mapping[str, int] | None = None,
+) -> bytes:
     """The exposition text: this process's (or all workers') metrics, and the gauges read from
-    the store (the queue, the suppression list, the webhook outbox)."""
+    the store (the queue, the suppression list, the webhook outbox, cases per state)."""
     if MULTIPROCESS:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
@@ -178,5 +199,5 @@ def render(queue: QueueSummary, suppression_entries: int = 0, webhooks: WebhookG
 
         registry = REGISTRY
     gauges = CollectorRegistry()
-    gauges.register(_Queue(queue, suppression_entries, webhooks or WebhookGauges()))
+    gauges.register(_Queue(queue, suppression_entries, webhooks or WebhookGauges(), cases))
     return generate_latest(registry) + generate_latest(gauges)

@@ -32,7 +32,7 @@ from relay import metrics, tracking
 from relay.config import Config
 from relay.console import app as console
 from relay.errors import StoreError
-from relay.http import api, send
+from relay.http import api, cases, send
 from relay.logstore import LogStore
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ def _private_routes(app: FastAPI, ctx: HttpContext) -> None:
     app.state.config = ctx.config
     app.include_router(api.router)
     app.include_router(send.router)
+    app.include_router(cases.router)
     _docs_routes(app)
     # The console (/ui) lives on the private side only, never on [tracking] listen.
     console.install(app, ctx.config, ctx.store, ctx.console_key or secrets.token_bytes(32), ctx.wake_delivery)
@@ -106,9 +107,10 @@ def _private_routes(app: FastAPI, ctx: HttpContext) -> None:
         try:
             queue = await ctx.store.queue_summary(active_only=True)
             entries = await ctx.store.suppression_count()
+            case_counts = await ctx.store.case_counts()
         except StoreError:
             return Response("store unreachable\n", status_code=503, media_type="text/plain")
-        return Response(metrics.render(queue, entries), media_type=metrics.CONTENT_TYPE)
+        return Response(metrics.render(queue, entries, cases=case_counts), media_type=metrics.CONTENT_TYPE)
 
 
 def _bearer_matches(request: Request, token: bytes) -> bool:

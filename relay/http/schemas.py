@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from relay.model import (
+    AuditEntry,
+    CaseView,
     MessageView,
     StatsRow,
     Suppression,
@@ -26,6 +28,7 @@ from relay.model import (
     iso,
     suppression_key,
 )
+from relay.model import CaseEntry as CaseEntryView
 
 if TYPE_CHECKING:
     from relay.store.webhooks import Delivery
@@ -497,3 +500,102 @@ class WebhookRetryResult(BaseModel):
 
 def webhook_delivery(d: Delivery) -> WebhookDelivery:
     return WebhookDelivery.model_validate(d.to_json())
+
+
+# -- cases and the access audit (relay/http/cases.py, relay audit, the console's exports)
+
+
+class CaseEntry(BaseModel):
+    id: int
+    case_id: int
+    at: str
+    actor: str
+    kind: str = Field(description="incident, interaction, action, escalation, resolution, confirmation or feedback")
+    details: dict[str, Any]
+    hash: str = Field(description="SHA-256 chaining the entry to the one before it (`relay audit verify`)")
+
+
+class CaseMessage(BaseModel):
+    id: str  # the queue id
+    subject: str
+    mail_from: str
+    received_at: str
+    recipients: list[Recipient] = Field(description="Live states")
+
+
+class Case(BaseModel):
+    id: int
+    title: str
+    customer_ref: str
+    owner: str
+    state: str = Field(description="open, action_taken, resolved, confirmed, escalated or closed_unresolved")
+    opened_by: str
+    opened_at: str
+    updated_at: str
+    closed_reason: str
+    queue_ids: list[str]
+    overdue: bool = Field(description="Open longer than [console] case_sla and not closed")
+    entries: list[CaseEntry] | None = Field(None, description="The trail, oldest first (one case only)")
+    messages: list[CaseMessage] | None = Field(None, description="The messages covered (one case only)")
+
+
+class CasePage(BaseModel):
+    cases: list[Case]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")
+
+
+class CaseRequest(BaseModel, extra="forbid"):
+    title: str = Field(min_length=1, max_length=200)
+    customer_ref: str = Field("", max_length=200, description="The customer's ticket id")
+    owner: str = Field("", max_length=200)
+    queue_ids: list[str] = Field(default_factory=list, max_length=500, description="The messages it covers")
+    incident: str = Field(
+        "", max_length=20000, description="What went wrong; empty: summarized from the messages' failures"
+    )
+
+
+# kind, and beside it the entry's details: interaction {channel, summary}, escalation {to, why},
+# resolution {summary}, confirmation {how}, feedback {score, comment}, incident {summary}.
+class CaseEntryRequest(BaseModel, extra="allow"):
+    kind: str = Field(max_length=20, examples=["interaction"])
+
+
+class CloseRequest(BaseModel, extra="forbid"):
+    reason: str = Field(min_length=1, max_length=4000)
+
+
+class AuditLine(BaseModel):
+    id: int
+    at: str
+    actor: str
+    ip: str
+    action: str
+    target: str
+    details: dict[str, Any]
+    hash: str
+
+
+def case_entry(e: CaseEntryView) -> CaseEntry:
+    return CaseEntry(id=e.id, case_id=e.case_id, at=_at(e.at), actor=e.actor, kind=e.kind, details=dict(e.details),
+                     hash=e.hash)  # fmt: skip
+
+
+def case(view: CaseView, *, entries: bool = False, messages: Sequence[MessageView] | None = None) -> Case:
+    """A case as the API shows it (and the console exports it): with its trail when ``entries``,
+    with its messages' live recipient states when ``messages`` is given."""
+    return Case(
+        id=view.id, title=view.title, customer_ref=view.customer_ref, owner=view.owner, state=view.state,
+        opened_by=view.opened_by, opened_at=_at(view.opened_at), updated_at=_at(view.updated_at),
+        closed_reason=view.closed_reason, queue_ids=list(view.queue_ids), overdue=view.overdue,
+        entries=[case_entry(e) for e in view.entries] if entries else None,
+        messages=None if messages is None else [
+            CaseMessage(id=m.queue_id, subject=m.subject, mail_from=m.mail_from, received_at=_at(m.received_at),
+                        recipients=message(m).recipients)
+            for m in messages
+        ],
+    )  # fmt: skip
+
+
+def audit_line(a: AuditEntry) -> AuditLine:
+    return AuditLine(id=a.id, at=_at(a.at), actor=a.actor, ip=a.ip, action=a.action, target=a.target,
+                     details=dict(a.details), hash=a.hash)  # fmt: skip

@@ -37,6 +37,7 @@ from relay.http import HttpContext, HttpServer, create_app
 from relay.logstore import LogStore
 from relay.mx import MxResolver
 from relay.net import bind, bound_address
+from relay.service.confirmations import CaseConfirmer
 from relay.service.listeners import check_tls, warn_if_tracking_loopback
 from relay.service.signals import StopSignals
 from relay.smtp_in import BounceServer, SmtpServer
@@ -206,6 +207,9 @@ class Relay:
             self.webhooks = webhooks = Dispatcher(config.webhooks, store)
             self.spawn(webhooks.run(), "webhooks")
             self._stack.push_async_callback(webhooks.shutdown, config.delivery.shutdown_grace)
+        confirmer = CaseConfirmer(store)  # cases whose retried recipients are all delivered
+        self.spawn(confirmer.run(), "case-confirmations")
+        self._stack.push_async_callback(confirmer.shutdown)
 
     def _not_ready(self) -> list[str]:
         problems = []

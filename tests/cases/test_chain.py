@@ -3,6 +3,8 @@ each store's JSON, and tampering done directly in SQL (altered, deleted, truncat
 
 from __future__ import annotations
 
+import asyncio
+
 import sqlalchemy as sa
 from helpers import raw_sql
 
@@ -114,3 +116,25 @@ async def test_recomputed_chain_shows_only_in_the_head(store: LogStore, url: str
     report = await store.verify_chains()
     assert report.ok
     assert report.heads["audit"] != before
+
+
+async def test_concurrent_appends_from_two_stores_never_fork(store: LogStore, url: str) -> None:
+    """Two stores (two processes' worth of connections) append at once, to both chains: one
+    chain each, every link intact, and the head at the last entry."""
+    other = await LogStore.open(url)
+    try:
+        case = await store.open_case(title="race", actor="ann")
+
+        async def burst(s: LogStore, who: str) -> None:
+            for i in range(15):
+                await asyncio.gather(
+                    s.audit(actor=who, ip="", action="view_body", target=f"Q{i}"),
+                    s.add_case_entry(case.id, "interaction", {"channel": "chat", "summary": f"{who} {i}"}, actor=who),
+                )
+
+        await asyncio.gather(burst(store, "a"), burst(other, "b"), burst(store, "c"), burst(other, "d"))
+    finally:
+        await other.close()
+    report = await store.verify_chains()
+    assert report.ok, report.text()
+    assert report.counts == {"audit": 1 + 4 * 15 * 2, "cases": 4 * 15}
