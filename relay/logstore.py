@@ -825,6 +825,10 @@ def _text(name: str, text: str) -> None:
         raise ValueError(f"{name} is too long (at most {actions.MAX_TEXT} characters)")
     if "\x00" in text:
         raise ValueError(f"{name} must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: no database stores it
+        raise ValueError(f"{name} is not valid Unicode") from exc
 
 
 def _mailbox(address: str) -> str:
