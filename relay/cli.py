@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("--json", action="store_true", help="print JSON")
     lg.add_argument("--limit", type=int, default=20, help="at most this many messages (default 20)")
 
+    _search_parser(sub, common)
+
     q = sub.add_parser("queue", parents=[common], help="queue counts and control")
     q_sub = q.add_subparsers(dest="queue_command", metavar="ACTION")
     ls = q_sub.add_parser(
@@ -132,6 +134,20 @@ def _parser() -> argparse.ArgumentParser:
     rm = u_sub.add_parser("remove", parents=[common], help="remove a user")
     rm.add_argument("name")
     return p
+
+
+def _search_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    se = sub.add_parser(
+        "search",
+        parents=[common],
+        help="find messages with the console's search grammar",
+        description="Find messages, newest first: to: from: subject: message-id: id: tag: status: reason: domain: "
+        "user: after: before: is:opened|clicked|suppressed|complained, '-' negates a term, quoted phrases, free "
+        "text. Quote the whole query for the shell, e.g. relay search 'to:jane@example.com -status:delivered'.",
+    )
+    se.add_argument("query", nargs="+", help="the search (several arguments are joined with spaces)")
+    se.add_argument("--limit", type=int, default=20, help="at most this many messages (default 20, at most 1000)")
+    se.add_argument("--json", action="store_true", help="print the API's JSON: messages, total, total_capped")
 
 
 def _dkim_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -268,6 +284,7 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         "db": _db,
         "log": _log,
         "queue": _queue,
+        "search": _search,
         "stats": _stats,
         "suppressions": _suppressions,
         "users": _users,
@@ -347,6 +364,30 @@ async def _log(store: LogStore, args: argparse.Namespace) -> int:
         print(json.dumps(messages_json(found), indent=2, ensure_ascii=False))
     else:
         print("\n\n".join(format_timeline(m) for m in found))
+    return 0
+
+
+async def _search(store: LogStore, args: argparse.Namespace) -> int:
+    from relay.search import QueryError
+
+    if not 1 <= args.limit <= 1000:
+        raise CommandError("--limit must be between 1 and 1000", 2)
+    try:
+        page = await store.search_messages(" ".join(args.query), limit=args.limit)
+    except QueryError as exc:
+        raise CommandError(str(exc), 2) from exc
+    total = f"{page.total}+" if page.total_capped else str(page.total)
+    if args.json:
+        from relay.http.schemas import messages_json  # the JSON shape only: pydantic, not FastAPI
+
+        doc = {**messages_json(page.messages), "total": page.total, "total_capped": page.total_capped}
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        return 0
+    for m in page.messages:
+        rcpts = ", ".join(f"{r.address} ({r.status})" for r in m.recipients)
+        print(f"{m.queue_id}  {_local(m.received_at)}  {m.mail_from or '<>'}  {rcpts}  {m.subject!r}")
+    shown = f" (the newest {len(page.messages)} shown)" if page.next is not None else ""
+    print(f"{total} message{'' if total == '1' else 's'}{shown}")
     return 0
 
 

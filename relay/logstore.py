@@ -25,6 +25,7 @@ from relay.model import (
     CaseState,
     CaseView,
     Claimed,
+    Dashboard,
     EntryKind,
     EventType,
     Imported,
@@ -37,6 +38,7 @@ from relay.model import (
     ReportDecision,
     ReportTarget,
     Role,
+    SearchPage,
     StatsRow,
     Suppression,
     SuppressionChange,
@@ -533,7 +535,34 @@ class LogStore:
 
     # -- search (relay.search's grammar; relay/store/search.py)
 
+    async def search_messages(
+        self,
+        query: str,
+        *,
+        limit: int = 20,
+        after: tuple[float, str] | None = None,
+        count: bool = True,
+        now: float | None = None,
+    ) -> SearchPage:
+        """Messages matching a search (relay.search's grammar), newest first, a page at a time:
+        pass the page's ``next`` as ``after`` for the next one. With ``count``, ``total`` counts
+        the matches (of every page) up to 10,000, ``total_capped`` saying there are more;
+        without, ``total`` is -1. QueryError (a ValueError, its message fit for the user) for
+        a query that cannot be run."""
+        from relay import search as grammar
+        from relay.store import search
+
+        parsed = grammar.parse(query, now=time.time() if now is None else now)
+        return await self._engine.read(lambda conn: search.run(conn, parsed, limit=limit, after=after, count=count))
+
     # -- dashboard
+
+    async def dashboard(self, now: float | None = None) -> Dashboard:
+        """The last hour's and day's figures, queue depth, and the last day per tag."""
+        from relay.store import dashboard
+
+        at = time.time() if now is None else now
+        return await self._engine.read(lambda conn: dashboard.dashboard(conn, at))
 
     # -- console sessions (relay/store/sessions.py)
 

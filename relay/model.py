@@ -434,3 +434,56 @@ class SearchPage:
     total: int  # messages matching, counted up to a cap
     total_capped: bool  # True: there are more than ``total``
     next: tuple[float, str] | None  # (received_at, queue id) to pass as ``after``; None: last page
+
+
+# -- dashboard
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardWindow:
+    """What happened in the last ``seconds``: messages received; recipients by their latest
+    outcome (delivered, bounced), deferred at least once, complained."""
+
+    seconds: float
+    received: int
+    delivered: int
+    deferred: int
+    bounced: int
+    complained: int
+
+    @property
+    def complaint_rate(self) -> float | None:
+        """Complaints per delivered recipient; None before anything was delivered."""
+        return self.complained / self.delivered if self.delivered else None
+
+
+@dataclass(frozen=True, slots=True)
+class TagRow:
+    """One tag's last day: which emails get the most response. Rates are per delivered
+    recipient (delivery rate: per recipient with an outcome); None when nothing to divide by."""
+
+    tag: str | None  # None: messages without a tag
+    received: int
+    delivered: int
+    bounced: int
+    opened: int  # unique human opens
+    opened_machine: int  # recipients with machine opens (proxies, scanners)
+    clicked: int
+    clicked_machine: int
+    delivery_rate: float | None
+    open_rate: float | None
+    open_rate_machine: float | None
+    click_rate: float | None
+    click_rate_machine: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Dashboard:
+    """The console's front page, as of ``at``."""
+
+    at: float
+    hour: DashboardWindow
+    day: DashboardWindow
+    queue: Mapping[str, int]  # active recipients per state (ACTIVE_STATES, zero included)
+    oldest_queued_age: float | None  # seconds since the oldest message still in the queue arrived
+    tags: tuple[TagRow, ...]  # the last day, most received first

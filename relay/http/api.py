@@ -46,6 +46,7 @@ from relay.http.schemas import (
 )
 from relay.logstore import LogStore
 from relay.model import Suppression, SuppressionReason
+from relay.search import QueryError
 
 T = TypeVar("T")
 State = Literal["queued", "deferred", "sending", "held", "delivered", "bounced", "expired", "suppressed", "cancelled"]
@@ -152,10 +153,22 @@ def _ts(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
 
 
-@router.get("/messages", response_model=MessagePage, summary="Find messages, newest first")
+@router.get(
+    "/messages",
+    response_model=MessagePage,
+    summary="Find messages, newest first",
+    description="Filter with the parameters, or search with `q` (the console's grammar: `to:` `from:` `subject:` "
+    "`message-id:` `id:` `tag:` `status:` `reason:` `domain:` `user:` `after:` `before:` `is:opened|clicked|"
+    "suppressed|complained`, `-` to negate, quoted phrases, free text). `q` is not combined with the other "
+    "filters: write them in `q`. With `q`, `total` counts the matches, up to 10,000.",
+)
 async def list_messages(
     *,
     store: Store,
+    q: Annotated[
+        str | None,
+        Query(max_length=1000, description="A search, e.g. `to:jane@example.com status:bounced after:7d`"),
+    ] = None,
     message_id: Annotated[
         str | None, Query(max_length=998, pattern=NO_NUL, description="Message-ID, with or without <>")
     ] = None,
@@ -168,11 +181,36 @@ async def list_messages(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> MessagePage:
-    views, after = await store.search(
+    after = None if cursor is None else _parse_cursor(cursor)
+    if q is not None:
+        return await _search(store, q, (message_id, recipient, id, tag, status, since, until), limit, after)
+    views, more = await store.search(
         queue_id=id, message_id=message_id, recipient=recipient, tag=tag, status=status,
-        since=_ts(since), until=_ts(until), limit=limit, after=None if cursor is None else _parse_cursor(cursor),
+        since=_ts(since), until=_ts(until), limit=limit, after=after,
     )  # fmt: skip
-    return MessagePage(messages=[schemas.message(v) for v in views], next_cursor=_cursor(after))
+    return MessagePage(messages=[schemas.message(v) for v in views], next_cursor=_cursor(more))
+
+
+async def _search(
+    store: LogStore, q: str, filters: tuple[object, ...], limit: int, after: tuple[float, str] | None
+) -> MessagePage:
+    # One grammar per request: recipient= (exact) beside to: (exact or substring), since=
+    # beside after:, would be two meanings for one question.
+    if any(f is not None for f in filters):
+        raise _invalid(
+            "query", "q", "q cannot be combined with message_id, recipient, id, tag, status, since or until: "
+            "write them in q (message-id:, to:, id:, tag:, status:, after:, before:)",
+        )  # fmt: skip
+    try:
+        page = await store.search_messages(q, limit=limit, after=after)
+    except QueryError as exc:
+        raise _invalid("query", "q", str(exc)) from exc
+    return MessagePage(
+        messages=[schemas.message(v) for v in page.messages],
+        next_cursor=_cursor(page.next),
+        total=page.total,
+        total_capped=page.total_capped,
+    )
 
 
 @router.get("/messages/{id}", response_model=Message, summary="One message and its timeline", responses=_NOT_FOUND)

@@ -67,6 +67,10 @@ class Message(BaseModel):
 class MessagePage(BaseModel):
     messages: list[Message]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")
+    total: int | None = Field(
+        default=None, description="With `q`: messages matching (every page), at most 10,000; else null"
+    )
+    total_capped: bool = Field(default=False, description="True: more than `total` match")
 
 
 def _case_id() -> Any:

@@ -28,6 +28,8 @@ messages = sa.Table(
     sa.Column("track", sa.String(16), nullable=False, server_default=""),
     sa.Index("ix_messages_message_id", "message_id"),
     sa.Index("ix_messages_received_at", "received_at"),
+    sa.Index("ix_messages_mail_from_lower", sa.func.lower(sa.text("mail_from"))),  # search: from:
+    sa.Index("ix_messages_username", "username"),  # search: user:
 )
 
 bodies = sa.Table(
@@ -62,6 +64,7 @@ recipients = sa.Table(
     sa.Index("ix_recipients_next_attempt_at", "next_attempt_at"),
     sa.Index("ix_recipients_status", "status"),
     sa.Index("ix_recipients_address_lower", sa.func.lower(sa.text("address"))),
+    sa.Index("ix_recipients_domain", "domain"),  # search: domain:
 )
 
 events = sa.Table(
