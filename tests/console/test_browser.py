@@ -11,8 +11,6 @@ import io
 import os
 import shutil
 import smtplib
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -25,6 +23,9 @@ import httpx
 import pytest
 from helpers import ServeProcess, serve_config
 from helpers.peers import Sink, SinkBehaviour
+
+from relay.auth import hash_password
+from relay.logstore import LogStore
 
 T = TypeVar("T")
 
@@ -128,6 +129,17 @@ class World:
         return httpx.Client(base_url=self.base, cookies=jar, timeout=10, follow_redirects=False)
 
 
+async def _add_users(url: str) -> None:
+    """The console users, in the store `relay serve` opens next (as `relay users add` does)."""
+    store = await LogStore.open(url)
+    try:
+        await store.upgrade()
+        for name, role in (("sam", "support"), ("val", "viewer")):
+            await store.add_user(name, await asyncio.to_thread(hash_password, PASSWORDS[name]), role)
+    finally:
+        await store.close()
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     _browser_or_skip()
@@ -155,12 +167,8 @@ host = "127.0.0.1"
 port = {sink.port}
 """)  # fmt: skip
     # (hard_bounces off: the journey's retry is meant to reach the fixed sink, not the suppression list)
-    for name, role in (("sam", "support"), ("val", "viewer")):
-        subprocess.run(
-            [sys.executable, "-m", "relay", "users", "add", name, "--role", role, "--password-stdin",
-             "--config", str(config)],
-            input=PASSWORDS[name].encode(), check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
+    (tmp / "data").mkdir()
+    bg.run(_add_users(f"sqlite+aiosqlite:///{tmp / 'data' / 'relay.db'}"))
     server = bg.run(ServeProcess(config).start())
     options = Options()
     options.binary_location = CHROMIUM
@@ -169,6 +177,10 @@ port = {sink.port}
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     driver.set_page_load_timeout(WAIT)
+    # the screenshots' size: a 1280x900 viewport, whatever the headless window's decorations take
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}
+    )
     try:
         yield World(f"http://127.0.0.1:{server.ports['http']}", server.smtp_port, driver, sink, pixel)
     finally:
@@ -217,18 +229,18 @@ def open_page(world: World, path: str) -> None:
 def sign_in(world: World, name: str) -> None:
     """Signs out whoever was signed in (cookies dropped) and signs ``name`` in."""
     world.driver.delete_all_cookies()
-    open_page(world, "/ui/")
-    wait(world, lambda d: "/ui/signin" in d.current_url)
-    css(world, "input[name=name]").send_keys(name)
+    open_page(world, "/ui/login")
+    css(world, "input[name=username]").send_keys(name)
     css(world, "input[name=password]").send_keys(PASSWORDS[name])
-    css(world, "form button[type=submit], form input[type=submit]").click()
-    wait(world, lambda d: "/ui/signin" not in d.current_url)
+    css(world, "form[action='/ui/login'] button[type=submit]").click()
+    wait(world, lambda d: "/ui/login" not in d.current_url)
     page_ready(world)
 
 
 def submit(world: World, rcpt: str, data: bytes) -> str:
     """One message over SMTP; its queue id."""
     with smtplib.SMTP("127.0.0.1", world.smtp_port, timeout=10) as client:
+        client.ehlo("client.test")
         client.mail("app@example.com")
         code, _ = client.rcpt(rcpt)
         assert code == 250
@@ -261,7 +273,7 @@ def poll(check: Callable[[], T | None], timeout: float = WAIT, what: str = "cond
 def test_a_sign_in(world: World) -> None:
     world.driver.delete_all_cookies()
     open_page(world, "/ui/")
-    wait(world, lambda d: "/ui/signin" in d.current_url)  # not signed in: sent to sign in
+    wait(world, lambda d: "/ui/login" in d.current_url)  # not signed in: sent to sign in
     shot(world, "a_signin")
     sign_in(world, "sam")
     assert "sam" in world.driver.page_source
@@ -273,7 +285,7 @@ def test_b_search_finds_the_bounce(world: World) -> None:
                  b"Invoice 42 is attached.\r\n")  # fmt: skip
     world.found["bounced"] = qid
     poll(lambda: message_state(world, qid).get(JANE) == "bounced", what="the bounce")
-    open_page(world, "/ui/search?q=" + httpx.QueryParams({"q": f"to:{JANE} status:bounced"})["q"])
+    open_page(world, "/ui/messages?" + str(httpx.QueryParams({"q": f"to:{JANE} status:bounced"})))
     wait(world, lambda d: qid in d.page_source)
     shot(world, "b_search")
     link = css(world, f"a[href*='{qid}']")
@@ -377,7 +389,7 @@ def test_g_viewer_sees_no_body_and_no_actions(world: World) -> None:
     assert not all_css(world, "main form[method=post], main form[method=POST]")  # no action buttons
     shot(world, "g_viewer_message")
     open_page(world, f"/ui/cases/{case_id}")
-    assert not all_css(world, "form[method=post]")
+    assert not all_css(world, "main form[method=post]")  # (the header's sign-out form is one)
     assert not all_css(world, "button.action-retry")
     shot(world, "g_viewer_case")
     with world.browser_client() as client:  # and the server refuses what the page does not offer
