@@ -224,11 +224,7 @@ async def audit(
 ) -> None:
     """One line of the access audit (sign-ins, body views, downloads). A failure to write it
     fails the request: nothing is shown that is not recorded."""
-    write = getattr(store_of(request), "audit", None)  # LogStore.audit comes with helper "cases"
-    if write is None:
-        log.warning("console: no access audit yet: %s %s %s", actor, action, target)
-        return
-    await write(actor=actor, ip=client_ip(request), action=action, target=target, details=details)
+    await store_of(request).audit(actor=actor, ip=client_ip(request), action=action, target=target, details=details)
 
 
 # -- pages

@@ -24,15 +24,15 @@ _GET = (
         console_sessions.c.seen_at, console_sessions.c.ip, users.c.role,
     )
     .join(users, users.c.name == console_sessions.c.username)
-    .where(console_sessions.c.id == sa.bindparam("id"), users.c.role.in_(CONSOLE_ROLES))
+    .where(console_sessions.c.id == sa.bindparam("sid"), users.c.role.in_(CONSOLE_ROLES))
 )  # fmt: skip
 _INSERT = console_sessions.insert()
 _TOUCH = (
     console_sessions.update()
-    .where(console_sessions.c.id == sa.bindparam("id"), console_sessions.c.seen_at < sa.bindparam("before"))
+    .where(console_sessions.c.id == sa.bindparam("sid"), console_sessions.c.seen_at < sa.bindparam("before"))
     .values(seen_at=sa.bindparam("now"))
 )
-_DELETE = console_sessions.delete().where(console_sessions.c.id == sa.bindparam("id"))
+_DELETE = console_sessions.delete().where(console_sessions.c.id == sa.bindparam("sid"))
 _DELETE_IDLE = console_sessions.delete().where(console_sessions.c.seen_at < sa.bindparam("before"))
 _DELETE_USER = console_sessions.delete().where(console_sessions.c.username == sa.bindparam("name"))
 
@@ -66,18 +66,18 @@ def create(conn: Connection, username: str, ip: str, *, idle: float, now: float)
 
 def get(conn: Connection, token: str, *, idle: float, now: float) -> ConsoleSession | None:
     """The session of ``token``, unless it is unknown, idle too long, or its user cannot sign in."""
-    r = conn.execute(_GET, {"id": session_id(token)}).first()
+    r = conn.execute(_GET, {"sid": session_id(token)}).first()
     if r is None or float(r.seen_at) + idle <= now:
         return None
     return ConsoleSession(r.id, r.username, r.role, r.csrf, float(r.created_at), float(r.seen_at), r.ip)
 
 
 def touch(conn: Connection, sid: str, now: float) -> bool:
-    return conn.execute(_TOUCH, {"id": sid, "before": now - TOUCH_EVERY, "now": now}).rowcount > 0
+    return conn.execute(_TOUCH, {"sid": sid, "before": now - TOUCH_EVERY, "now": now}).rowcount > 0
 
 
 def delete(conn: Connection, sid: str) -> bool:
-    return conn.execute(_DELETE, {"id": sid}).rowcount > 0
+    return conn.execute(_DELETE, {"sid": sid}).rowcount > 0
 
 
 def delete_user(conn: Connection, name: str) -> int:

@@ -33,13 +33,14 @@ class Console:
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.base, timeout=15, follow_redirects=False)
 
-    async def sign_in(self, name: str, password: str = PASSWORD) -> httpx.AsyncClient:
+    @asynccontextmanager
+    async def signed_in(self, name: str, password: str = PASSWORD) -> AsyncIterator[httpx.AsyncClient]:
         """A client signed in as ``name`` (asserts that it worked)."""
-        client = self.client()
-        r = await sign_in(client, name, password)
-        assert r.status_code == 303, r.text
-        assert r.headers["location"].startswith("/ui/")
-        return client
+        async with self.client() as client:
+            r = await sign_in(client, name, password)
+            assert r.status_code == 303, r.text
+            assert r.headers["location"].startswith("/ui/")
+            yield client
 
 
 async def sign_in(client: httpx.AsyncClient, name: str, password: str = PASSWORD, next: str = "") -> httpx.Response:
