@@ -194,7 +194,10 @@ port = {sink.port}
 # -- small steps
 
 
-def shot(world: World, name: str) -> None:
+def shot(world: World, name: str, at: str | None = None) -> None:
+    """The viewport as test-artifacts/console/NAME.png; scrolled to the element ``at`` first."""
+    if at is not None:
+        world.driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", css(world, at))
     world.driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
 
 
@@ -302,6 +305,7 @@ def test_c_message_timeline(world: World) -> None:
     assert "5.1.1" in text  # the sink's reply, as the timeline shows it
     assert "User unknown" in text
     shot(world, "c_message")
+    shot(world, "c_message_timeline", at="#tl-h")
 
 
 def test_d_open_a_case(world: World) -> None:
@@ -450,7 +454,9 @@ def test_i_html_body_script_and_pixel_inert(world: World) -> None:
     open_page(world, f"/ui/messages/{qid}")
     title = world.driver.title
     frame = wait(world, lambda d: all_css(world, "iframe") and css(world, "iframe"))
-    assert "allow-scripts" not in (frame.get_attribute("sandbox") or "allow-scripts")  # sandboxed, no scripts
+    sandbox = frame.get_attribute("sandbox")
+    assert sandbox is not None  # sandboxed...
+    assert "allow-scripts" not in sandbox  # ...without scripts
     world.driver.switch_to.frame(frame)
     try:
         wait(world, lambda d: all_css(world, "#marker"))
@@ -459,16 +465,16 @@ def test_i_html_body_script_and_pixel_inert(world: World) -> None:
     finally:
         world.driver.switch_to.default_content()
     assert world.driver.title == title != "hijacked"
-    shot(world, "i_html_message")
+    shot(world, "i_html_message", at="#body-h")
     assert world.pixel.hits == []  # the remote image was never fetched
 
 
 def test_z_screenshots_for_the_readme(world: World) -> None:
     """Every journey saved its pages; the README's three come from these."""
-    for name in ("b_search", "c_message", "e_case_confirmed"):
+    for name in ("b_search", "c_message_timeline", "e_case_confirmed"):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 1000
     if os.environ.get("CONSOLE_DOCS_SCREENSHOTS"):  # refresh docs/ by hand: CONSOLE_DOCS_SCREENSHOTS=1 pytest ...
         docs = ARTIFACTS.parents[1] / "docs"
-        for src, dst in (("b_search", "console-search"), ("c_message", "console-message"),
+        for src, dst in (("b_search", "console-search"), ("c_message_timeline", "console-message"),
                          ("e_case_confirmed", "console-case")):  # fmt: skip
             shutil.copyfile(ARTIFACTS / f"{src}.png", docs / f"{dst}.png")
