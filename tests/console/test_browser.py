@@ -9,6 +9,7 @@ import asyncio
 import csv
 import io
 import os
+import re
 import shutil
 import smtplib
 import threading
@@ -114,7 +115,21 @@ class World:
     driver: Any  # selenium.webdriver.Chrome
     sink: Sink
     pixel: PixelServer
-    found: dict[str, Any] = field(default_factory=dict)  # what one journey leaves for the next
+    found: dict[str, Any] = field(default_factory=dict)  # what the journeys did: see ``journey``
+    user: str = ""  # who is signed in in the browser
+
+    def journey(self, name: str, run: Callable[[World], T]) -> T:
+        """``run``'s result, running it first if this world has not yet. pytest-xdist may hand a
+        later journey to another worker than the earlier ones (each worker has its own relay and
+        browser): a journey then walks the ones it builds on itself."""
+        if name not in self.found:
+            self.found[name] = run(self)
+        value: T = self.found[name]
+        return value
+
+    def as_user(self, name: str) -> None:
+        if self.user != name:
+            sign_in(self, name)
 
     def api(self) -> httpx.Client:
         return httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
@@ -202,9 +217,17 @@ def shot(world: World, name: str, at: str | None = None) -> None:
 
 
 def wait(world: World, condition: Callable[[Any], Any], timeout: float = WAIT) -> Any:
+    """WebDriverWait for ``condition``; on a timeout the page is saved (TIMEOUT.png, TIMEOUT.html)
+    and the failure names its URL."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(world.driver, timeout).until(condition)
+    try:
+        return WebDriverWait(world.driver, timeout).until(condition)
+    except TimeoutException:
+        world.driver.save_screenshot(str(ARTIFACTS / "TIMEOUT.png"))
+        (ARTIFACTS / "TIMEOUT.html").write_text(world.driver.page_source)
+        raise AssertionError(f"waited {timeout}s in vain on {world.driver.current_url}") from None
 
 
 def css(world: World, selector: str) -> Any:
@@ -237,6 +260,7 @@ def sign_in(world: World, name: str) -> None:
     css(world, "form[action='/ui/login'] button[type=submit]").click()
     wait(world, lambda d: "/ui/login" not in d.current_url)
     page_ready(world)
+    world.user = name
 
 
 def submit(world: World, rcpt: str, data: bytes) -> str:
@@ -270,11 +294,12 @@ def poll(world: World, check: Callable[[], T | None], timeout: float = WAIT, wha
     return value
 
 
-# -- the journeys, in order
+# -- the journeys, in order; each a function of the world, each a test
 
 
-def test_a_sign_in(world: World) -> None:
+def sign_in_journey(world: World) -> None:
     world.driver.delete_all_cookies()
+    world.user = ""
     open_page(world, "/ui/")
     wait(world, lambda d: "/ui/login" in d.current_url)  # not signed in: sent to sign in
     shot(world, "a_signin")
@@ -283,60 +308,66 @@ def test_a_sign_in(world: World) -> None:
     shot(world, "a_signed_in")
 
 
-def test_b_search_finds_the_bounce(world: World) -> None:
+def search_journey(world: World) -> str:
+    """The bounced message's queue id."""
+    world.journey("a", sign_in_journey)
+    world.as_user("sam")
     qid = submit(world, JANE, b"From: app@example.com\r\nTo: jane@example.com\r\nSubject: Your invoice\r\n\r\n"
                  b"Invoice 42 is attached.\r\n")  # fmt: skip
-    world.found["bounced"] = qid
     poll(world, lambda: message_state(world, qid).get(JANE) == "bounced", what="the bounce")
     open_page(world, "/ui/messages?" + str(httpx.QueryParams({"q": f"to:{JANE} status:bounced"})))
     wait(world, lambda d: qid in d.page_source)
+    assert "1 message" in css(world, "p.count").text
     shot(world, "b_search")
-    link = css(world, f"a[href*='{qid}']")
-    assert link.is_displayed()
+    assert css(world, f"a[href='/ui/messages/{qid}']").is_displayed()
+    return qid
 
 
-def test_c_message_timeline(world: World) -> None:
-    qid = world.found["bounced"]
-    css(world, f"a[href*='{qid}']").click()
-    wait(world, lambda d: f"/ui/messages/{qid}" in d.current_url)
+def timeline_journey(world: World) -> str:
+    """The bounced message, its page open."""
+    qid = world.journey("b", search_journey)
+    world.as_user("sam")
+    open_page(world, "/ui/messages?" + str(httpx.QueryParams({"q": f"to:{JANE} status:bounced"})))
+    css(world, f"a[href='/ui/messages/{qid}']").click()  # from the search results
+    wait(world, lambda d: d.current_url.endswith(f"/ui/messages/{qid}"))
     page_ready(world)
-    text = world.driver.page_source
-    assert "bounced" in text
-    assert "5.1.1" in text  # the sink's reply, as the timeline shows it
-    assert "User unknown" in text
+    timeline = css(world, "#tl-h").find_element("xpath", "..").text
+    assert "Bounced" in timeline
+    assert "5.1.1" in timeline  # the sink's reply, as the timeline shows it
+    assert "User unknown" in timeline
     shot(world, "c_message")
     shot(world, "c_message_timeline", at="#tl-h")
+    return qid
 
 
-def test_d_open_a_case(world: World) -> None:
-    qid = world.found["bounced"]
-    buttons = all_css(world, "form[action='/ui/cases/new'] button[type=submit]")
-    if buttons:
-        buttons[0].click()  # the message page's "open a case"
-    else:
-        open_page(world, f"/ui/cases/new?queue_id={qid}")
-    wait(world, lambda d: "/ui/cases/new" in d.current_url or "/ui/cases/" in d.current_url)
+def open_case_journey(world: World) -> int:
+    """The case opened from the message page."""
+    qid = world.journey("c", timeline_journey)
+    world.as_user("sam")
+    open_page(world, f"/ui/messages/{qid}")
+    css(world, "form[action='/ui/cases/new'] button[type=submit]").click()  # "Open a case for this message"
+    wait(world, lambda d: all_css(world, "form.case-new input[name=title]"))
+    css(world, "form.case-new input[name=title]").send_keys("Invoice to Jane bounced")
+    css(world, "form.case-new input[name=customer_ref]").send_keys("TICKET-4711")
+    shot(world, "d_case_new")
+    css(world, "form.case-new button[type=submit]").click()
+    wait(world, lambda d: re.search(r"/ui/cases/\d+$", d.current_url))
     page_ready(world)
-    if all_css(world, "form.case-new input[name=title]"):
-        title = css(world, "form.case-new input[name=title]")
-        title.clear()
-        title.send_keys("Invoice to Jane bounced")
-        css(world, "form.case-new input[name=customer_ref]").send_keys("TICKET-4711")
-        shot(world, "d_case_new")
-        css(world, "form.case-new button[type=submit]").click()
-    wait(world, lambda d: d.current_url.rstrip("/").split("/")[-1].split("#")[0].isdigit())
-    page_ready(world)
-    case_id = int(world.driver.current_url.split("/ui/cases/")[1].split("#")[0].split("?")[0])
-    world.found["case"] = case_id
+    match = re.search(r"/ui/cases/(\d+)$", world.driver.current_url)
+    assert match
     assert css(world, "#case-state").get_attribute("data-state") == "open"
     assert qid in css(world, "#messages").text
     incident = css(world, ".trail .entry[data-kind=incident]").text
-    assert JANE in incident or "5.1.1" in incident  # summarised automatically from the bounce
+    assert f"{qid} to {JANE}: bounced" in incident  # summarised by Relay from the bounce
+    assert "5.1.1" in incident
     shot(world, "d_case")
+    return int(match.group(1))
 
 
-def test_e_fix_retry_and_confirmed_by_itself(world: World) -> None:
-    case_id, qid = world.found["case"], world.found["bounced"]
+def confirmed_journey(world: World) -> int:
+    """The case, confirmed by Relay once the retried recipient was delivered."""
+    case_id, qid = world.journey("d", open_case_journey), world.journey("b", search_journey)
+    world.as_user("sam")
     world.sink.behaviour.rcpt.pop(JANE, None)  # the mailbox exists again
     open_page(world, f"/ui/cases/{case_id}")
     css(world, f"tr[data-queue-id='{qid}'] button.action-retry").click()
@@ -351,17 +382,40 @@ def test_e_fix_retry_and_confirmed_by_itself(world: World) -> None:
     assert message_state(world, qid)[JANE] == "delivered"
     assert JANE in world.sink.rcpts
     confirmation = css(world, ".trail .entry[data-kind=confirmation]")
-    assert confirmation.find_element("css selector", ".actor").text != "sam"  # not by hand
+    assert confirmation.find_element("css selector", ".actor").text == "relay"  # not by hand
+    assert "confirmed automatically" in confirmation.text
     shot(world, "e_case_confirmed")
+    return case_id
+
+
+def test_a_sign_in(world: World) -> None:
+    world.journey("a", sign_in_journey)
+
+
+def test_b_search_finds_the_bounce(world: World) -> None:
+    world.journey("b", search_journey)
+
+
+def test_c_message_timeline(world: World) -> None:
+    world.journey("c", timeline_journey)
+
+
+def test_d_open_a_case(world: World) -> None:
+    world.journey("d", open_case_journey)
+
+
+def test_e_fix_retry_and_confirmed_by_itself(world: World) -> None:
+    world.journey("e", confirmed_journey)
 
 
 def test_f_export_the_resolution_log(world: World) -> None:
-    case_id = world.found["case"]
+    case_id = world.journey("e", confirmed_journey)
+    world.as_user("sam")
     with world.browser_client() as client:
         r = client.get(f"/ui/cases/{case_id}/export.json")
         assert r.status_code == 200, r.text
         assert r.headers["content-type"].startswith("application/json")
-        assert f"case-{case_id}.json" in r.headers["content-disposition"]
+        assert r.headers["content-disposition"] == f'attachment; filename="case-{case_id}.json"'
         doc = r.json()
         r = client.get(f"/ui/cases/{case_id}/export.csv")
         assert r.status_code == 200
@@ -370,40 +424,46 @@ def test_f_export_the_resolution_log(world: World) -> None:
     assert doc["case"]["id"] == case_id
     assert doc["case"]["state"] == "confirmed"
     assert doc["case"]["customer_ref"] == "TICKET-4711"
-    kinds = [e["kind"] for e in doc["entries"]]
-    assert kinds[0] == "incident"
-    assert "action" in kinds
-    assert kinds[-1] == "confirmation"
-    assert all(len(e["hash"]) == 64 for e in doc["entries"])
+    assert [e["kind"] for e in doc["entries"]] == ["incident", "action", "confirmation"]
+    assert doc["entries"][1]["details"]["action"] == "retry"
+    assert doc["entries"][2]["details"]["automatic"] is True
+    assert all(re.fullmatch(r"[0-9a-f]{64}", e["hash"]) for e in doc["entries"])
     assert rows[0] == ["at", "actor", "kind", "summary", "hash"]
-    assert [r[2] for r in rows[1:]] == kinds
+    assert [r[1:3] for r in rows[1:]] == [["sam", "incident"], ["sam", "action"], ["relay", "confirmation"]]
     assert [r[4] for r in rows[1:]] == [e["hash"] for e in doc["entries"]]
-    open_page(world, f"/ui/cases/{case_id}/print")
+    open_page(world, f"/ui/cases/{case_id}")
+    css(world, "#export-print").click()
+    wait(world, lambda d: d.current_url.endswith(f"/ui/cases/{case_id}/print"))
+    page_ready(world)
     assert not all_css(world, "nav")  # printable: no navigation
     assert "TICKET-4711" in world.driver.page_source
+    assert doc["entries"][-1]["hash"] in world.driver.page_source
     shot(world, "f_print")
 
 
 def test_g_viewer_sees_no_body_and_no_actions(world: World) -> None:
-    qid, case_id = world.found["bounced"], world.found["case"]
-    sign_in(world, "val")
+    qid, case_id = world.journey("b", search_journey), world.journey("d", open_case_journey)
+    world.as_user("val")
     open_page(world, f"/ui/messages/{qid}")
     assert "Invoice 42 is attached" not in world.driver.page_source  # no body
     assert not all_css(world, "iframe")
-    assert not all_css(world, "main form[method=post], main form[method=POST]")  # no action buttons
+    assert not all_css(world, "main form[method=post]")  # no action buttons (the header's sign-out is a form)
+    assert not all_css(world, "main button")
     shot(world, "g_viewer_message")
     open_page(world, f"/ui/cases/{case_id}")
-    assert not all_css(world, "main form[method=post]")  # (the header's sign-out form is one)
+    assert not all_css(world, "main form[method=post]")
     assert not all_css(world, "button.action-retry")
     shot(world, "g_viewer_case")
     with world.browser_client() as client:  # and the server refuses what the page does not offer
         r = client.post(f"/ui/cases/{case_id}/entries", data={"kind": "interaction", "channel": "phone",
                                                                "summary": "viewer was here"})  # fmt: skip
         assert r.status_code == 403
+        r = client.get(f"/ui/messages/{qid}/html")
+        assert r.status_code == 403
 
 
 def test_h_post_without_csrf_refused(world: World) -> None:
-    sign_in(world, "sam")
+    world.as_user("sam")
     qid = submit(world, "bob@example.net", b"Subject: Order shipped\r\n\r\nOn its way.\r\n")
     open_page(world, f"/ui/cases/new?queue_id={qid}")
     css(world, "form.case-new input[name=title]").send_keys("Bob asks about his order")
@@ -416,8 +476,7 @@ def test_h_post_without_csrf_refused(world: World) -> None:
     world.driver.execute_script("document.querySelector('#form-interaction input[name=csrf]').remove()")
     css(world, "#form-interaction textarea[name=summary]").send_keys("called the customer")
     css(world, "#form-interaction button[type=submit]").click()
-    page_ready(world)
-    assert world.driver.title.startswith("403")
+    wait(world, lambda d: d.title.startswith("403"))  # the refusal page
     assert "did not come from this console" in world.driver.page_source
     shot(world, "h_csrf_refused")
     # and a forged request with the session cookie but a wrong token
@@ -451,6 +510,7 @@ def test_i_html_body_script_and_pixel_inert(world: World) -> None:
         f"--b1\r\nContent-Type: text/html; charset=utf-8\r\n\r\n{html}\r\n--b1--\r\n"
     ).encode()
     qid = submit(world, "kim@example.net", data)
+    world.as_user("sam")
     open_page(world, f"/ui/messages/{qid}")
     title = world.driver.title
     frame = wait(world, lambda d: all_css(world, "iframe") and css(world, "iframe"))
@@ -471,6 +531,7 @@ def test_i_html_body_script_and_pixel_inert(world: World) -> None:
 
 def test_z_screenshots_for_the_readme(world: World) -> None:
     """Every journey saved its pages; the README's three come from these."""
+    world.journey("e", confirmed_journey)
     for name in ("b_search", "c_message_timeline", "e_case_confirmed"):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 1000
     if os.environ.get("CONSOLE_DOCS_SCREENSHOTS"):  # refresh docs/ by hand: CONSOLE_DOCS_SCREENSHOTS=1 pytest ...

@@ -7,8 +7,6 @@ import csv
 import io
 import json
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -20,15 +18,6 @@ from relay.console.cases_pages import csv_cell
 
 CASE_URL = re.compile(r"^/ui/cases/(\d+)")
 MSG = b"From: app@example.com\r\nTo: jane@example.com\r\nSubject: Your invoice\r\n\r\nInvoice 42.\r\n"
-
-
-@asynccontextmanager
-async def signed_in(console: Console, name: str) -> AsyncIterator[httpx.AsyncClient]:
-    client = await console.sign_in(name)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def submit(console: Console, rcpts: list[str], data: bytes = MSG) -> str:
@@ -64,7 +53,7 @@ async def trail(console: Console, case_id: int) -> list[str]:
 
 async def test_a_case_from_opening_to_feedback(console: Console) -> None:
     qid = await submit(console, ["jane@example.com"])
-    async with signed_in(console, "sam") as sam:
+    async with console.signed_in("sam") as sam:
         # the search page's selection posts ids without a title: the form to complete comes back
         r = await sam.post("/ui/cases/new", data={"csrf": await csrf_of(sam), "queue_id": [qid], "from": "search"})
         assert r.status_code == 200
@@ -110,7 +99,7 @@ async def test_a_case_from_opening_to_feedback(console: Console) -> None:
 async def test_actions_from_a_case_run_with_its_id(console: Console) -> None:
     qid = await submit(console, ["jane@example.com"])
     other = await submit(console, ["bob@example.com"])
-    async with signed_in(console, "sam") as sam:
+    async with console.signed_in("sam") as sam:
         case_id = await open_case(sam, [qid])
         page = f"/ui/cases/{case_id}"
         r = await post(sam, f"{page}/actions", page, action="retry", queue_id=qid, reason="mailbox fixed")
@@ -144,9 +133,9 @@ async def test_actions_from_a_case_run_with_its_id(console: Console) -> None:
 
 async def test_viewer_reads_but_cannot_post(console: Console) -> None:
     qid = await submit(console, ["jane@example.com"])
-    async with signed_in(console, "sam") as sam:
+    async with console.signed_in("sam") as sam:
         case_id = await open_case(sam, [qid])
-    async with signed_in(console, "vera") as vera:
+    async with console.signed_in("vera") as vera:
         page = await vera.get(f"/ui/cases/{case_id}")
         assert page.status_code == 200
         assert 'method="post" action="/ui/cases/' not in page.text  # no forms, no buttons
@@ -163,7 +152,7 @@ async def test_viewer_reads_but_cannot_post(console: Console) -> None:
         assert (await vera.get("/ui/cases/new")).status_code == 403
         assert (await vera.get("/ui/audit")).status_code == 403
         assert (await vera.get("/ui/users")).status_code == 403
-    async with signed_in(console, "sam") as sam:
+    async with console.signed_in("sam") as sam:
         assert (await sam.get("/ui/audit")).status_code == 403  # admin only
         assert (await sam.get("/ui/users")).status_code == 403
     assert await trail(console, case_id) == ["incident"]
@@ -172,7 +161,7 @@ async def test_viewer_reads_but_cannot_post(console: Console) -> None:
 
 async def test_posts_without_the_sessions_csrf_token_are_refused(console: Console) -> None:
     qid = await submit(console, ["jane@example.com"])
-    async with signed_in(console, "sam") as sam, signed_in(console, "ada") as ada:
+    async with console.signed_in("sam") as sam, console.signed_in("ada") as ada:
         case_id = await open_case(sam, [qid])
         others = await csrf_of(ada)  # a valid token, of another session
         url = f"/ui/cases/{case_id}/entries"
@@ -194,7 +183,7 @@ async def test_posts_without_the_sessions_csrf_token_are_refused(console: Consol
 
 
 async def test_unknown_cases_answer_the_404_page(console: Console) -> None:
-    async with signed_in(console, "sam") as sam:
+    async with console.signed_in("sam") as sam:
         csrf = await csrf_of(sam)
         for case_id in ("999999", "abc", "1e3", "-1", "9" * 40, "%00"):
             for suffix in ("", "/export.json", "/export.csv", "/print"):
@@ -209,7 +198,7 @@ async def test_unknown_cases_answer_the_404_page(console: Console) -> None:
 
 async def test_hostile_form_values_are_refused_with_a_sentence(console: Console) -> None:
     qid = await submit(console, ["jane@example.com"])
-    async with signed_in(console, "sam") as sam:
+    async with console.signed_in("sam") as sam:
         csrf = await csrf_of(sam)
         for title in ("", "nul\x00title", "t" * 10_000):
             r = await sam.post("/ui/cases/new", data={"csrf": csrf, "queue_id": qid, "title": title})
@@ -235,7 +224,7 @@ async def test_hostile_form_values_are_refused_with_a_sentence(console: Console)
 
 async def test_exports_json_csv_and_print(console: Console) -> None:
     qid = await submit(console, ["jane@example.com"])
-    async with signed_in(console, "sam") as sam:
+    async with console.signed_in("sam") as sam:
         case_id = await open_case(sam, [qid], customer_ref='=HYPERLINK("http://evil")', incident="@SUM(A1:A9)")
         page = f"/ui/cases/{case_id}"
         for summary in ("Jane called", "plain text, with a comma"):
@@ -285,7 +274,7 @@ async def test_exports_json_csv_and_print(console: Console) -> None:
 
 
 async def test_csv_export_neutralises_every_formula_start(console: Console) -> None:
-    async with signed_in(console, "sam") as sam:
+    async with console.signed_in("sam") as sam:
         for value in ("=1+1", "+cmd|' /C calc'!A0", "-2+3", "@SUM(1)"):
             case_id = await open_case(sam, [], incident=value)
             rows = list(csv.reader(io.StringIO((await sam.get(f"/ui/cases/{case_id}/export.csv")).text)))
@@ -303,7 +292,7 @@ def test_csv_cells_that_look_like_formulas_are_quoted() -> None:
 async def test_the_case_list_filters_and_marks_overdue(tmp_path: Path) -> None:
     async with console_with(tmp_path, console={"case_sla": "1ms"}) as console:
         qid = await submit(console, ["jane@example.com"])
-        async with signed_in(console, "sam") as sam, signed_in(console, "ada") as ada:
+        async with console.signed_in("sam") as sam, console.signed_in("ada") as ada:
             mine = await open_case(sam, [qid], title="Sam's case")
             hers = await open_case(ada, [qid], title="Ada's case")
             closed = await open_case(sam, [], title="Closed one")
@@ -330,7 +319,7 @@ async def test_the_case_list_filters_and_marks_overdue(tmp_path: Path) -> None:
 
 
 async def test_users_page_adds_and_removes_console_users(console: Console) -> None:
-    async with signed_in(console, "ada") as ada:
+    async with console.signed_in("ada") as ada:
         page = await ada.get("/ui/users")
         assert page.status_code == 200
         for name in ("vera", "sam", "ada", "smitty"):
@@ -366,12 +355,12 @@ async def test_users_page_adds_and_removes_console_users(console: Console) -> No
 
 
 async def test_the_audit_page_lists_filters_and_verifies(console: Console) -> None:
-    async with signed_in(console, "sam"):
+    async with console.signed_in("sam"):
         pass
     bad = console.client()
     assert (await sign_in(bad, "sam", "wrong password")).status_code == 401
     await bad.aclose()
-    async with signed_in(console, "ada") as ada:
+    async with console.signed_in("ada") as ada:
         r = await ada.get("/ui/audit")
         assert r.status_code == 200
         assert "signin_failed" in r.text
@@ -394,10 +383,10 @@ async def test_the_audit_page_lists_filters_and_verifies(console: Console) -> No
 
 @pytest.mark.parametrize("role_user", ["vera", "sam"])
 async def test_the_nav_shows_admin_pages_to_admins_only(console: Console, role_user: str) -> None:
-    async with signed_in(console, role_user) as client:
+    async with console.signed_in(role_user) as client:
         text = (await client.get("/ui/cases")).text
         assert 'href="/ui/cases"' in text
         assert 'href="/ui/users"' not in text
-    async with signed_in(console, "ada") as ada:
+    async with console.signed_in("ada") as ada:
         assert 'href="/ui/users"' in (await ada.get("/ui/cases")).text
     assert PASSWORD
