@@ -461,9 +461,19 @@ async def audit_page(
 def _audit_row(entry: AuditEntry) -> dict[str, Any]:
     return {
         "id": entry.id, "at": entry.at, "actor": entry.actor, "ip": entry.ip, "action": entry.action,
-        "target": entry.target, "details": ", ".join(f"{k}={v}" for k, v in entry.details.items()),
+        "target": entry.target, "details": ", ".join(f"{k}={_short(k, v)}" for k, v in entry.details.items()),
+        "all_details": json.dumps(dict(entry.details), ensure_ascii=False, default=str)[:4000],
         "short_hash": entry.hash[:12], "hash": entry.hash,
     }  # fmt: skip
+
+
+def _short(key: str, value: Any) -> str:
+    """A detail as the audit table shows it: hashes cut to 12 characters, lists joined, long
+    text cut (the cell's title has it all)."""
+    text = " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+    if key.endswith("hash"):
+        return text[:12]
+    return text if len(text) <= 80 else text[:79] + "…"
 
 
 def _report(report: ChainReport | None) -> dict[str, Any] | None:

@@ -33,7 +33,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "console"
 TOKEN = "browser-test-api-token-0123456789"
-PASSWORDS = {"sam": "support-password-1", "val": "viewer-password-1"}  # support, viewer
+PASSWORDS = {"sam": "support-password-1", "val": "viewer-password-1", "ada": "admin-password-1"}
 JANE = "jane@example.com"
 REFUSED = "550 5.1.1 <jane@example.com>: Recipient address rejected: User unknown"
 WAIT = 20.0  # seconds a page may take to show what a step waits for
@@ -148,7 +148,7 @@ async def _add_users(url: str) -> None:
     store = await LogStore.open(url)
     try:
         await store.upgrade()
-        for name, role in (("sam", "support"), ("val", "viewer")):
+        for name, role in (("sam", "support"), ("val", "viewer"), ("ada", "admin")):
             await store.add_user(name, await asyncio.to_thread(hash_password, PASSWORDS[name]), role)
     finally:
         await store.close()
@@ -527,6 +527,30 @@ def test_i_html_body_script_and_pixel_inert(world: World) -> None:
     assert world.driver.title == title != "hijacked"
     shot(world, "i_html_message", at="#body-h")
     assert world.pixel.hits == []  # the remote image was never fetched
+
+
+def test_j_admin_reads_the_audit_and_adds_a_user(world: World) -> None:
+    world.journey("a", sign_in_journey)
+    world.as_user("ada")
+    open_page(world, "/ui/cases")
+    assert all_css(world, "tr[data-case-id]")
+    shot(world, "j_cases")
+    open_page(world, "/ui/audit")
+    assert "signin" in css(world, "table.audit").text
+    css(world, "#verify-chains").click()
+    wait(world, lambda d: all_css(world, "#chain-report"))
+    assert css(world, "#chain-report").get_attribute("data-ok") == "true"
+    shot(world, "j_audit")
+    open_page(world, "/ui/users")
+    form = css(world, "#form-user-add")
+    form.find_element("css selector", "input[name=name]").send_keys("nina")
+    form.find_element("css selector", "input[name=password]").send_keys("nina-password-1")
+    form.find_element("css selector", "button[type=submit]").click()
+    wait(world, lambda d: all_css(world, "tr[data-user=nina]"))
+    assert "support" in css(world, "tr[data-user=nina]").text
+    shot(world, "j_users")
+    open_page(world, "/ui/audit?" + str(httpx.QueryParams({"action": "user.add"})))
+    assert "nina" in css(world, "table.audit").text
 
 
 def test_z_screenshots_for_the_readme(world: World) -> None:
