@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Only for the tests (`relay` itself refuses RELAY_* variables that are not settings).
 test: export RELAY_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 
-.PHONY: run test lint browser bench bench-smoke bench-heavy bench-dkim chaos clean
+.PHONY: run test lint browser bench bench-smoke bench-heavy bench-dkim bench-search chaos clean
 
 $(VENV)/.run: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ bench-heavy: $(VENV)/.test
 # CPU per 1,000 DKIM-signed 2 KB messages (RSA 2048, Ed25519); bench/results/dkim.md
 bench-dkim: $(VENV)/.test
 	$(BIN)/python bench/dkim_sign.py --out bench/results/dkim.md
+
+# search at 1,000,000 messages (seeds bench/work/search-1000000.db once, ~3 minutes); bench/results/search.md
+bench-search: $(VENV)/.test
+	$(BIN)/python bench/search.py --out bench/results/search.md
 
 # kill -9 at 50 random moments under load; prints the report and keeps it in bench/results/chaos.md
 chaos: $(VENV)/.test

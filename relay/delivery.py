@@ -180,6 +180,7 @@ class DeliveryEngine:
         self._backlog = False  # the last claim left due work behind
         self._next_retry = float("inf")  # the earliest retry this process scheduled
         store.on_enqueued.append(lambda _msg: self._wake.set())
+        store.on_due.append(self._wake.set)  # a retry or release from the console or the API
 
     def wake(self) -> None:
         self._wake.set()

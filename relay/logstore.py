@@ -92,6 +92,8 @@ class LogStore:
         self._hold = hold  # hold mode: which new messages are stored "held"
         # Called after each enqueue has committed (delivery's wake-up); one that raises is logged.
         self.on_enqueued: list[Callable[[NewMessage], None]] = []
+        # Called after a retry or a release made recipients due (delivery's wake-up, as above).
+        self.on_due: list[Callable[[], None]] = []
 
     @classmethod
     async def open(
@@ -167,6 +169,13 @@ class LogStore:
                 callback(msg)
             except Exception:
                 log.exception("on_enqueued callback failed for %s (the message is stored)", msg.queue_id)
+
+    def _due(self) -> None:
+        for callback in self.on_due:
+            try:
+                callback()
+            except Exception:
+                log.exception("on_due callback failed (the change is stored)")
 
     # -- delivery
 
@@ -251,6 +260,8 @@ class LogStore:
         actor, at = actions.Actor(by, ip, case_id), time.time() if now is None else now
         _text("reason", reason)
         done = await self._engine.call(lambda conn: actions.retry(conn, queue_id, actor, reason=reason, now=at))
+        if done:
+            self._due()
         return len(done)
 
     async def cancel(
@@ -646,6 +657,7 @@ class LogStore:
         done = await self._engine.call(lambda conn: actions.release(conn, queue_id, actor, now=at))
         if done:
             log.info("released %s (%d recipients) by %s", queue_id, len(done), by)
+            self._due()
         return len(done)
 
     async def discard(self, queue_id: str, *, by: str, ip: str = "", case_id: int | None = None) -> int:

@@ -485,5 +485,5 @@ class Dashboard:
     hour: DashboardWindow
     day: DashboardWindow
     queue: Mapping[str, int]  # active recipients per state (ACTIVE_STATES, zero included)
-    oldest_queued_age: float | None  # seconds since the oldest message still in the queue arrived
+    oldest_queued_age: float | None  # seconds since the oldest message still in the queue (held too) arrived
     tags: tuple[TagRow, ...]  # the last day, most received first

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from relay.auth import Authenticator
 from relay.config import Config
-from relay.console import messages, pages, web
+from relay.console import dashboard, messages, pages, web
 from relay.logstore import LogStore
 from relay.model import CONSOLE_ROLES
 
@@ -40,6 +40,7 @@ def install(app: FastAPI, config: Config, store: LogStore, key: bytes, wake_deli
     app.mount(web.PREFIX + "/static", StaticFiles(directory=Path(__file__).parent / "static"), name="console-static")
     app.include_router(pages.router)
     app.include_router(messages.router)
+    app.include_router(dashboard.router)
     for router in _more_routers():
         app.include_router(router)
     app.add_middleware(web.SecurityHeaders)

@@ -14,7 +14,7 @@ from fastapi.responses import Response
 
 from relay.console import mime, timeline, web
 from relay.console.web import CSRF, Support, Viewer
-from relay.errors import Conflict, NotFound, ReasonRequired, RelayError, StoreError
+from relay.errors import ReasonRequired, RelayError, StoreError
 from relay.model import CLOSED_CASE_STATES, FINAL_STATES, HELD, CaseView, MessageView, Suppression
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,14 @@ async def message_page(request: Request, user: Viewer, queue_id: QueueId) -> Res
     store = web.store_of(request)
     view = await _message(request, queue_id)
     qid = view.queue_id
-    webhooks = await store.message_webhooks(qid)
-    cases = await _cases_of(request, qid)
-    raw = await store.raw_message(qid)
+    # The reads are independent: run them at once (each on a reader thread).
+    checked = [r.address for r in view.recipients[:MAX_RECIPIENTS_CHECKED]]
+    webhooks, cases, raw = await asyncio.gather(
+        store.message_webhooks(qid), _cases_of(request, qid), store.raw_message(qid)
+    )
+    entries = await asyncio.gather(*(store.suppression(a) for a in checked))
     parsed = await asyncio.to_thread(mime.parse, raw) if raw is not None else None
-    suppressed: dict[str, Suppression] = {}
-    for r in view.recipients[:MAX_RECIPIENTS_CHECKED]:
-        entry = await store.suppression(r.address)
-        if entry is not None:
-            suppressed[r.address] = entry
+    suppressed: dict[str, Suppression] = {a: e for a, e in zip(checked, entries, strict=True) if e is not None}
     show_body = user.can_act and parsed is not None and (parsed.text is not None or parsed.html is not None)
     if show_body:
         assert parsed is not None
@@ -131,27 +130,32 @@ def _case_id(text: str) -> int | None:
     return int(text)
 
 
-async def _act(request: Request, queue_id: str, op: Awaitable[T], done: str) -> Response:
-    """Run a store action; back to the message page with ``done`` or the reason it was refused."""
-    back = f"{web.PREFIX}/messages/{queue_id}"
+class Refused(Exception):
+    """An action the store refused, with the sentence to show."""
+
+
+async def _run(op: Awaitable[T]) -> T:
+    """A store action's result, or Refused with why (an unknown or closed case, a bad address...)."""
     try:
-        await op
-    except ReasonRequired:
-        return web.redirect(request, back, flash="A reason is required to lift a complaint's suppression.", error=True)
-    except (NotFound, Conflict) as exc:
-        return web.redirect(request, back, flash=f"Not done: {exc}", error=True)
-    except ValueError as exc:
-        return web.redirect(request, back, flash=f"Not done: {exc}", error=True)
-    except StoreError:
-        log.exception("console action on %s failed", queue_id)
-        return web.redirect(request, back, flash="Not done: the store could not be reached. Try again.", error=True)
-    except RelayError as exc:
-        return web.redirect(request, back, flash=f"Not done: {exc}", error=True)
-    return web.redirect(request, back, flash=done)
+        return await op
+    except ReasonRequired as exc:
+        raise Refused("A reason is required to lift a suppression added for a complaint.") from exc
+    except StoreError as exc:
+        log.exception("console action failed")
+        raise Refused("Not done: the store could not be reached. Try again.") from exc
+    except (RelayError, ValueError) as exc:  # NotFound, Conflict, bad input: their words are for people
+        raise Refused(f"Not done: {exc}") from exc
+
+
+def _back(request: Request, queue_id: str, done: str, *, error: bool = False, back: str = "") -> Response:
+    """To the page the form came from (``back``, when a console page) else the message's."""
+    return web.redirect(request, web.local_path(back, f"{web.PREFIX}/messages/{queue_id}"), flash=done, error=error)
 
 
 Text = Annotated[str, Form(max_length=10_000)]
 CaseField = Annotated[str, Form(max_length=40)]
+Back = Annotated[str, Form(max_length=2000)]
+Address = Annotated[str, Form(max_length=320)]
 
 
 @router.post("/messages/{queue_id}/retry", dependencies=[CSRF])
@@ -159,19 +163,15 @@ async def retry(
     request: Request, user: Support, queue_id: QueueId, reason: Text = "", case_id: CaseField = ""
 ) -> Response:
     qid, store = queue_id.upper(), web.store_of(request)
-    count: list[int] = []
-
-    async def run() -> None:
-        count.append(await store.retry(qid, by=user.name, reason=reason, case_id=_case_id(case_id), ip=user.ip))
-        if count[0]:
-            web.console_of(request).wake_delivery()
-
-    response = await _act(request, qid, run(), "Retry requested.")
-    if count and count[0] == 0:
-        return web.redirect(
-            request, f"{web.PREFIX}/messages/{qid}", flash="Nothing to retry: no recipient can be retried.", error=True
+    try:  # delivery is woken by the store once the retry has committed
+        n = await _run(store.retry(qid, by=user.name, reason=reason, case_id=_case_id(case_id), ip=user.ip))
+    except Refused as exc:
+        return _back(request, qid, str(exc), error=True)
+    if not n:
+        return _back(
+            request, qid, "Nothing to retry: no recipient is queued, deferred, expired or bounced.", error=True
         )
-    return response
+    return _back(request, qid, f"Retry requested: {n} recipient{'' if n == 1 else 's'} due now.")
 
 
 @router.post("/messages/{queue_id}/cancel", dependencies=[CSRF])
@@ -179,8 +179,13 @@ async def cancel(
     request: Request, user: Support, queue_id: QueueId, reason: Text = "", case_id: CaseField = ""
 ) -> Response:
     qid, store = queue_id.upper(), web.store_of(request)
-    op = store.cancel(qid, by=user.name, reason=reason, case_id=_case_id(case_id), ip=user.ip)
-    return await _act(request, qid, op, "Cancelled: the recipients that were still waiting will not be sent.")
+    try:
+        n = await _run(store.cancel(qid, by=user.name, reason=reason, case_id=_case_id(case_id), ip=user.ip))
+    except Refused as exc:
+        return _back(request, qid, str(exc), error=True)
+    if not n:
+        return _back(request, qid, "Nothing to cancel: every recipient is final already.", error=True)
+    return _back(request, qid, "Cancelled: the recipients that were still waiting will not be sent.")
 
 
 @router.post("/messages/{queue_id}/resend", dependencies=[CSRF])
@@ -189,27 +194,18 @@ async def resend(
     *,
     user: Support,
     queue_id: QueueId,
-    address: Annotated[str, Form(max_length=320)] = "",
-    new_address: Annotated[str, Form(max_length=320)] = "",
+    address: Address = "",
+    new_address: Address = "",
     reason: Text = "",
     case_id: CaseField = "",
 ) -> Response:
-    qid, store = queue_id.upper(), web.store_of(request)
-    new_id: list[str] = []
-
-    async def run() -> None:
-        new_id.append(
-            await store.resend(qid, address, new_address.strip(), by=user.name, ip=user.ip,
-                               case_id=_case_id(case_id), reason=reason)
-        )  # fmt: skip
-
-    response = await _act(request, qid, run(), "")
-    if new_id:
-        return web.redirect(
-            request, f"{web.PREFIX}/messages/{new_id[0]}",
-            flash=f"Sent again to {new_address.strip()} as a new message (this page); the original links here.",
-        )  # fmt: skip
-    return response
+    qid, store, to = queue_id.upper(), web.store_of(request), new_address.strip()
+    op = store.resend(qid, address, to, by=user.name, ip=user.ip, case_id=_case_id(case_id), reason=reason)
+    try:
+        new_id = await _run(op)
+    except Refused as exc:
+        return _back(request, qid, str(exc), error=True)
+    return _back(request, new_id, f"Sent again to {to} as this new message; the original links here.")
 
 
 @router.post("/messages/{queue_id}/unsuppress", dependencies=[CSRF])
@@ -218,7 +214,7 @@ async def unsuppress(
     *,
     user: Support,
     queue_id: QueueId,
-    address: Annotated[str, Form(max_length=320)] = "",
+    address: Address = "",
     reason: Text = "",
     case_id: CaseField = "",
 ) -> Response:
@@ -226,7 +222,11 @@ async def unsuppress(
     op = store.unsuppress_recipient(
         qid, address, reason, by=user.name, ip=user.ip, case_id=_case_id(case_id), origin="api"
     )
-    return await _act(request, qid, op, f"{address} is no longer on the suppression list.")
+    try:
+        await _run(op)
+    except Refused as exc:
+        return _back(request, qid, str(exc), error=True)
+    return _back(request, qid, f"{address} is no longer on the suppression list.")
 
 
 @router.post("/messages/{queue_id}/note", dependencies=[CSRF])
@@ -234,58 +234,39 @@ async def note(
     request: Request, user: Support, queue_id: QueueId, text: Text = "", case_id: CaseField = ""
 ) -> Response:
     qid, store = queue_id.upper(), web.store_of(request)
-    op = store.comment(qid, text, by=user.name, ip=user.ip, case_id=_case_id(case_id))
-    return await _act(request, qid, op, "Note added.")
+    try:
+        await _run(store.comment(qid, text, by=user.name, ip=user.ip, case_id=_case_id(case_id)))
+    except Refused as exc:
+        return _back(request, qid, str(exc), error=True)
+    return _back(request, qid, "Note added.")
 
 
 @router.post("/messages/{queue_id}/release", dependencies=[CSRF])
 async def release(
-    request: Request,
-    user: Support,
-    queue_id: QueueId,
-    case_id: CaseField = "",
-    back: Annotated[str, Form(max_length=2000)] = "",
+    request: Request, user: Support, queue_id: QueueId, case_id: CaseField = "", back: Back = ""
 ) -> Response:
     qid, store = queue_id.upper(), web.store_of(request)
-    count: list[int] = []
-
-    async def run() -> None:
-        count.append(await store.release(qid, by=user.name, ip=user.ip, case_id=_case_id(case_id)))
-        if count[0]:
-            web.console_of(request).wake_delivery()
-
-    response = await _act(request, qid, run(), "Released: it is being sent now.")
-    if count and count[0] == 0:
-        return web.redirect(
-            request, web.local_path(back, f"{web.PREFIX}/messages/{qid}"), flash="Nothing was held.", error=True
-        )
-    if count and back:
-        return web.redirect(request, web.local_path(back), flash=f"Released {qid}: it is being sent now.")
-    return response
+    try:  # delivery is woken by the store once the release has committed
+        n = await _run(store.release(qid, by=user.name, ip=user.ip, case_id=_case_id(case_id)))
+    except Refused as exc:
+        return _back(request, qid, str(exc), error=True, back=back)
+    if not n:
+        return _back(request, qid, f"Nothing was held in {qid}.", error=True, back=back)
+    return _back(request, qid, f"Released {qid}: it is being sent now.", back=back)
 
 
 @router.post("/messages/{queue_id}/discard", dependencies=[CSRF])
 async def discard(
-    request: Request,
-    user: Support,
-    queue_id: QueueId,
-    case_id: CaseField = "",
-    back: Annotated[str, Form(max_length=2000)] = "",
+    request: Request, user: Support, queue_id: QueueId, case_id: CaseField = "", back: Back = ""
 ) -> Response:
     qid, store = queue_id.upper(), web.store_of(request)
-    count: list[int] = []
-
-    async def run() -> None:
-        count.append(await store.discard(qid, by=user.name, ip=user.ip, case_id=_case_id(case_id)))
-
-    response = await _act(request, qid, run(), "Discarded: it will not be sent.")
-    if count and count[0] == 0:
-        return web.redirect(
-            request, web.local_path(back, f"{web.PREFIX}/messages/{qid}"), flash="Nothing was held.", error=True
-        )
-    if count and back:
-        return web.redirect(request, web.local_path(back), flash=f"Discarded {qid}: it will not be sent.")
-    return response
+    try:
+        n = await _run(store.discard(qid, by=user.name, ip=user.ip, case_id=_case_id(case_id)))
+    except Refused as exc:
+        return _back(request, qid, str(exc), error=True, back=back)
+    if not n:
+        return _back(request, qid, f"Nothing was held in {qid}.", error=True, back=back)
+    return _back(request, qid, f"Discarded {qid}: it will not be sent.", back=back)
 
 
 # -- held messages (hold mode)

@@ -28,6 +28,7 @@ MAX_TEXT = 1_000_000  # characters of a text part shown
 MAX_HTML = 2_000_000  # characters of an HTML part rendered
 MAX_PARTS = 500  # MIME parts looked at
 MAX_DEPTH = 30  # nesting of multiparts followed
+_FOLD = re.compile(r"\r?\n[ \t]*")
 
 
 @dataclass(slots=True)
@@ -46,14 +47,6 @@ class Parsed:
     problems: list[str] = field(default_factory=list)  # what could not be read, in words
 
 
-def _header_value(msg: Message, name: str, raw: object) -> str:
-    try:
-        value = str(raw)
-    except Exception:  # a malformed encoded word or a policy bug: show it undecoded
-        value = repr(raw)
-    return value[:MAX_HEADER_VALUE]
-
-
 def _headers(msg: Message) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     try:
@@ -66,6 +59,7 @@ def _headers(msg: Message) -> list[tuple[str, str]]:
             value = str(msg.policy.header_fetch_parse(name, raw)) if isinstance(raw, str) else str(raw)
         except Exception:
             value = str(raw)
+        value = _FOLD.sub(" ", value).replace("\t", " ")  # unfolded: one line per field
         out.append((str(name)[:200], value[:MAX_HEADER_VALUE]))
     return out
 

@@ -17,8 +17,8 @@ from fastapi.responses import RedirectResponse, Response
 
 from relay.console import web
 from relay.console.web import CSRF, Viewer
-from relay.logstore import LogStore
 from relay.model import SearchPage
+from relay.search import QueryError
 
 log = logging.getLogger(__name__)
 
@@ -131,37 +131,31 @@ def _parse_cursor(text: str) -> tuple[float, str] | None:
     return value
 
 
-async def _search(store: LogStore, query: str, *, limit: int, after: tuple[float, str] | None) -> SearchPage:
-    search = getattr(store, "search_messages", None)  # LogStore.search_messages comes with helper "search"
-    if search is not None:
-        page: SearchPage = await search(query, limit=limit, after=after)
-        return page
-    if query.strip():
-        views = await store.lookup(query.strip(), limit)
-        return SearchPage(tuple(views), len(views), False, None)
-    found, nxt = await store.search(limit=limit, after=after)
-    return SearchPage(tuple(found), len(found), nxt is not None, nxt)
-
-
 @router.get("/messages", name="search")
 async def search_page(
     request: Request,
     user: Viewer,
     q: Annotated[str, Query(max_length=2000)] = "",
     after: Annotated[str, Query(max_length=200)] = "",
+    n: Annotated[str, Query(max_length=20, pattern=r"^[0-9,]*\+?$")] = "",
 ) -> Response:
     store = web.store_of(request)
+    count = n  # the first page's count, carried by the "next page" links
     error = ""
     page = SearchPage((), 0, False, None)
     query = q.replace("\x00", " ")
     try:
-        page = await _search(store, query, limit=PAGE_SIZE, after=_parse_cursor(after) if after else None)
-    except ValueError as exc:  # relay.search.QueryError: written for the person who typed the query
+        cursor = _parse_cursor(after) if after else None
+        # Counted on the first page only: a later page keeps the count its link carries.
+        page = await store.search_messages(query, limit=PAGE_SIZE, after=cursor, count=cursor is None)
+    except QueryError as exc:  # written for the person who typed the query
         error = str(exc)
-    count = f"{page.total:,}+" if page.total_capped else f"{page.total:,}"
+    if page.total >= 0:
+        count = f"{page.total:,}+" if page.total_capped else f"{page.total:,}"
     next_url = ""
     if page.next is not None:
-        next_url = web.PREFIX + "/messages?" + urllib.parse.urlencode({"q": query, "after": _cursor(page.next)})
+        args = {"q": query, "after": _cursor(page.next), "n": count}
+        next_url = web.PREFIX + "/messages?" + urllib.parse.urlencode(args)
     return web.render(
         request, "search.html",
         {"q": query, "page": page, "count": count, "error": error, "next_url": next_url, "paged": bool(after),

@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "Missing or wrong bearer token"},
+    403: {"model": Problem, "description": "A read-only token, for a change"},
     422: {"model": Problem, "description": "A parameter or a field is invalid; `detail[].loc` names it"},
 }
 _NO_CASE: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such case"}}
 _CLOSED: dict[int | str, dict[str, Any]] = {409: {"model": Problem, "description": "The case is closed"}}
+_NOT_JSON: dict[int | str, dict[str, Any]] = {400: {"model": Problem, "description": "The body is not JSON"}}
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(_caller)], tags=["cases"], responses=_ERRORS)
 Store = Annotated[LogStore, Depends(_store)]
 Caller = Annotated[str, Depends(_caller)]
@@ -71,7 +73,9 @@ async def list_cases(
     return CasePage(cases=[schemas.case(v) for v in views], next_cursor=_id_cursor(more))
 
 
-@router.post("/cases", response_model=Case, status_code=201, summary="Open a case over some messages")
+@router.post(
+    "/cases", response_model=Case, status_code=201, summary="Open a case over some messages", responses=_NOT_JSON
+)
 async def open_case(request: Request, store: Store, caller: Caller, body: CaseRequest) -> Case:
     try:
         view = await store.open_case(
@@ -100,7 +104,7 @@ async def get_case(request: Request, store: Store, case_id: CaseId) -> Case:
     description="`kind` and the entry's fields: interaction {channel: email|phone|chat|internal, summary}, "
     "escalation {to, why}, resolution {summary}, confirmation {how}, feedback {score: 1-5, comment}, "
     "incident {summary}. Actions are not written here: run them on the message with the case's id.",
-    responses={**_NO_CASE, **_CLOSED},
+    responses={**_NO_CASE, **_CLOSED, **_NOT_JSON},
 )
 async def add_entry(
     request: Request, store: Store, caller: Caller, case_id: CaseId, body: CaseEntryRequest
@@ -123,7 +127,7 @@ async def add_entry(
     "/cases/{case_id}/close",
     response_model=Case,
     summary="Close a case unresolved, with the reason",
-    responses={**_NO_CASE, **_CLOSED},
+    responses={**_NO_CASE, **_CLOSED, **_NOT_JSON},
 )
 async def close_case(request: Request, store: Store, caller: Caller, case_id: CaseId, body: CloseRequest) -> Case:
     try:

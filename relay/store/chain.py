@@ -49,6 +49,7 @@ HEAD_FOR_UPDATE = (
     .where(chain_heads.c.name == sa.bindparam("name"))
     .with_for_update()
 )
+REPEATABLE_READ = sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
 HEAD = sa.select(chain_heads.c.name, chain_heads.c.last_id, chain_heads.c.hash)
 # A chain's first append creates its head; two first appends at once must not fail.
 INSERT_HEAD = {
@@ -217,6 +218,9 @@ class ChainReport:
 
 def verify(conn: Connection) -> ChainReport:
     """Walk both chains and report the first broken link of each's (the audit's first)."""
+    if conn.dialect.name == "postgresql":
+        # One snapshot for the heads and every batch: appends committed meanwhile are not half seen.
+        conn.execute(REPEATABLE_READ)
     heads = {r.name: (int(r.last_id), str(r.hash)) for r in conn.execute(HEAD)}
     counts: dict[str, int] = {}
     last: dict[str, str] = {}

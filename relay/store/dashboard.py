@@ -5,13 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from relay.model import Dashboard, DashboardWindow, StatsRow, TagRow
+from relay.model import ACTIVE_STATES, Dashboard, DashboardWindow, StatsRow, TagRow
 from relay.store import log as event_log
-from relay.store import queue
+from relay.store import statements as q
+from relay.store.schema import messages, recipients
 
 HOUR, DAY = 3600.0, 86400.0
+# When the oldest message with a recipient in the queue (held ones too) arrived: by the status
+# index, a few thousand rows, where next_attempt_at IS NOT NULL would read every recipient.
+OLDEST_ACTIVE = sa.select(sa.func.min(messages.c.received_at)).where(
+    messages.c.queue_id.in_(sa.select(recipients.c.queue_id).where(recipients.c.status.in_(ACTIVE_STATES)))
+)
 
 
 def _rate(part: int, whole: int) -> float | None:
@@ -48,13 +55,15 @@ def tag_rows(rows: Sequence[StatsRow]) -> tuple[TagRow, ...]:
 
 
 def dashboard(conn: Connection, now: float) -> Dashboard:
-    summary = queue.summary(conn, active_only=True)
-    oldest = summary.oldest_queued_at
+    depth = dict.fromkeys(ACTIVE_STATES, 0)
+    for state, n in conn.execute(q.COUNT_ACTIVE_BY_STATUS):
+        depth[state] = n
+    oldest = conn.scalar(OLDEST_ACTIVE)
     return Dashboard(
         at=now,
         hour=_window(conn, now, HOUR),
         day=_window(conn, now, DAY),
-        queue=dict(summary.counts),
+        queue=depth,
         oldest_queued_age=None if oldest is None else round(max(0.0, now - oldest), 3),
         tags=tag_rows(event_log.stats(conn, now - DAY, now, "tag")),
     )

@@ -4,10 +4,10 @@ time, with a count capped at COUNT_CAP.
 How it stays fast at a million messages, the same on SQLite and PostgreSQL:
 
 1. Probe: each positive term an index can answer (to: an address, id:, message-id:, tag:,
-   status:, reason:, domain:, user:, from: an address, is:) counts its rows, up to PROBE_CAP.
-   Terms that only a scan can answer (free text, substrings) are probed only when no indexed
-   term is under the cap. The rarest term under the cap drives the search (``queue_id IN
-   (its queue ids)``, then a sort of those few), and the other terms filter it.
+   status:, reason:, domain:, user:, from: an address, is:) reads its queue ids, up to
+   PROBE_CAP. Terms that only a scan can answer (free text, substrings) are probed only when no
+   indexed term is under the cap. The ids of the terms under their cap are intersected, and
+   drive the search (``queue_id IN (ids)``, then a sort of those few); the other terms filter.
 2. When no term is under the cap (only common terms), the search walks messages newest first
    by received_at, checking each term (EXISTS), and stops at the page's end; the count stops
    at COUNT_CAP + 1 matches.
@@ -20,9 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from relay.model import SearchPage
 from relay.search import Query, Term
@@ -31,7 +35,9 @@ from relay.store.schema import events, message_tags, messages, recipients
 
 COUNT_CAP = 10_000
 PROBE_CAP = 50_000  # a term with more matches is common: walking newest first finds a page sooner
-SCAN_IDS = 1000  # a scanning probe (free text, substrings) keeps this many ids, as bound parameters
+FEW = 100  # probes that narrow it down to this few messages end the probing
+SCAN_IDS = 5000  # a table scan's probe (free text, substrings) keeps this many ids at most
+MAX_PARAMS = 30_000  # ids bound as parameters: below SQLite's (32766) and asyncpg's (32767) limit
 # Events whose details carry a classify() reason.
 REASON_EVENTS = ("bounced", "deferred", "expired", "complained")
 
@@ -48,6 +54,25 @@ class _Planned:
 def like(value: str) -> str:
     """A LIKE pattern for a substring, with the user's % _ and \\ taken literally."""
     return "%" + value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+class _fold(FunctionElement[str]):
+    """lower(x) for a LIKE: on SQLite, x as it is, since its LIKE ignores ASCII case already and
+    its lower() folds nothing else; skipping it saves a string per row of a scan."""
+
+    type = sa.Text()
+    name = "fold"
+    inherit_cache = True
+
+
+@compiles(_fold)
+def _fold_default(element: _fold, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"lower({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(_fold, "sqlite")
+def _fold_sqlite(element: _fold, compiler: SQLCompiler, **kw: Any) -> str:
+    return str(compiler.process(element.clauses, **kw))
 
 
 def _pin(column: sa.ColumnElement[str]) -> sa.ColumnElement[str]:
@@ -81,13 +106,13 @@ def condition(term: Term, *, scan: bool) -> sa.ColumnElement[bool]:  # noqa: PLR
         case "to":
             if term.exact:
                 return _rcpt(sa.func.lower(_pin(r.c.address)) == v)
-            return _rcpt(sa.func.lower(_pin(r.c.address)).like(like(v), escape="\\"))
+            return _rcpt(_fold(_pin(r.c.address)).like(like(v), escape="\\"))
         case "from":
             if term.exact:
                 return sa.func.lower(m.c.mail_from + "" if scan else m.c.mail_from) == v
-            return sa.func.lower(m.c.mail_from).like(like(v), escape="\\")
+            return _fold(m.c.mail_from).like(like(v), escape="\\")
         case "subject":
-            return sa.func.lower(m.c.subject).like(like(v), escape="\\")
+            return _fold(m.c.subject).like(like(v), escape="\\")
         case "message-id":
             return m.c.message_id == v
         case "id":
@@ -114,13 +139,13 @@ def condition(term: Term, *, scan: bool) -> sa.ColumnElement[bool]:  # noqa: PLR
             return _event(_pin(e.c.type) == v)
         case "text":
             return sa.or_(
-                sa.func.lower(m.c.subject).like(like(v), escape="\\"),
-                _rcpt(sa.func.lower(_pin(r.c.address)).like(like(v), escape="\\")),
+                _fold(m.c.subject).like(like(v), escape="\\"),
+                _rcpt(_fold(_pin(r.c.address)).like(like(v), escape="\\")),
             )
     raise AssertionError(term.op)  # pragma: no cover
 
 
-def _plan(term: Term) -> _Planned:  # noqa: PLR0912 -- one case per operator
+def _plan(term: Term, dialect: str) -> _Planned:  # noqa: PLR0912 -- one case per operator
     """The term's probe: a statement of its queue ids, indexed or not; None when it cannot drive."""
     v = term.value
     if term.negated or term.op in ("after", "before"):
@@ -131,9 +156,18 @@ def _plan(term: Term) -> _Planned:  # noqa: PLR0912 -- one case per operator
         case "to":
             if term.exact:
                 probe = sa.select(r.c.queue_id).where(sa.func.lower(r.c.address) == v)
+            elif (domain := v[1:]) and v.startswith("@") and "@" not in domain and dialect == "sqlite":
+                # to:@example.com: the domain index narrows it (addresses are stored with their
+                # domain lower-cased), the substring decides. SQLite compares bytes; PostgreSQL
+                # text under a locale's collation would not keep the prefix's range contiguous.
+                probe = sa.select(r.c.queue_id).where(
+                    r.c.domain >= domain,
+                    r.c.domain < domain + "\U0010ffff",
+                    _fold(r.c.address).like(like(v), escape="\\"),
+                )
             else:
                 probe, indexed = (
-                    sa.select(r.c.queue_id).where(sa.func.lower(r.c.address).like(like(v), escape="\\")),
+                    sa.select(r.c.queue_id).where(_fold(r.c.address).like(like(v), escape="\\")),
                     False,
                 )
         case "from" if term.exact:
@@ -159,56 +193,62 @@ def _plan(term: Term) -> _Planned:  # noqa: PLR0912 -- one case per operator
             probe, indexed = sa.select(m.c.queue_id).where(condition(term, scan=False)), False
         case "text":
             pattern = like(v)
-            probe = sa.select(m.c.queue_id).where(sa.func.lower(m.c.subject).like(pattern, escape="\\"))
-            probe = probe.union_all(
-                sa.select(r.c.queue_id).where(sa.func.lower(r.c.address).like(pattern, escape="\\"))
-            )  # type: ignore[assignment]
+            probe = sa.select(m.c.queue_id).where(_fold(m.c.subject).like(pattern, escape="\\"))
+            probe = probe.union_all(sa.select(r.c.queue_id).where(_fold(r.c.address).like(pattern, escape="\\")))  # type: ignore[assignment]
             indexed = False
     return _Planned(term, probe, indexed)
 
 
-def _driver(conn: Connection, planned: Sequence[_Planned]) -> tuple[sa.ColumnElement[bool] | None, Term | None, int]:
-    """The condition that drives the search (the rarest term's queue ids), the term it
-    replaces, and its matches; (None, None, -1) when every term is common. Indexed probes
-    count first; a table scan's probe runs only when none of them is small, and keeps the few
-    ids it found, so the scan is not run again."""
-    best: tuple[sa.ColumnElement[bool] | None, Term | None, int] = (None, None, -1)
-    for p in planned:
-        if p.probe is None or not p.indexed:
-            continue
-        capped = p.probe.limit(PROBE_CAP + 1).subquery()
-        n = int(conn.scalar(sa.select(sa.func.count()).select_from(capped)) or 0)
-        if n <= PROBE_CAP and (best[1] is None or n < best[2]):
-            best = (m.c.queue_id.in_(p.probe), p.term, n)
-        if n == 0:
-            return best
-    if best[1] is not None:
-        return best  # scanning a table to find a smaller set costs more than filtering this one
-    fewest: set[str] | None = None
-    for p in planned:
-        if p.probe is None or p.indexed:
-            continue
-        ids: set[str] = {str(i) for i in conn.scalars(p.probe.limit(SCAN_IDS + 1))}
-        if len(ids) <= SCAN_IDS and (fewest is None or len(ids) < len(fewest)):
-            fewest = ids
-            best = (m.c.queue_id.in_(sa.bindparam("ids", sorted(ids), expanding=True)), p.term, len(ids))
-            if not ids:
-                break
-    return best
+@dataclass(slots=True)
+class _Drive:
+    """What the probes found: conditions on queue_id for the terms they cover (no need to
+    check those again), and how many messages can match at most (None: every term is common)."""
+
+    conds: list[sa.ColumnElement[bool]]
+    covered: set[Term]
+    fewest: int | None = None
+
+
+def _driver(conn: Connection, planned: Sequence[_Planned]) -> _Drive:
+    """Probe the terms (see the module's docstring): the ids of every indexed term with at most
+    PROBE_CAP matches, intersected here (cheaper than any join the planner might pick); a table
+    scan's probe only when no indexed term is under the cap, keeping at most SCAN_IDS."""
+    ids: set[str] | None = None
+    sizes: list[tuple[int, _Planned]] = []
+    for indexed, cap in ((True, PROBE_CAP), (False, SCAN_IDS)):
+        if not indexed and ids is not None:
+            break  # scanning a table to find a smaller set costs more than filtering this one
+        for p in planned:
+            if p.probe is None or p.indexed is not indexed:
+                continue
+            rows = conn.scalars(p.probe.limit(cap + 1)).all()
+            if len(rows) > cap:  # rows, not distinct ids, say whether it stopped at its limit
+                continue
+            found = {str(i) for i in rows}
+            ids = found if ids is None else ids & found
+            sizes.append((len(found), p))
+            if len(ids) <= FEW:
+                break  # a handful of messages: filtering them beats any other probe
+    if ids is None:
+        return _Drive([], set())
+    if len(ids) <= MAX_PARAMS:
+        cond = m.c.queue_id.in_(sa.bindparam("ids", sorted(ids), expanding=True))
+        return _Drive([cond], {p.term for _, p in sizes}, len(ids))
+    n, smallest = min(sizes, key=lambda size: size[0])  # too many to bind: its subquery drives
+    assert smallest.probe is not None
+    return _Drive([m.c.queue_id.in_(smallest.probe)], {smallest.term}, n)
 
 
 def run(conn: Connection, query: Query, *, limit: int, after: tuple[float, str] | None, count: bool) -> SearchPage:
     """One page of the messages matching ``query``, newest first, with the capped count."""
-    planned = [_plan(term) for term in query.terms]
-    driver, driving, matches = _driver(conn, planned)
-    if driver is not None and matches == 0:
+    planned = [_plan(term, conn.dialect.name) for term in query.terms]
+    drive = _driver(conn, planned)
+    if drive.fewest == 0:
         return SearchPage(messages=(), total=0 if count else -1, total_capped=False, next=None)
-    scan = driver is None
-    conds: list[sa.ColumnElement[bool]] = []
-    if driver is not None:
-        conds.append(driver)
+    scan = drive.fewest is None
+    conds = list(drive.conds)
     for term in query.terms:
-        if term is driving:
+        if term in drive.covered:
             continue
         cond = condition(term, scan=scan)
         conds.append(sa.not_(cond) if term.negated else cond)

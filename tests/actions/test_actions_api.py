@@ -109,6 +109,7 @@ async def test_read_only_tokens_read_and_change_nothing(api: tuple[Relay, httpx.
         ("POST", "/api/v1/suppressions", {"address": "x@example.com"}),
         ("DELETE", "/api/v1/suppressions/x@example.com", None),
         ("POST", "/api/v1/webhooks/deliveries/1/retry", None),
+        ("POST", "/api/v1/cases", {"title": "t", "queue_ids": [qid]}),
     ]
     for method, path, body in attempts:
         for token in (READ, BOTH):

@@ -3,6 +3,7 @@ that assumes the queue is due or leased mistakes them, and release / discard end
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -50,8 +51,12 @@ async def test_held_mail_is_kept_and_never_due(held_store: LogStore, url: str) -
 async def test_release_makes_held_recipients_due_once(held_store: LogStore, url: str) -> None:
     store = held_store
     await store.enqueue(message("01REL1", ("a@example.com", "b@example.net")))
+    woken: list[str] = []
+    store.on_due.append(lambda: woken.append("due"))
     assert await store.release("01REL1", by="sam", ip="10.0.0.7") == 2
+    assert woken == ["due"]  # delivery is woken after the commit
     assert await store.release("01REL1", by="sam") == 0  # nothing held any more
+    assert woken == ["due"]
     claimed = await store.claim_due("w", lease=60, now=time.time() + 1)
     assert {c.address for c in claimed} == {"a@example.com", "b@example.net"}
     released = events(await view(store, "01REL1"), "released")
@@ -117,3 +122,21 @@ async def test_resend_of_held_users_mail_is_held_too(url: str) -> None:
         assert (await states(url))[(new_id, "b@example.com")] == ("held", None)
     finally:
         await store.close()
+
+
+async def test_release_and_discard_at_once_one_wins(url: str) -> None:
+    # two stores: two processes (or nodes) acting on the same held message at the same moment
+    first, second = await open_store(url, delivery=hold_all()), await open_store(url)
+    try:
+        for i in range(5):
+            await first.enqueue(message(f"01RACE{i}", ("a@example.com", "b@example.com")))
+        for i in range(5):
+            released, discarded = await asyncio.gather(
+                first.release(f"01RACE{i}", by="sam"), second.discard(f"01RACE{i}", by="kim")
+            )
+            assert sorted((released, discarded)) == [0, 2]
+            got = {s for (q, _), (s, _) in (await states(url)).items() if q == f"01RACE{i}"}
+            assert got == ({"queued"} if released else {"cancelled"})
+    finally:
+        await first.close()
+        await second.close()

@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from helpers import raw_sql, relay_cli, write_config
 
@@ -52,7 +53,8 @@ async def test_verify_detects_an_altered_entry(store: LogStore, url: str, tmp_pa
     assert out.startswith("broken: cases entry 2: ")
 
 
-async def test_audit_lists_newest_first(store: LogStore, url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("url", ["sqlite"], indirect=True)  # the store's side runs on both in test_chain
+async def test_audit_lists_newest_first_and_cases_list(store: LogStore, url: str, tmp_path: Path) -> None:
     config = await _config(store, url, tmp_path)
     for who in ("ann", "bob", "ann"):
         await store.audit(actor=who, ip="192.0.2.1", action="signin")
@@ -70,9 +72,6 @@ async def test_audit_lists_newest_first(store: LogStore, url: str, tmp_path: Pat
     assert len(out.splitlines()) == 1
     assert "use --limit for more" in err
 
-
-async def test_cases_list(store: LogStore, url: str, tmp_path: Path) -> None:
-    config = await _config(store, url, tmp_path)
     await store.open_case(title="Invoice", owner="sam", customer_ref="T-1", actor="ann")
     code, out, err = await relay_cli("--config", str(config), "cases", "list")
     assert code == 0, err

@@ -14,6 +14,7 @@ from relay.errors import Conflict, NotFound
 from relay.logstore import LogStore
 from relay.model import CaseEntry, Outcome
 from relay.store import cases as case_store
+from relay.store.engine import Engine
 
 DAY = 86400.0
 
@@ -43,15 +44,20 @@ async def deliver(store: LogStore, qid: str, at: float) -> None:
     ])  # fmt: skip
 
 
-async def action(store: LogStore, case_id: int, targets: list[tuple[int, str]], qid: str) -> CaseEntry:
-    """What helper "actions" does: record_action inside the action's own transaction."""
+async def action(url: str, case_id: int, targets: list[tuple[int, str]], qid: str) -> CaseEntry:
+    """What a support action with a case does: record_action inside the action's own transaction
+    (here, through an engine of its own on the same store)."""
     at = time.time()
-    return await store._engine.call(
-        lambda conn: case_store.record_action(
-            conn, case_id, actor="sam", ip="192.0.2.9", details={"action": "retry", "queue_id": qid, "count": 1},
-            targets=targets, at=at,
-        )
-    )  # fmt: skip
+    engine = Engine(url)
+    try:
+        return await engine.call(
+            lambda conn: case_store.record_action(
+                conn, case_id, actor="sam", ip="192.0.2.9", details={"action": "retry", "queue_id": qid, "count": 1},
+                targets=targets, at=at,
+            )
+        )  # fmt: skip
+    finally:
+        await engine.dispose()
 
 
 async def test_open_over_messages_writes_the_incident(store: LogStore) -> None:
@@ -86,14 +92,14 @@ async def test_open_refuses_unknown_messages_and_bad_fields(store: LogStore) -> 
     assert (await store.verify_chains()).counts == {"audit": 0, "cases": 0}
 
 
-async def test_entries_move_the_state(store: LogStore) -> None:
+async def test_entries_move_the_state(store: LogStore, url: str) -> None:
     case = await store.open_case(title="t", actor="ann", incident="it broke")
     add = store.add_case_entry
     await add(case.id, "interaction", {"channel": "email", "summary": "wrote to the customer"}, actor="ann")
     assert (await store.case(case.id, sla=DAY)).state == "open"  # type: ignore[union-attr]
     await add(case.id, "escalation", {"to": "mail team", "why": "their MX"}, actor="ann")
     assert (await store.case(case.id, sla=DAY)).state == "escalated"  # type: ignore[union-attr]
-    await action(store, case.id, [], "Q0")
+    await action(url, case.id, [], "Q0")
     assert (await store.case(case.id, sla=DAY)).state == "action_taken"  # type: ignore[union-attr]
     await add(case.id, "resolution", {"summary": "fixed the address"}, actor="ann")
     await add(case.id, "confirmation", {"how": "customer called back"}, actor="ann")
@@ -104,7 +110,7 @@ async def test_entries_move_the_state(store: LogStore) -> None:
     with pytest.raises(Conflict):
         await add(case.id, "interaction", {"channel": "chat", "summary": "again"}, actor="ann")
     with pytest.raises(Conflict):
-        await action(store, case.id, [], "Q0")
+        await action(url, case.id, [], "Q0")
     await add(case.id, "feedback", {"score": 5, "comment": "great"}, actor="ann")
     full = await store.case(case.id, sla=DAY)
     assert full is not None
@@ -115,7 +121,7 @@ async def test_entries_move_the_state(store: LogStore) -> None:
     assert (await store.verify_chains()).ok
 
 
-async def test_bad_entries(store: LogStore) -> None:
+async def test_bad_entries(store: LogStore, url: str) -> None:
     case = await store.open_case(title="t", actor="ann")
     add = store.add_case_entry
     with pytest.raises(ValueError, match="channel"):
@@ -129,7 +135,7 @@ async def test_bad_entries(store: LogStore) -> None:
     with pytest.raises(NotFound):
         await add(case.id + 100, "resolution", {"summary": "a"}, actor="ann")
     with pytest.raises(NotFound):
-        await action(store, case.id + 100, [], "Q0")
+        await action(url, case.id + 100, [], "Q0")
     assert (await store.case(case.id, sla=DAY)).entries == ()  # type: ignore[union-attr]
 
 
@@ -184,12 +190,12 @@ async def test_lists_and_counts(store: LogStore) -> None:
                       "closed_unresolved": 1}  # fmt: skip
 
 
-async def test_automatic_confirmation(store: LogStore) -> None:
+async def test_automatic_confirmation(store: LogStore, url: str) -> None:
     rids = await bounced_message(store, "Q1", ("jane@example.com", "joe@example.com"))
     case = await store.open_case(title="t", queue_ids=["Q1"], actor="ann")
     assert await store.confirm_cases() == []  # no targets yet
-    await action(store, case.id, [(rids[0], "Q1")], "Q1")
-    await action(store, case.id, [(rids[1], "Q1")], "Q1")
+    await action(url, case.id, [(rids[0], "Q1")], "Q1")
+    await action(url, case.id, [(rids[1], "Q1")], "Q1")
     assert await store.confirm_cases() == []  # still bounced
     delivered_at = time.time()
     await deliver(store, "Q1", delivered_at)
@@ -209,11 +215,11 @@ async def test_automatic_confirmation(store: LogStore) -> None:
     assert (await store.verify_chains()).ok
 
 
-async def test_confirmation_waits_for_every_target(store: LogStore) -> None:
+async def test_confirmation_waits_for_every_target(store: LogStore, url: str) -> None:
     r1 = await bounced_message(store, "Q1")
     r2 = await bounced_message(store, "Q2")
     case = await store.open_case(title="t", queue_ids=["Q1", "Q2"], actor="ann")
-    await action(store, case.id, [(r1[0], "Q1"), (r2[0], "Q2")], "Q1")
+    await action(url, case.id, [(r1[0], "Q1"), (r2[0], "Q2")], "Q1")
     await deliver(store, "Q1", time.time())
     assert await store.confirm_cases() == []
     await deliver(store, "Q2", time.time())
@@ -226,7 +232,7 @@ async def test_confirmation_happens_once_across_stores(store: LogStore, url: str
     for n in range(5):
         rid = await bounced_message(store, f"Q{n}")
         case = await store.open_case(title="t", queue_ids=[f"Q{n}"], actor="ann")
-        await action(store, case.id, [(rid[0], f"Q{n}")], f"Q{n}")
+        await action(url, case.id, [(rid[0], f"Q{n}")], f"Q{n}")
         await deliver(store, f"Q{n}", time.time())
         cases.append(case.id)
     other = await LogStore.open(url)

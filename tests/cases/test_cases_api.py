@@ -17,6 +17,7 @@ from test_case_store import bounced_message
 from relay.logstore import LogStore
 
 TOKEN = "cases-api-token-0123456789abcdef"
+READONLY = "cases-readonly-token-0123456789ab"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 Api = tuple[httpx.AsyncClient, LogStore]
 
@@ -25,7 +26,11 @@ Api = tuple[httpx.AsyncClient, LogStore]
 async def api(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Api]:
     async with AsyncExitStack() as stack:
         url = await store_url(request.param, tmp_path / "data" / "relay.db", stack)
-        config = make_config(tmp_path, http={"listen": "127.0.0.1:0", "api_tokens": [TOKEN]}, store={"url": url})
+        config = make_config(
+            tmp_path,
+            http={"listen": "127.0.0.1:0", "api_tokens": [TOKEN], "api_tokens_readonly": [READONLY]},
+            store={"url": url},
+        )
         relay = await stack.enter_async_context(running_relay(config))
         assert relay.http_address is not None
         assert relay.store is not None
@@ -101,30 +106,30 @@ async def test_open_read_add_close(api: Api) -> None:
     assert (await store.verify_chains()).ok
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        {"kind": "interaction", "channel": "fax", "summary": "x"},
-        {"kind": "interaction", "channel": "phone", "summary": "a\u0000b"},
-        {"kind": "interaction", "channel": "phone"},
-        {"kind": "feedback", "score": 0},
-        {"kind": "feedback", "score": True},
-        {"kind": "feedback", "score": "9" * 5000},
-        {"kind": "resolution", "summary": "x" * 5000},
-        {"kind": "resolution", "summary": "x", "extra": {"deep": [1] * 10}},
-        {"kind": "action", "action": "retry", "queue_id": "Q"},
-        {"kind": "close", "reason": "x"},
-        {"kind": "nope\u0000"},
-        {"summary": "no kind"},
-        [],
-    ],
-)
-async def test_bad_entries_are_422_and_write_nothing(api: Api, body: Any) -> None:
-    client, _store = api
+BAD_ENTRIES: list[Any] = [
+    {"kind": "interaction", "channel": "fax", "summary": "x"},
+    {"kind": "interaction", "channel": "phone", "summary": "a\u0000b"},
+    {"kind": "interaction", "channel": "phone"},
+    {"kind": "feedback", "score": 0},
+    {"kind": "feedback", "score": True},
+    {"kind": "feedback", "score": "9" * 5000},
+    {"kind": "resolution", "summary": "x" * 5000},
+    {"kind": "resolution", "summary": "x", "extra": {"deep": [1] * 10}},
+    {"kind": "action", "action": "retry", "queue_id": "Q"},
+    {"kind": "close", "reason": "x"},
+    {"kind": "nope\u0000"},
+    {"summary": "no kind"},
+    [],
+]
+
+
+async def test_bad_entries_are_422_and_write_nothing(api: Api) -> None:
+    client, _ = api
     case = (await client.post("/api/v1/cases", json={"title": "t", "incident": "x"})).json()
-    r = await client.post(f"/api/v1/cases/{case['id']}/entries", json=body)
-    assert r.status_code == 422, r.text
-    assert "detail" in r.json()
+    for body in BAD_ENTRIES:
+        r = await client.post(f"/api/v1/cases/{case['id']}/entries", json=body)
+        assert r.status_code == 422, (body, r.text)
+        assert "detail" in r.json()
     assert len((await client.get(f"/api/v1/cases/{case['id']}")).json()["entries"]) == 1
 
 
@@ -164,3 +169,20 @@ async def test_pages_and_the_gauge(api: Api) -> None:
     assert metric(text, "relay_cases", state="open") == 5
     assert metric(text, "relay_cases", state="confirmed") == 0
     assert "relay_case_time_to_confirmation_seconds" in text
+
+
+async def test_a_read_only_token_reads_and_writes_nothing(api: Api) -> None:
+    client, store = api
+    case = (await client.post("/api/v1/cases", json={"title": "t"})).json()
+    ro = {"Authorization": f"Bearer {READONLY}"}
+    assert (await client.get("/api/v1/cases", headers=ro)).status_code == 200
+    assert (await client.get(f"/api/v1/cases/{case['id']}", headers=ro)).status_code == 200
+    for path, body in (
+        ("/api/v1/cases", {"title": "x"}),
+        (f"/api/v1/cases/{case['id']}/entries", {"kind": "resolution", "summary": "x"}),
+        (f"/api/v1/cases/{case['id']}/close", {"reason": "x"}),
+    ):
+        r = await client.post(path, json=body, headers=ro)
+        assert r.status_code == 403, (path, r.text)
+    assert (await store.case(case["id"], sla=1.0)).state == "open"  # type: ignore[union-attr]
+    assert (await store.verify_chains()).counts == {"audit": 1, "cases": 0}

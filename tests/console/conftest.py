@@ -33,6 +33,13 @@ class Console:
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.base, timeout=15, follow_redirects=False)
 
+    async def sign_in(self, name: str, password: str = PASSWORD) -> httpx.AsyncClient:
+        """A client signed in as ``name``, already open: close it with ``aclose()``."""
+        client = self.client()
+        r = await sign_in(client, name, password)
+        assert r.status_code == 303, r.text
+        return client
+
     @asynccontextmanager
     async def signed_in(self, name: str, password: str = PASSWORD) -> AsyncIterator[httpx.AsyncClient]:
         """A client signed in as ``name`` (asserts that it worked)."""

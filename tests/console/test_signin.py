@@ -87,7 +87,7 @@ async def test_failed_sign_ins_are_throttled_like_smtp_auth(console: Console) ->
 def _app(console: Console):  # type: ignore[no-untyped-def]
     server = console.relay.http
     assert server is not None
-    return server._server.config.app  # noqa: SLF001 -- the test reads the running app's state
+    return server._server.config.app
 
 
 async def test_login_form_needs_its_pre_session_token(console: Console) -> None:
@@ -258,3 +258,23 @@ async def test_session_idle_setting_is_used(tmp_path: Path) -> None:
 
         await raw_sql(c.relay.config.store.url, age, write=True)
         assert (await client.get("/ui/messages")).status_code == 303
+
+
+async def test_cookies_are_secure_behind_an_https_proxy(console: Console) -> None:
+    """A TLS-terminating proxy on the same host (uvicorn trusts X-Forwarded-Proto from loopback):
+    the cookies get ``Secure``."""
+    async with console.client() as client:
+        client.headers["x-forwarded-proto"] = "https"
+        form = await client.get("/ui/login")
+        assert "Secure" in form.headers["set-cookie"]
+        token = LOGIN_FIELD.search(form.text)
+        assert token is not None
+        r = await client.post(
+            "/ui/login",
+            data={"username": "sam", "password": PASSWORD, "login_token": token.group(1)},
+            headers={"cookie": f"relay_login={token.group(1)}"},  # a Secure cookie: httpx keeps it for https
+        )
+        assert r.status_code == 303
+        session = [c for c in r.headers.get_list("set-cookie") if c.startswith("relay_session=")]
+        assert session
+        assert "Secure" in session[0]

@@ -56,6 +56,8 @@ def _planted(now: float) -> Imported:
             "feedback_type": "abuse", "source": "arf", "nested": {"a": [1, 2.5, None, True]},
         }),
         EventView(t + 7, "noted", JANE, {"async": True, "report": "auto_reply", "reason": "vacation", "report_id": 1}),
+        EventView(t, "held", JANE, {"by": "hold"}),  # hold mode at intake (tests/actions holds for real)
+        EventView(t + 0.5, "released", JANE, {"by": "sam", "case_id": 3}),
     )  # fmt: skip
     message = NewMessage(
         queue_id=QID,
@@ -117,6 +119,18 @@ async def test_relay_log_json_prints_what_the_api_returns(tmp_path: Path, backen
         # retried through the API, cancelled by the CLI
         r = await client.post(f"/api/v1/messages/{QID}/retry", json={"reason": "MX fixed, «ça marche»"}, headers=auth)
         assert r.json() == {"id": QID, "retried": 2}
+        # support's actions, through the API
+        r = await client.post(f"/api/v1/messages/{QID}/notes", json={"text": "Jane called, «merci»"}, headers=auth)
+        assert r.status_code == 201, r.text
+        r = await client.post(
+            f"/api/v1/messages/{QID}/resend", json={"address": JOE, "new_address": "joe@example.com"}, headers=auth
+        )
+        assert r.status_code == 201, r.text
+        assert (await client.post("/api/v1/suppressions", json={"address": JANE}, headers=auth)).status_code == 201
+        r = await client.post(
+            f"/api/v1/messages/{QID}/unsuppress", json={"address": JANE, "reason": "asked again"}, headers=auth
+        )
+        assert r.status_code == 200, r.text
         code, out, err = await relay_cli("queue", "delete", QID, "--config", str(cli_config))
         assert code == 0, err
 

@@ -122,11 +122,19 @@ async def test_count_is_capped(store: LogStore, monkeypatch: pytest.MonkeyPatch)
     assert (page.total, page.total_capped) == (3, False)
 
 
-async def test_common_and_rare_terms_plan_alike(store: LogStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With tiny caps every term is "common" (the newest-first walk) or every scan probe
-    overflows: the answers are the same as with the driving plan."""
-    monkeypatch.setattr(store_search, "PROBE_CAP", 0)
-    monkeypatch.setattr(store_search, "SCAN_IDS", 0)
+@pytest.mark.parametrize(
+    ("probe_cap", "scan_ids", "max_params"),
+    [(0, 0, 30_000), (50_000, 1, 30_000), (1, 1, 30_000), (2, 0, 30_000), (50_000, 5000, 1)],
+)
+async def test_every_plan_finds_the_same(
+    store: LogStore, monkeypatch: pytest.MonkeyPatch, probe_cap: int, scan_ids: int, max_params: int
+) -> None:
+    """With tiny caps every term is "common" (the newest-first walk), or drives as a subquery
+    rather than a list of ids; a probe stopped at its limit by a message's second recipient
+    must not pass for a complete set: the answers are the same as with the usual plan."""
+    monkeypatch.setattr(store_search, "PROBE_CAP", probe_cap)
+    monkeypatch.setattr(store_search, "SCAN_IDS", scan_ids)
+    monkeypatch.setattr(store_search, "MAX_PARAMS", max_params)
     for text, want in CASES:
         page = await store.search_messages(text, limit=50, now=NOW)
         got = "".join(m.queue_id[8].lower() for m in page.messages)
