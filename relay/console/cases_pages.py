@@ -354,13 +354,7 @@ async def case_action(request: Request, user: Support, case_id: str) -> Response
     except NotFound as exc:  # a recipient the message does not have, a suppression gone meanwhile
         return await _refused(request, user, case, ValueError(str(exc)))
     log.info("case %s: %s by %s on %s", case.id, action, user.name, qid)
-    console_wake(request)
     return redirect(request, f"/ui/cases/{case.id}#trail", flash=done)
-
-
-def console_wake(request: Request) -> None:
-    """Delivery looks at the queue now rather than at its next tick (a retried recipient is due)."""
-    request.app.state.console.wake_delivery()
 
 
 # -- the exports and the printable log

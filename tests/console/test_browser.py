@@ -556,10 +556,10 @@ def test_j_admin_reads_the_audit_and_adds_a_user(world: World) -> None:
 def test_z_screenshots_for_the_readme(world: World) -> None:
     """Every journey saved its pages; the README's three come from these."""
     world.journey("e", confirmed_journey)
-    for name in ("b_search", "c_message_timeline", "e_case_confirmed"):
+    for name in ("b_search", "c_message", "e_case_confirmed"):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 1000
     if os.environ.get("CONSOLE_DOCS_SCREENSHOTS"):  # refresh docs/ by hand: CONSOLE_DOCS_SCREENSHOTS=1 pytest ...
         docs = ARTIFACTS.parents[1] / "docs"
-        for src, dst in (("b_search", "console-search"), ("c_message_timeline", "console-message"),
+        for src, dst in (("b_search", "console-search"), ("c_message", "console-message"),
                          ("e_case_confirmed", "console-case")):  # fmt: skip
             shutil.copyfile(ARTIFACTS / f"{src}.png", docs / f"{dst}.png")
