@@ -60,6 +60,7 @@ PAGE: Final = 50  # cases, or audit lines, a page
 # actions themselves, automatic confirmations from the store; closing is its own form).
 FORM_KINDS: Final[tuple[EntryKind, ...]] = ("interaction", "escalation", "resolution", "confirmation", "feedback")
 ACTIONS: Final = ("retry", "resend", "unsuppress")  # what the case page runs on a covered message
+MAX_SHOWN: Final = 100  # messages a case page shows with their live states (a case may cover 500)
 MAX_ID: Final = 18  # digits of a case id or a cursor: more cannot be an id (and would overflow BIGINT)
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection, OWASP).
 FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
@@ -80,7 +81,7 @@ async def case_list(
     before: str = "",
 ) -> HTMLResponse:
     chosen: CaseState | None = next((s for s in CASE_STATES if s == state), None)
-    owner = owner.strip()[:200]
+    owner = _filter(owner)
     cursor = _int(before)
     cases, next_before = await store_of(request).cases(
         state=chosen, owner=owner or None, overdue=True if overdue else None, escalated=True if escalated else None,
@@ -93,6 +94,12 @@ async def case_list(
         "first_page": cursor is None, "filtered": any(filters.values()),
         "next_query": _query({**filters, "before": str(next_before)}) if next_before is not None else "",
     })  # fmt: skip
+
+
+def _filter(text: str) -> str:
+    """A filter as typed, fit for a query: no control characters (NUL is an error on
+    PostgreSQL, not a match), at most 200 characters."""
+    return "".join(c for c in text if c >= " ").strip()[:200]
 
 
 def _int(text: str) -> int | None:
@@ -200,7 +207,7 @@ async def _page_context(request: Request, user: ConsoleUser, case: CaseView, err
         if isinstance(new, str) and new not in queue_ids:
             queue_ids.append(new)
     messages: list[dict[str, Any]] = []
-    for qid in queue_ids:
+    for qid in queue_ids[:MAX_SHOWN]:
         view = await store.get_message(qid)
         messages.append({
             "queue_id": qid, "found": view is not None, "subject": view.subject if view else "",
@@ -212,7 +219,7 @@ async def _page_context(request: Request, user: ConsoleUser, case: CaseView, err
     return {
         "case": _case_row(case), "messages": messages, "entries": [_entry_row(e) for e in case.entries],
         "can_act": user.can_act and not closed, "can_feedback": user.can_act, "channels": CHANNELS,
-        "error": error,
+        "error": error, "more_messages": max(0, len(queue_ids) - MAX_SHOWN),
         "targets": [(m["queue_id"], r["address"]) for m in messages if m["covered"] for r in m["recipients"]],
     }  # fmt: skip
 
@@ -439,7 +446,7 @@ async def audit_page(
     request: Request, user: Admin, *, actor: str = "", action: str = "", before: str = "", verify: str = ""
 ) -> HTMLResponse:
     store = store_of(request)
-    filters = {"actor": actor.strip()[:200], "action": action.strip()[:200]}
+    filters = {"actor": _filter(actor), "action": _filter(action)}
     cursor = _int(before)
     entries, next_before = await store.audit_entries(
         limit=PAGE, before=cursor, actor=filters["actor"] or None, action=filters["action"] or None
@@ -532,11 +539,13 @@ async def user_remove(request: Request, user: Admin) -> Response:
     if name == user.name:
         return await _users_page(request, "You cannot remove yourself: another admin can.", 422)
     store = store_of(request)
-    role = await store.user_role(name)
+    role = await store.user_role(name) if USERNAME.match(name) else None
+    if role is None:
+        return await _users_page(request, f"There is no user {name[:128]!r}.", 404)
     try:
         await store.remove_user(name)
-    except NotFound:
+    except NotFound:  # removed meanwhile
         return await _users_page(request, f"There is no user {name[:128]!r}.", 404)
-    await store.audit(actor=user.name, ip=user.ip, action="user.remove", target=name, details={"role": role or ""})
+    await store.audit(actor=user.name, ip=user.ip, action="user.remove", target=name, details={"role": role})
     log.info("user %s (%s) removed by %s", name, role, user.name)
     return redirect(request, "/ui/users", flash=f"{name} removed.")
