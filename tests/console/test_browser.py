@@ -6,6 +6,7 @@ under test-artifacts/console/."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import os
@@ -163,10 +164,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_factory.mktemp("console-browser")
-    bg = Background()
-    pixel = PixelServer()
-    sink = bg.run(Sink("127.0.0.1", behaviour=SinkBehaviour(rcpt={JANE: REFUSED})).start())
-    config = serve_config(tmp, f"""
+    with contextlib.ExitStack() as stack:  # whatever started is stopped, also when a later start fails
+        bg = Background()
+        stack.callback(bg.stop)
+        pixel = PixelServer()
+        stack.callback(pixel.close)
+        sink = bg.run(Sink("127.0.0.1", behaviour=SinkBehaviour(rcpt={JANE: REFUSED})).start())
+        stack.callback(lambda: bg.run(sink.close()))
+        # hard_bounces off: the journeys' retry is meant to reach the fixed sink, not the suppression list
+        config = serve_config(tmp, f"""
 [delivery]
 retry_schedule = ["1h"]
 connect_timeout = "2s"
@@ -180,30 +186,31 @@ domains = ["*"]
 host = "127.0.0.1"
 port = {sink.port}
 """)  # fmt: skip
-    # (hard_bounces off: the journey's retry is meant to reach the fixed sink, not the suppression list)
-    (tmp / "data").mkdir()
-    bg.run(_add_users(f"sqlite+aiosqlite:///{tmp / 'data' / 'relay.db'}"))
-    server = bg.run(ServeProcess(config).start())
-    options = Options()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
-                "--disable-gpu", "--no-first-run", "--disable-extensions"):  # fmt: skip
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    driver.set_page_load_timeout(WAIT)
-    # the screenshots' size: a 1280x900 viewport, whatever the headless window's decorations take
-    driver.execute_cdp_cmd(
-        "Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}
-    )
-    try:
+        (tmp / "data").mkdir()
+        bg.run(_add_users(f"sqlite+aiosqlite:///{tmp / 'data' / 'relay.db'}"))
+        server = ServeProcess(config)
+        stack.callback(lambda: _stop(bg, server))
+        bg.run(server.start())
+        options = Options()
+        options.binary_location = CHROMIUM
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
+                    "--disable-gpu", "--no-first-run", "--disable-extensions"):  # fmt: skip
+            options.add_argument(arg)
+        driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+        stack.callback(driver.quit)
+        driver.set_page_load_timeout(WAIT)
+        # the screenshots' size: a 1280x900 viewport, whatever the headless window's decorations take
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+        )
         yield World(f"http://127.0.0.1:{server.ports['http']}", server.smtp_port, driver, sink, pixel)
-    finally:
-        driver.quit()
+
+
+def _stop(bg: Background, server: ServeProcess) -> None:
+    if server.proc is not None and server.proc.returncode is None:
         server.terminate()
         bg.run(server.wait())
-        bg.run(sink.close())
-        pixel.close()
-        bg.stop()
 
 
 # -- small steps
