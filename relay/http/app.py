@@ -192,6 +192,7 @@ class _Server(uvicorn.Server):
 
 class HttpServer:
     def __init__(self, app: FastAPI) -> None:
+        self.app = app  # the ASGI app this server serves
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", server_header=False)
         self._server = _Server(config)
         self._task: asyncio.Task[Any] | None = None

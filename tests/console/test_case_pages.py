@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import PASSWORD, Console, console_with, csrf_of, sign_in
+from console_fixtures import PASSWORD, Console, console_with, csrf_of, sign_in
 from helpers import queue_id_of, send, smtp_client
 
 from relay.console.cases_pages import csv_cell

@@ -87,7 +87,7 @@ async def test_failed_sign_ins_are_throttled_like_smtp_auth(console: Console) ->
 def _app(console: Console):  # type: ignore[no-untyped-def]
     server = console.relay.http
     assert server is not None
-    return server._server.config.app
+    return server.app
 
 
 async def test_login_form_needs_its_pre_session_token(console: Console) -> None:
