@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import platform
-import random
 import re
 import shutil
 import signal
@@ -488,39 +487,30 @@ async def run_postfix(sc: Scenario) -> Run:
 
 
 async def lookup_bench(total: int) -> dict[str, Any]:
-    from ulid import ULID
+    """Lookups, stats and searches at a million messages, on one store: bench/search.py seeds it
+    (30 days, with bounces and their reasons, deferrals, complaints, opens and clicks) and a
+    second run reuses it."""
+    import search  # bench/search.py
 
     from relay.logstore import LogStore
-    from relay.model import EventView, Imported, NewMessage
 
-    db = WORK / f"lookup-{total}.db"
+    WORK.mkdir(parents=True, exist_ok=True)
+    db = WORK / f"search-{total}.db"
     url = f"sqlite+aiosqlite:///{db}"
     store = await LogStore.open(url)
     await store.upgrade()
     day = 86400.0
-    t_end = time.time()
-    t_start = t_end - 30 * day
-    rng = random.Random(7)
     have = (await store.queue_summary()).counts
     seeded = sum(have.values())
+    with contextlib.closing(sqlite3.connect(db)) as conn:  # a reused store ends where its seed ended
+        newest = conn.execute("SELECT max(received_at) FROM messages").fetchone()[0]
+    t_end = float(newest) if newest is not None else time.time()
     seed_seconds = None
     if seeded < total:
         t = time.perf_counter()
-        body = b"Subject: hello\r\n\r\n" + b"x" * 300 + b"\r\n"
-        for start in range(seeded, total, 10_000):
-            batch = []
-            for i in range(start, min(start + 10_000, total)):
-                at = t_start + (i / total) * 30 * day
-                qid = str(ULID.from_timestamp(at))
-                rcpt = f"user{i}@d{i % 20}.example"
-                msg = NewMessage(qid, f"{qid.lower()}@app.example", "app@example.com", (rcpt,), f"hello {i}",
-                                 (f"tag{i % 10}",), f"user{i % 5}", "10.0.0.1", at, body)  # fmt: skip
-                evs = [EventView(at, "received", None, {}),
-                       EventView(at + 1.5, "delivered", rcpt, {"attempt": 1, "code": 250})]  # fmt: skip
-                if rng.random() < 0.2:
-                    evs.append(EventView(at + 600, "opened", rcpt, {"machine": rng.random() < 0.3}))
-                batch.append(Imported(msg, "delivered", 1, None, "250 2.0.0 ok", tuple(evs)))
-            await store.bulk_import(batch)
+        await store.close()
+        await search.seed(url, total, seeded, t_end)
+        store = await LogStore.open(url)
         seed_seconds = round(time.perf_counter() - t, 1)
     with contextlib.closing(sqlite3.connect(db)) as conn:  # sample Message-IDs from outside the store
         ids = [r[0] for r in conn.execute("SELECT message_id FROM messages ORDER BY random() LIMIT 2000")]
@@ -538,9 +528,11 @@ async def lookup_bench(total: int) -> dict[str, Any]:
         rows = await store.stats(since, since + day, group_by)
         stats_times.append((group_by, round(time.perf_counter() - t, 3), sum(r.received for r in rows)))
     await store.close()
+    searches = await search.run(total, 3)
     return {
         "messages": total,
         "seed_seconds": seed_seconds,
+        "search": searches,
         "message_id_lookup_ms_p50": round(ordered[len(ordered) // 2] * 1000, 3),
         "message_id_lookup_ms_p99": round(ordered[int(len(ordered) * 0.99)] * 1000, 3),
         "one_day_stats_seconds": {g: s for g, s, _ in stats_times},
@@ -575,6 +567,10 @@ def table(results: dict[str, Any]) -> str:
             + ", ".join(f"by {g} {s} s" for g, s in lk["one_day_stats_seconds"].items())
             + f" ({lk['one_day_stats_messages']:,} messages in the day).",
         ]
+        if lk.get("search"):
+            import search  # bench/search.py
+
+            lines += ["", search.table(lk["messages"], lk["search"], 3)]
     return "\n".join(lines)
 
 
