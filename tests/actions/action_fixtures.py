@@ -5,25 +5,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from helpers import new_message, raw_sql, store_url
+from helpers import new_message, raw_sql, stores
 
 from relay.config import DeliveryConfig, WebhookConfig
 from relay.logstore import LogStore
 from relay.model import AuditEntry, MessageView, Outcome
 
 message = new_message
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    async with AsyncExitStack() as stack:
-        yield await store_url(request.param, tmp_path / "relay.db", stack)
+url = stores.url  # the fixture: a fresh store's URL on each backend
 
 
 async def open_store(url: str, **kw: Any) -> LogStore:

@@ -3,36 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
-from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
-from helpers import new_message, raw_sql, store_url
+from helpers import new_message, raw_sql, stores
 
-from relay.logstore import LogStore
 from relay.model import Outcome
 
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh, empty store's URL, on each backend."""
-    async with AsyncExitStack() as stack:
-        yield await store_url(request.param, tmp_path / "relay.db", stack)
-
-
-@pytest.fixture
-async def store(url: str) -> AsyncIterator[LogStore]:
-    """A store at ``url``, migrated to the newest schema."""
-    s = await LogStore.open(url)
-    try:
-        await s.upgrade()
-        yield s
-    finally:
-        await s.close()
-
-
+store, url = stores.store, stores.url  # the fixtures, on both backends
 message = new_message  # the store tests' name for it
 
 
