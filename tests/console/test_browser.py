@@ -563,6 +563,19 @@ def test_j_admin_reads_the_audit_and_adds_a_user(world: World) -> None:
     assert "nina" in css(world, "table.audit").text
 
 
+def test_k_dashboard_and_held_pages(world: World) -> None:
+    """The remaining pages, each saved: the dashboard (figures, the per-tag chart) and the held list."""
+    world.journey("e", confirmed_journey)
+    world.as_user("sam")
+    open_page(world, "/ui/dashboard")
+    assert all_css(world, "div.figures")
+    assert all_css(world, "svg.chart")  # mail went out under a tag: the chart has something to show
+    shot(world, "k_dashboard")
+    open_page(world, "/ui/held")
+    assert css(world, "h1").text == "Held messages"
+    shot(world, "k_held")
+
+
 def test_z_screenshots_for_the_readme(world: World) -> None:
     """Every journey saved its pages; the README's three come from these."""
     world.journey("e", confirmed_journey)
