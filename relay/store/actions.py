@@ -27,7 +27,7 @@ from relay.store import audit, queue, suppressions
 from relay.store import cases as case_store
 from relay.store import statements as q
 from relay.store.log import NewEvent, append_events
-from relay.store.schema import link_chunks, messages, recipients
+from relay.store.schema import events, link_chunks, messages, recipients
 
 # -- hold mode
 
@@ -59,6 +59,13 @@ _RECIPIENTS = (
     sa.select(recipients.c.id, recipients.c.address, recipients.c.status)
     .where(recipients.c.queue_id == sa.bindparam("qid"))
     .order_by(recipients.c.id)
+)
+# A recipient's row, locked until commit: two resends of it at once take turns, so that the
+# second sees the first's "resent" event (SQLite's writes are serial already; no FOR UPDATE there).
+_LOCK_RECIPIENT = sa.select(recipients.c.id).where(recipients.c.id == sa.bindparam("rid")).with_for_update()
+# What a recipient's resends so far said ("resent" events' details: to, new_queue_id, ...).
+_RESENT = sa.select(events.c.details).where(
+    events.c.queue_id == sa.bindparam("qid"), events.c.recipient == sa.bindparam("recipient"), events.c.type == "resent"
 )
 # The message a resend copies.
 _MESSAGE = sa.select(messages).where(messages.c.queue_id == sa.bindparam("qid"))
@@ -173,9 +180,18 @@ def resend(
     """Send the message again, as a new message (a new queue id, the same body, sender, tags,
     user and tracking) to ``new_address`` alone, logging "resent" on the old one's recipient
     ``address``. NotFound: no such message or recipient; Conflict: ``new_address`` is
-    suppressed, or the body is no longer kept. Returns the new message (stored, not yet
-    announced to delivery: the caller does that after the commit)."""
-    _, old_address, _ = _recipient(conn, queue_id, address)
+    suppressed, the body is no longer kept, or this recipient was sent again to
+    ``new_address`` already (a second click, a retried request: mail it once; retry the
+    message made the first time instead). Returns the new message (stored, not yet announced
+    to delivery: the caller does that after the commit)."""
+    rid, old_address, _ = _recipient(conn, queue_id, address)
+    conn.execute(_LOCK_RECIPIENT, {"rid": rid})
+    for (done,) in conn.execute(_RESENT, {"qid": queue_id, "recipient": old_address}):
+        if isinstance(done, dict) and str(done.get("to", "")).lower() == new_address.lower():
+            raise Conflict(
+                f"{old_address} was sent again to {new_address} already, as {done.get('new_queue_id')}: "
+                "retry that message instead"
+            )
     blocked = suppressions.find(conn, [new_address], now).get(new_address)
     if blocked is not None:
         raise Conflict(f"{new_address} is suppressed: {blocked.address} is on the suppression list ({blocked.reason})")

@@ -177,6 +177,32 @@ async def test_resend_stores_a_linked_new_message(store: LogStore, url: str) -> 
     assert "message.resent" in {d.type for d in await store.message_webhooks("01OLD1")}
 
 
+async def test_resend_to_the_same_address_twice_sends_once(store: LogStore, url: str) -> None:
+    """A double click or a retried request: the second resend to the same corrected address is
+    refused (naming the first one's message), also when both run at once from two stores."""
+    await store.enqueue(message("01TWICE", ("jane@exmaple.com",)))
+    first = await store.resend("01TWICE", "jane@exmaple.com", "jane@example.com", by="sam")
+    before = await snapshot(url)
+    with pytest.raises(Conflict, match=f"already, as {first}"):
+        await store.resend("01TWICE", "JANE@exmaple.com", "Jane@Example.com", by="sam")
+    assert await snapshot(url) == before
+    # another corrected address is another resend
+    await store.resend("01TWICE", "jane@exmaple.com", "jane@example.org", by="sam")
+
+    await store.enqueue(message("01RACE", ("joe@exmaple.com",)))
+    other = await action_fixtures.open_store(url)
+    try:
+        results = await asyncio.gather(
+            store.resend("01RACE", "joe@exmaple.com", "joe@example.com", by="sam"),
+            other.resend("01RACE", "joe@exmaple.com", "joe@example.com", by="ann"),
+            return_exceptions=True,
+        )
+    finally:
+        await other.close()
+    assert sorted(type(r).__name__ for r in results) == ["Conflict", "str"]
+    assert len(events(await view(store, "01RACE"), "resent")) == 1
+
+
 async def test_resend_refusals_write_nothing(store: LogStore, url: str) -> None:
     await store.enqueue(message("01REF1", ("jane@example.com",)))
     await store.suppress(Suppression("*@blocked.example", "manual", "api", None, time.time()), actor="t")
