@@ -912,10 +912,10 @@ async def _users(store: LogStore, args: argparse.Namespace) -> int:
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
             raise CommandError("empty password on standard input", 2)
-        await store.add_user(args.name, await asyncio.to_thread(hash_password, password), args.role)
+        await store.add_user(args.name, await asyncio.to_thread(hash_password, password), args.role, actor=_actor())
         print(f"added user {args.name} ({args.role})")
     elif args.users_command == "remove":
-        await store.remove_user(args.name)
+        await store.remove_user(args.name, actor=_actor())
         print(f"removed user {args.name}")
     else:
         for user in await store.list_users():

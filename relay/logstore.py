@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from relay.config import DeliveryConfig, WebhookConfig
@@ -526,12 +526,32 @@ class LogStore:
 
     # -- users
 
-    async def add_user(self, name: str, password_hash: str, role: Role = "smtp") -> None:
+    async def add_user(
+        self, name: str, password_hash: str, role: Role = "smtp", *, actor: str = "cli", ip: str = ""
+    ) -> None:
+        """Add a user and its "user.add" line in the access audit, in one transaction;
+        Conflict when the name is taken."""
         now = time.time()
-        await self._engine.call(lambda conn: users.add(conn, name, password_hash, now, role))
 
-    async def remove_user(self, name: str) -> None:
-        await self._engine.call(lambda conn: users.remove(conn, name))
+        def add(conn: Connection) -> None:
+            users.add(conn, name, password_hash, now, role)
+            audit_store.append(conn, actor=actor, ip=ip, action="user.add", target=name, details={"role": role}, at=now)
+
+        await self._engine.call(add)
+
+    async def remove_user(self, name: str, *, actor: str = "cli", ip: str = "") -> None:
+        """Remove a user (its console sessions end with it) and write its "user.remove" audit
+        line, in one transaction; NotFound when there is no such user."""
+        now = time.time()
+
+        def remove(conn: Connection) -> None:
+            role = users.role(conn, name)
+            users.remove(conn, name)
+            audit_store.append(
+                conn, actor=actor, ip=ip, action="user.remove", target=name, details={"role": role}, at=now
+            )
+
+        await self._engine.call(remove)
 
     async def list_users(self) -> list[User]:
         return await self._engine.read(users.all_users)

@@ -524,10 +524,9 @@ async def user_add(request: Request, user: Admin) -> Response:
         return await _users_page(request, f"There is a user {name!r} already.", 409, values)
     hashed = await asyncio.to_thread(hash_password, password)  # scrypt: CPU for tens of ms, off the loop
     try:
-        await store.add_user(name, hashed, role)
+        await store.add_user(name, hashed, role, actor=user.name, ip=user.ip)  # with its audit line
     except Conflict:  # added meanwhile
         return await _users_page(request, f"There is a user {name!r} already.", 409, values)
-    await store.audit(actor=user.name, ip=user.ip, action="user.add", target=name, details={"role": role})
     log.info("console user %s (%s) added by %s", name, role, user.name)
     return redirect(request, "/ui/users", flash=f"{name} ({role}) added.")
 
@@ -543,9 +542,8 @@ async def user_remove(request: Request, user: Admin) -> Response:
     if role is None:
         return await _users_page(request, f"There is no user {name[:128]!r}.", 404)
     try:
-        await store.remove_user(name)
+        await store.remove_user(name, actor=user.name, ip=user.ip)  # with its audit line
     except NotFound:  # removed meanwhile
         return await _users_page(request, f"There is no user {name[:128]!r}.", 404)
-    await store.audit(actor=user.name, ip=user.ip, action="user.remove", target=name, details={"role": role})
     log.info("user %s (%s) removed by %s", name, role, user.name)
     return redirect(request, "/ui/users", flash=f"{name} removed.")
