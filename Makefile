@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Only for the tests (`relay` itself refuses RELAY_* variables that are not settings).
 test: export RELAY_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 
-.PHONY: run test lint browser bench bench-smoke bench-heavy bench-dkim bench-search chaos clean
+.PHONY: run test lint browser bench bench-smoke bench-heavy bench-dkim bench-search bench-search-postgres chaos clean
 
 $(VENV)/.run: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,13 @@ bench-dkim: $(VENV)/.test
 # search at 1,000,000 messages (seeds bench/work/search-1000000.db once, ~3 minutes); bench/results/search.md
 bench-search: $(VENV)/.test
 	$(BIN)/python bench/search.py --out bench/results/search.md
+
+# the same on PostgreSQL (database relay_bench_search at 127.0.0.1:5432, made when missing); bench/results/search-postgres.md
+BENCH_PG ?= postgresql+asyncpg://postgres@127.0.0.1:5432/relay_bench_search
+bench-search-postgres: $(VENV)/.test
+	psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'relay_bench_search'" | grep -q 1 || \
+		createdb -h 127.0.0.1 -U postgres relay_bench_search
+	$(BIN)/python bench/search.py --postgres $(BENCH_PG) --out bench/results/search-postgres.md
 
 # kill -9 at 50 random moments under load; prints the report and keeps it in bench/results/chaos.md
 chaos: $(VENV)/.test

@@ -111,14 +111,26 @@ async def seed(url: str, total: int, have: int, t_end: float) -> None:
         await store.close()
 
 
-def queries(db: Path) -> list[tuple[str, str]]:
+async def one_row(url: str, sql: str) -> tuple[object, ...]:
+    """One row of ``sql``, read beside the store (SQLite file or PostgreSQL)."""
+    if url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(url.split("///", 1)[1])) as conn:
+            return tuple(conn.execute(sql).fetchone())
+    import asyncpg
+
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    try:
+        return tuple(await conn.fetchrow(sql))
+    finally:
+        await conn.close()
+
+
+async def queries(url: str) -> list[tuple[str, str]]:
     """The representative set, with real values picked from the store."""
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        (addr,) = conn.execute("SELECT address FROM recipients ORDER BY random() LIMIT 1").fetchone()
-        (bounced,) = conn.execute(
-            "SELECT address FROM recipients WHERE status = 'bounced' ORDER BY random() LIMIT 1"
-        ).fetchone()
-        (qid, mid) = conn.execute("SELECT queue_id, message_id FROM messages ORDER BY random() LIMIT 1").fetchone()
+    (addr,) = await one_row(url, "SELECT address FROM recipients ORDER BY random() LIMIT 1")
+    (bounced,) = await one_row(url, "SELECT address FROM recipients WHERE status = 'bounced' ORDER BY random() LIMIT 1")
+    qid, mid = await one_row(url, "SELECT queue_id, message_id FROM messages ORDER BY random() LIMIT 1")
+    assert isinstance(qid, str)
     return [
         ("to: exact", f"to:{addr}"),
         ("to: + status:bounced", f"to:{bounced} status:bounced"),
@@ -142,23 +154,20 @@ def queries(db: Path) -> list[tuple[str, str]]:
     ]
 
 
-async def run(total: int, n: int) -> list[dict[str, object]]:
+async def run(total: int, n: int, url: str | None = None) -> list[dict[str, object]]:
+    """Seed (up to ``total``) and time; ``url``: a PostgreSQL store instead of the SQLite file."""
     from relay.logstore import LogStore
 
     WORK.mkdir(parents=True, exist_ok=True)
-    db = WORK / f"search-{total}.db"
-    url = f"sqlite+aiosqlite:///{db}"
+    url = url or f"sqlite+aiosqlite:///{WORK / f'search-{total}.db'}"
     store = await LogStore.open(url)
     await store.upgrade()
     have = sum((await store.queue_summary()).counts.values())
     await store.close()
-    t_end = time.time()
-    if db.exists():
-        with contextlib.closing(sqlite3.connect(db)) as conn:
-            newest = conn.execute("SELECT max(received_at) FROM messages").fetchone()[0]
-            t_end = newest if newest is not None else t_end
+    (newest,) = await one_row(url, "SELECT max(received_at) FROM messages")
+    t_end = float(newest) if isinstance(newest, int | float) else time.time()
     if have < total:
-        print(f"seeding {total - have:,} messages into {db} ...", flush=True)
+        print(f"seeding {total - have:,} messages into {display(url)} ...", flush=True)
         t = time.perf_counter()
         await seed(url, total, have, t_end if have else time.time())
         print(f"  seeded in {time.perf_counter() - t:.0f} s", flush=True)
@@ -166,9 +175,10 @@ async def run(total: int, n: int) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     try:
         # Relative times (after:7d) count from the newest message, as if the store were live.
-        with contextlib.closing(sqlite3.connect(db)) as conn:
-            now = float(conn.execute("SELECT max(received_at) FROM messages").fetchone()[0]) + 60
-        for name, text in queries(db):
+        (newest,) = await one_row(url, "SELECT max(received_at) FROM messages")
+        assert isinstance(newest, int | float)
+        now = float(newest) + 60
+        for name, text in await queries(url):
             await store.search_messages(text, now=now)  # warm the page cache
             times, cpu, page = [], [], None
             for _ in range(n):
@@ -197,9 +207,15 @@ async def run(total: int, n: int) -> list[dict[str, object]]:
     return rows
 
 
-def table(total: int, rows: list[dict[str, object]], n: int) -> str:
+def display(url: str) -> str:
+    from relay.logstore import display_url
+
+    return display_url(url)
+
+
+def table(total: int, rows: list[dict[str, object]], n: int, backend: str = "SQLite") -> str:
     lines = [
-        f"Search at {total:,} messages on SQLite (one 20-message page plus the count, capped at 10,000; "
+        f"Search at {total:,} messages on {backend} (one 20-message page plus the count, capped at 10,000; "
         f"median and worst of {n} runs after one warm-up, and the median CPU time, "
         f"{time.strftime('%Y-%m-%d', time.gmtime())}; {os.cpu_count()} CPUs, load average "
         f"{os.getloadavg()[0]:.1f} at the end).",
@@ -220,14 +236,15 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=1_000_000)
     ap.add_argument("--n", type=int, default=5, help="timed runs per query")
     ap.add_argument("--seed-only", action="store_true")
+    ap.add_argument("--postgres", metavar="URL", help="time a PostgreSQL store (seeded there) instead of SQLite")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "search.md")
     args = ap.parse_args()
     if args.seed_only:
         WORK.mkdir(parents=True, exist_ok=True)
         asyncio.run(seed(f"sqlite+aiosqlite:///{WORK / f'search-{args.messages}.db'}", args.messages, 0, time.time()))
         return 0
-    rows = asyncio.run(run(args.messages, args.n))
-    text = table(args.messages, rows, args.n)
+    rows = asyncio.run(run(args.messages, args.n, args.postgres))
+    text = table(args.messages, rows, args.n, "PostgreSQL" if args.postgres else "SQLite")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print("\n" + text)
