@@ -28,7 +28,7 @@ def _rate(part: int, whole: int) -> float | None:
 def _window(conn: Connection, now: float, seconds: float) -> DashboardWindow:
     # Grouped by user, each message is in exactly one row: the sums are the totals (by tag, a
     # message with two tags would count twice).
-    rows = event_log.stats(conn, now - seconds, now, "user")
+    rows = event_log.stats(conn, now - seconds, now, "user", latencies=False)
     return DashboardWindow(
         seconds=seconds,
         received=sum(r.received for r in rows),
@@ -65,5 +65,5 @@ def dashboard(conn: Connection, now: float) -> Dashboard:
         day=_window(conn, now, DAY),
         queue=depth,
         oldest_queued_age=None if oldest is None else round(max(0.0, now - oldest), 3),
-        tags=tag_rows(event_log.stats(conn, now - DAY, now, "tag")),
+        tags=tag_rows(event_log.stats(conn, now - DAY, now, "tag", latencies=False)),
     )

@@ -12,8 +12,9 @@ How it stays fast at a million messages, the same on SQLite and PostgreSQL:
    by received_at, checking each term (EXISTS), and stops at the page's end; the count stops
    at COUNT_CAP + 1 matches.
 
-Which index each mode may use is pinned (``+ 0``, ``|| ''``): SQLite has no statistics to
-tell a common value from a rare one, and would otherwise sort every message of a common tag.
+On SQLite, which index each mode may use is pinned (``+ 0``, ``|| ''``): it has no statistics
+to tell a common value from a rare one, and would otherwise sort every message of a common
+tag. PostgreSQL plans by its statistics, so there the columns stay bare.
 """
 
 from __future__ import annotations
@@ -75,10 +76,33 @@ def _fold_sqlite(element: _fold, compiler: SQLCompiler, **kw: Any) -> str:
     return str(compiler.process(element.clauses, **kw))
 
 
-def _pin(column: sa.ColumnElement[str]) -> sa.ColumnElement[str]:
-    """The column, hidden from the planner's index choice: inside EXISTS the lookup must go by
-    queue id, never by (say) the status index, which would read every delivered recipient."""
-    return column + ""
+class _pinned(FunctionElement[Any]):
+    """A column hidden from SQLite's index choice (``x || ''``, ``x + 0``): inside EXISTS the
+    lookup must go by queue id, never by (say) the status index, which would read every
+    delivered recipient. Elsewhere the column as it is: PostgreSQL chooses by its statistics,
+    which a pin would only blind (a tag search took 1.5 s pinned, 0.26 s not, at a million)."""
+
+    name = "pinned"
+    inherit_cache = True
+
+    def __init__(self, column: sa.ColumnElement[Any]) -> None:
+        super().__init__(column)
+        self.type = column.type
+
+
+@compiles(_pinned)
+def _pinned_default(element: _pinned, compiler: SQLCompiler, **kw: Any) -> str:
+    return str(compiler.process(element.clauses, **kw))
+
+
+@compiles(_pinned, "sqlite")
+def _pinned_sqlite(element: _pinned, compiler: SQLCompiler, **kw: Any) -> str:
+    pin = "+ 0" if isinstance(element.type, sa.Float | sa.Integer) else "|| ''"
+    return f"({compiler.process(element.clauses, **kw)} {pin})"
+
+
+def _pin(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    return _pinned(column)
 
 
 def _rcpt(*where: sa.ColumnElement[bool]) -> sa.Exists:
@@ -101,7 +125,7 @@ def condition(term: Term, *, scan: bool) -> sa.ColumnElement[bool]:  # noqa: PLR
     """The term as a condition on a messages row (without its negation). ``scan``: the search
     walks received_at, so the term must not pull the planner onto another index."""
     v = term.value
-    received = m.c.received_at if scan else m.c.received_at + 0
+    received = m.c.received_at if scan else _pin(m.c.received_at)
     match term.op:
         case "to":
             if term.exact:
@@ -252,7 +276,7 @@ def run(conn: Connection, query: Query, *, limit: int, after: tuple[float, str] 
             continue
         cond = condition(term, scan=scan)
         conds.append(sa.not_(cond) if term.negated else cond)
-    received = m.c.received_at if scan else m.c.received_at + 0
+    received = m.c.received_at if scan else _pin(m.c.received_at)
     page_conds = list(conds)
     if after is not None:
         at, last = after
