@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from relay.model import AuditEntry
-from relay.store import chain
+from relay.store import chain, paging
 from relay.store.schema import audit_log
 
 MAX_ACTION: Final = 32  # the column's width
@@ -62,12 +62,8 @@ def page(
         stmt = stmt.where(a.c.actor == actor)
     if action is not None:
         stmt = stmt.where(a.c.action == action)
-    if before is not None:
-        stmt = stmt.where(a.c.id < before)
-    rows = conn.execute(stmt, {"limit": limit + 1}).all()
-    entries = [entry(r) for r in rows[:limit]]
-    more = entries[-1].id if len(rows) > limit else None
-    return entries, more
+    rows, more = paging.by_id(conn, stmt, a.c.id, limit=limit, before=before)
+    return [entry(r) for r in rows], more
 
 
 def entry(r: Row[Any]) -> AuditEntry:

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection, Row
 from relay import cases as rules
 from relay.errors import NotFound
 from relay.model import CASE_STATES, CLOSED_CASE_STATES, DELIVERED, CaseEntry, CaseState, CaseView, EntryKind
-from relay.store import audit, chain
+from relay.store import audit, chain, paging
 from relay.store import log as event_log
 from relay.store.schema import case_entries, case_messages, case_targets, cases, recipients
 
@@ -277,11 +277,8 @@ def page(
         stmt = stmt.where(ever if escalated else ~ever)
     if queue_id is not None:
         stmt = stmt.where(sa.exists(sa.select(cm.c.case_id).where(cm.c.case_id == c.c.id, cm.c.queue_id == queue_id)))
-    if before is not None:
-        stmt = stmt.where(c.c.id < before)
-    rows = conn.execute(stmt, {"limit": limit + 1}).all()
-    views = _views(conn, rows[:limit], sla=sla, now=now)
-    return views, (views[-1].id if len(rows) > limit else None)
+    rows, more = paging.by_id(conn, stmt, c.c.id, limit=limit, before=before)
+    return _views(conn, rows, sla=sla, now=now), more
 
 
 def counts(conn: Connection) -> dict[str, int]:

@@ -16,8 +16,8 @@ from sqlalchemy.engine import Connection, Row
 
 from relay.errors import NotFound, ReasonRequired, RelayError
 from relay.model import Suppression, SuppressionChange, SuppressionOrigin, SuppressionReason, suppression_key
+from relay.store import paging, webhooks
 from relay.store import statements as q
-from relay.store import webhooks
 from relay.store.schema import suppression_audit, suppressions
 
 # Entries that only go with a reason why: a complaint is the recipient saying "stop".
@@ -175,17 +175,14 @@ def audit(
     stmt = q.SUPPRESSION_AUDIT_PAGE
     if address is not None:
         stmt = stmt.where(a.c.address == suppression_key(address))
-    if before is not None:
-        stmt = stmt.where(a.c.id < before)
-    rows = conn.execute(stmt, {"limit": limit + 1}).all()
+    rows, more = paging.by_id(conn, stmt, a.c.id, limit=limit, before=before)
     changes = [
         SuppressionChange(
             at=float(r.at), address=r.address, action=r.action, reason=r.reason, origin=r.origin,
             actor=r.actor, source_queue_id=r.source_queue_id, note=r.note or "",
         )
-        for r in rows[:limit]
+        for r in rows
     ]  # fmt: skip
-    more = int(rows[limit - 1].id) if len(rows) > limit else None
     return changes, more
 
 

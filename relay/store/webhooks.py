@@ -23,6 +23,7 @@ from ulid import ULID
 
 from relay.errors import NotFound
 from relay.model import NO_WEBHOOK_EVENTS, Suppression, iso
+from relay.store import paging
 from relay.store import statements as q
 from relay.store.schema import webhook_deliveries
 
@@ -383,11 +384,8 @@ def page(
         stmt = stmt.where(wd.c.status == status)
     if url is not None:
         stmt = stmt.where(wd.c.url == url)
-    if before is not None:
-        stmt = stmt.where(wd.c.id < before)
-    rows = conn.execute(stmt, {"limit": limit + 1}).all()
-    found = [delivery(r) for r in rows[:limit]]
-    return found, (found[-1].id if len(rows) > limit else None)
+    rows, more = paging.by_id(conn, stmt, wd.c.id, limit=limit, before=before)
+    return [delivery(r) for r in rows], more
 
 
 def delivery(r: Row[Any]) -> Delivery:

@@ -540,7 +540,7 @@ def test_i_html_body_script_and_pixel_inert(world: World) -> None:
 
 
 def test_j_admin_reads_the_audit_and_adds_a_user(world: World) -> None:
-    world.journey("a", sign_in_journey)
+    world.journey("d", open_case_journey)  # a case to list, whichever worker runs this test
     world.as_user("ada")
     open_page(world, "/ui/cases")
     assert all_css(world, "tr[data-case-id]")
