@@ -212,6 +212,10 @@ class DeliveryConfig:
     shutdown_grace: float = setting(10.0, parse_duration)  # on SIGTERM, attempts in flight get this long
     hold: bool = setting(False, _bool)  # staging: keep every new message as "held" until released in the console
     hold_users: tuple[str, ...] = setting((), _list(_str))  # hold only the mail of these SMTP/API users
+    # Look for due work this often even when no wake-up came (NOTIFY is lost while disconnected).
+    poll_interval: float = setting(1.0, _positive_duration)
+    # per_domain counts transactions of every node on the store ("cluster") or of this process ("node").
+    per_domain_scope: str = setting("cluster", _choice("cluster", "node"))
 
 
 def _nameserver(value: Any, key: str) -> Listen:
@@ -287,6 +291,21 @@ class HttpConfig:
 class ConsoleConfig:
     session_idle: float = setting(8 * 3600.0, _positive_duration)  # a session unused this long is signed out
     case_sla: float = setting(24 * 3600.0, _positive_duration)  # a case open longer is overdue
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    heartbeat: float = setting(5.0, _positive_duration)  # a node silent for 3 of these is dead: its leases are freed
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """How long finished mail and its traces are kept; "0" keeps them forever."""
+
+    bodies: float = setting(7 * 86400.0, parse_duration)  # raw messages of finished recipients; the timeline stays
+    messages: float = setting(90 * 86400.0, parse_duration)  # finished messages with recipients, events, links
+    webhook_deliveries: float = setting(14 * 86400.0, parse_duration)  # finished outbox rows
+    audit: float = setting(400 * 86400.0, parse_duration)  # the access audit
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,6 +406,8 @@ class Config:
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     routes: tuple[RouteConfig, ...] = ()
     dkim: tuple[DkimConfig, ...] = ()
     webhooks: tuple[WebhookConfig, ...] = ()
@@ -418,6 +439,8 @@ SECTIONS: dict[str, type[Any]] = {
     "bounces": BouncesConfig,
     "suppression": SuppressionConfig,
     "console": ConsoleConfig,
+    "cluster": ClusterConfig,
+    "retention": RetentionConfig,
 }
 
 

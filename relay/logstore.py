@@ -879,6 +879,12 @@ class LogStore:
         """A stored report, raw, as it came to the bounce listener."""
         return await self._engine.read(lambda conn: reports.raw(conn, report_id))
 
+    # -- nodes: heartbeats, dead nodes' leases, wake-ups across nodes (relay/store/nodes.py)
+
+    # -- retention (relay/store/retention.py)
+
+    # -- copying a store to another (relay/store/copy.py)
+
 
 def _text(name: str, text: str) -> None:
     """A free-text field of an action: bounded, and no NUL (PostgreSQL text cannot hold one)."""

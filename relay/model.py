@@ -35,7 +35,7 @@ RETRY_ALL_STATES: Final = (QUEUED, DEFERRED)
 EventType = Literal[
     "received", "delivered", "deferred", "bounced", "expired", "suppressed",
     "cancelled", "opened", "clicked", "complained", "retried", "noted",
-    "held", "released", "resent", "commented", "unsuppressed",
+    "held", "released", "resent", "commented", "unsuppressed", "body_purged",
 ]  # fmt: skip
 # "noted": a report that changes nothing (an auto-reply, a "delivered" DSN, a not-spam report).
 # Support's actions (the console, the API): "held" (hold mode kept it at intake), "released"
@@ -43,6 +43,7 @@ EventType = Literal[
 # name the new queue id; the new message's "received" details carry "resend_of"),
 # "commented" (a support note), "unsuppressed" (the recipient's suppression lifted from here).
 # Every action's details carry "by" (the actor) and, when done from a case, "case_id".
+# "body_purged": retention deleted the raw message ([retention] bodies); the timeline stays.
 EVENT_TYPES: Final[tuple[EventType, ...]] = get_args(EventType)
 
 
@@ -240,7 +241,7 @@ WebhookType = Literal[
 ]  # fmt: skip
 # Events with no webhook of their own: a report that changes nothing, support's notes, and a
 # lifted suppression (which has suppression.deleted).
-NO_WEBHOOK_EVENTS: Final = frozenset({"noted", "commented", "unsuppressed"})
+NO_WEBHOOK_EVENTS: Final = frozenset({"noted", "commented", "unsuppressed", "body_purged"})
 WEBHOOK_TYPES: Final[tuple[WebhookType, ...]] = get_args(WebhookType)
 
 # -- suppression
@@ -487,3 +488,45 @@ class Dashboard:
     queue: Mapping[str, int]  # active recipients per state (ACTIVE_STATES, zero included)
     oldest_queued_age: float | None  # seconds since the oldest message still in the queue (held too) arrived
     tags: tuple[TagRow, ...]  # the last day, most received first
+
+
+# -- several nodes on one store
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A Relay process registered in the store (``relay nodes``, the dashboard's node panels)."""
+
+    name: str  # the lease owner its deliveries write
+    host: str
+    pid: int
+    version: str
+    started_at: float
+    heartbeat_at: float
+    heartbeat: float  # its heartbeat interval, seconds
+    in_flight: int  # SMTP transactions out at its last heartbeat
+    stopped_at: float | None  # a clean shutdown
+
+    def alive(self, now: float) -> bool:
+        """Running and heard from within 3 heartbeat intervals."""
+        return self.stopped_at is None and now - self.heartbeat_at <= 3 * self.heartbeat
+
+    def to_json(self, now: float) -> dict[str, object]:
+        return {
+            "name": self.name, "host": self.host, "pid": self.pid, "version": self.version,
+            "started": iso(self.started_at), "last_heartbeat": iso(self.heartbeat_at),
+            "heartbeat_age_seconds": round(max(now - self.heartbeat_at, 0.0), 3), "in_flight": self.in_flight,
+            "state": "stopped" if self.stopped_at is not None else "alive" if self.alive(now) else "dead",
+        }  # fmt: skip
+
+
+# -- retention
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionCount:
+    """What one kind of purge deleted (or, in a dry run, would delete)."""
+
+    kind: str  # bodies | messages | webhook_deliveries | audit
+    rows: int
+    bytes: int  # bodies' and outbox bodies' bytes; 0 where rows have no size worth counting

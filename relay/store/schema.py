@@ -195,6 +195,7 @@ webhook_deliveries = sa.Table(
     sa.Index("ix_webhook_deliveries_next_attempt_at", "next_attempt_at"),
     sa.Index("ix_webhook_deliveries_queue_id", "queue_id"),
     sa.Index("ix_webhook_deliveries_status_url", "status", "url"),
+    sa.Index("ix_webhook_deliveries_updated_at", "updated_at"),  # retention
 )
 
 # Endpoints that answered 410 Gone: nothing is sent to them until `relay webhooks enable URL`.
@@ -296,4 +297,23 @@ chain_heads = sa.Table(
     sa.Column("name", sa.String(16), primary_key=True),
     sa.Column("last_id", sa.BigInteger, nullable=False),
     sa.Column("hash", sa.String(64), nullable=False),
+)
+
+# -- several nodes on one store
+
+# Every running Relay process (a node; each worker of `serve --processes` is one): its name is
+# the lease owner its deliveries write. A node whose heartbeat is older than 3 [cluster]
+# heartbeat intervals is dead: any other node frees its leases at once.
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),  # the lease owner: "host:pid:random"
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("version", sa.Text, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("heartbeat_at", sa.Float, nullable=False),
+    sa.Column("heartbeat", sa.Float, nullable=False),  # its [cluster] heartbeat interval, seconds
+    sa.Column("in_flight", sa.Integer, nullable=False, server_default="0"),  # SMTP transactions out, now
+    sa.Column("stopped_at", sa.Float),  # a clean shutdown; NULL while running (or killed)
 )
