@@ -11,7 +11,9 @@ event each, in one transaction), whatever happens inside it: a library error, a 
 cancelled task are temporary failures. The attempt gives up at 80 % of the lease, counted from
 the claim. What a reply means is decided by ``relay.retry.RetryPolicy``, a pure value.
 
-New mail wakes the dispatcher at once; retries are found by polling the next due time.
+New mail wakes the dispatcher at once (on PostgreSQL, mail taken by any node: LISTEN/NOTIFY);
+retries are found by polling the next due time. With ``[delivery] per_domain_scope = "cluster"``
+per_domain counts every node's transactions, read inside the claim.
 On shutdown, transactions in flight get a grace period, then they are cancelled and recorded.
 
 Beside this front door: ``relay.retry`` (the policy value), ``relay.transport`` (SMTP out, the
@@ -27,7 +29,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -114,6 +116,12 @@ class Planner:
     def full_domains(self) -> list[str]:
         return [d for d, n in self.running.items() if n >= self.per_domain]
 
+    def cluster_running(self, running: Mapping[str, int]) -> list[str]:
+        """per_domain across the cluster: every node's transactions in flight per domain, read in
+        the claiming transaction, replace the local snapshot; the full domains are skipped."""
+        self.running = dict(running)
+        return self.full_domains
+
     @property
     def max_size(self) -> int | None:
         """Messages bigger than this cannot start now (None: any can), so the claim skips them
@@ -148,7 +156,6 @@ class Planner:
 
 
 class DeliveryEngine:
-    poll_interval = 1.0  # seconds between looks for retries that came due
     record_retry_max = 2.0  # seconds between tries to record an attempt while the store fails
 
     def __init__(
@@ -169,7 +176,12 @@ class DeliveryEngine:
         self.signer = signer if signer is not None and signer.keys else None  # [[dkim]] entries
         d = config.delivery
         self.policy = RetryPolicy(d.retry_schedule, d.max_age)
+        # The node's name: the lease owner its claims write, its row in the node registry.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        # Seconds between looks for due work when no wake-up came (retries, other nodes' mail
+        # while their NOTIFY could not reach us).
+        self.poll_interval = d.poll_interval
+        self.cluster = d.per_domain_scope == "cluster"  # per_domain counts every node's transactions
         self._wake = asyncio.Event()
         self._stopping = False
         self._jobs: set[asyncio.Task[None]] = set()
@@ -184,6 +196,11 @@ class DeliveryEngine:
 
     def wake(self) -> None:
         self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        """SMTP transactions running now (the node's heartbeat reports it)."""
+        return len(self._jobs)
 
     async def run(self) -> None:
         """The dispatcher; runs until shutdown()."""
@@ -222,13 +239,15 @@ class DeliveryEngine:
             return False
         if check_first and not await self.store.anything_due():
             return False
+        alone = self.return_path is not None
         planner = Planner(
-            free, d.per_domain, dict(self._running), window=max(4 * free, 64),
-            large_budget=self.large_budget, large_running=self._large, alone=self.return_path is not None,
+            free, d.per_domain, {} if self.cluster else dict(self._running), window=max(4 * free, 64),
+            large_budget=self.large_budget, large_running=self._large, alone=alone,
         )  # fmt: skip
         claimed = await self.store.claim_due(
             self.owner, lease=d.lease, limit=planner.window, pick=planner,
             skip_domains=planner.full_domains, max_size=planner.max_size,
+            cluster=planner.cluster_running if self.cluster else None, alone=alone,
         )  # fmt: skip
         lease_ends = time.time() + d.lease  # the store's lease ends a moment before this
         for c in claimed:
@@ -381,6 +400,7 @@ class DeliveryEngine:
                 "enhanced_code": reply.enhanced,
                 "reply": reply.text,
                 "duration_ms": duration_ms,
+                "node": self.owner,  # which node made the attempt
             }
             if result.tried:
                 details["tried"] = list(result.tried)
