@@ -191,11 +191,16 @@ class DeliveryEngine:
         self.large_budget = LARGE_IN_FLIGHT
         self._backlog = False  # the last claim left due work behind
         self._next_retry = float("inf")  # the earliest retry this process scheduled
+        self._task: asyncio.Task[None] | None = None  # the dispatcher's, while run() runs
         store.on_enqueued.append(lambda _msg: self._wake.set())
         store.on_due.append(self._wake.set)  # a retry or release from the console or the API
 
     def wake(self) -> None:
         self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     @property
     def in_flight(self) -> int:
@@ -204,6 +209,7 @@ class DeliveryEngine:
 
     async def run(self) -> None:
         """The dispatcher; runs until shutdown()."""
+        self._task = asyncio.current_task()
         log.info("delivery running as %s (concurrency %d, %d per domain)", self.owner,
                  self.config.delivery.concurrency, self.config.delivery.per_domain)  # fmt: skip
         polled = True  # at start, look for what is due already
@@ -250,6 +256,9 @@ class DeliveryEngine:
             cluster=planner.cluster_running if self.cluster else None, alone=alone,
         )  # fmt: skip
         lease_ends = time.time() + d.lease  # the store's lease ends a moment before this
+        if self.stopping:  # shutdown began during the claim: nothing starts, shutdown gives them back
+            self._held.update(c.recipient_id for c in claimed if c.suppressed is None)
+            return False
         for c in claimed:
             if c.suppressed is not None:  # ended by the claim, never attempted
                 metrics.SUPPRESSED.labels(c.suppressed.reason).inc()
@@ -466,6 +475,8 @@ class DeliveryEngine:
         the rest; release every recipient still held; close idle connections."""
         self._stopping = True
         self._wake.set()
+        if self._task is not None and self._task is not asyncio.current_task():
+            await asyncio.wait([self._task], timeout=grace)  # a claim under way ends first
         if self._jobs:
             _, pending = await asyncio.wait(set(self._jobs), timeout=grace)
             for task in pending:

@@ -55,9 +55,7 @@ async def test_three_nodes_one_killed_mid_run(tmp_path: Path) -> None:
             for c in range(3 * CLIENTS_PER_NODE)
         ]
         started = time.monotonic()
-        queued = await asyncio.gather(
-            *(send_many(servers[c % 3].smtp_port, batch) for c, batch in enumerate(batches))
-        )
+        queued = await asyncio.gather(*(send_many(servers[c % 3].smtp_port, batch) for c, batch in enumerate(batches)))
         assert sum(map(len, queued)) == MESSAGES
         print(f"\n3 nodes took {MESSAGES} messages in {time.monotonic() - started:.1f}s; "
               f"{len(sink.copies)} delivered by then")  # fmt: skip

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import httpx
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -198,3 +199,21 @@ async def until_zero(engine: AsyncEngine, owner: str, *, since: float, timeout: 
             raise AssertionError(f"{owner} still holds leases after {timeout}s")
         await asyncio.sleep(0.02)
     return time.monotonic() - since
+
+
+@asynccontextmanager
+async def console_client(store: Any, port: int) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client signed in to the console of the Relay at ``port`` as a new viewer."""
+    from relay.auth import hash_password
+
+    await store.add_user("viewer-of-nodes", hash_password("pw for nodes"), "viewer")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=15) as client:
+        form = await client.get("/ui/login")
+        token = re.search(r'name="login_token" value="([^"]+)"', form.text)
+        assert token, form.text
+        r = await client.post(
+            "/ui/login",
+            data={"username": "viewer-of-nodes", "password": "pw for nodes", "login_token": token.group(1), "next": ""},
+        )
+        assert r.status_code == 303, r.text
+        yield client
