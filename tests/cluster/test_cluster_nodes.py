@@ -4,6 +4,7 @@ cluster, with in-process Relays on one store (a real PostgreSQL database, or a S
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -319,3 +320,41 @@ async def test_the_dashboard_shows_a_panel_per_node(tmp_path: Path) -> None:
         assert "gone:9:dead" in page
         assert "elsewhere" in page
         assert "last heartbeat" in page
+
+
+async def test_the_heartbeat_outlives_a_store_that_goes_away(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The database refuses every connection for longer than 3 heartbeats: the heartbeat and
+    the listener log it and keep trying (a crashed background task would stop the process);
+    once it is back the node beats again, alive, and listens again."""
+    caplog.set_level(logging.INFO, logger="relay")
+    async with AsyncExitStack() as stack:
+        url = await store_url("postgres", tmp_path / "unused.db", stack)
+        database = url.rsplit("/", 1)[1]
+        cfg = _config(tmp_path, "n1.test", url, cluster={"heartbeat": "300ms"}, delivery={"port": 9})
+        relay = await stack.enter_async_context(running_relay(cfg, deliver=True))
+        assert relay.store is not None
+        assert relay.wakeups is not None
+        assert relay.heartbeat is not None
+        await wait_for(relay.wakeups.connected.is_set, timeout=10)
+        admin = await stack.enter_async_context(store_reader(url.rsplit("/", 1)[0] + "/postgres"))
+
+        async def admin_sql(sql: str) -> None:
+            async with admin.connect() as conn:
+                await conn.execute(text(sql))
+                await conn.commit()
+
+        await admin_sql(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        await admin_sql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'")
+        looks = relay.heartbeat.looks
+        await asyncio.sleep(1.5)  # 5 heartbeats without the store
+        assert relay.heartbeat.looks == looks
+        assert not relay.failed.is_set()
+        assert not relay.wakeups.connected.is_set()
+        await admin_sql(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await wait_for(lambda: relay.heartbeat.looks > looks + 1, timeout=15)  # type: ignore[union-attr]
+        await wait_for(relay.wakeups.connected.is_set, timeout=15)
+        (me,) = await relay.store.nodes()
+        assert me.alive(time.time())
+        assert not relay.failed.is_set()
+        assert any("heartbeat failed" in r.getMessage() for r in caplog.records)
+        assert any("heartbeat written again" in r.getMessage() for r in caplog.records)
