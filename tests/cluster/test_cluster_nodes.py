@@ -358,3 +358,39 @@ async def test_the_heartbeat_outlives_a_store_that_goes_away(tmp_path: Path, cap
         assert not relay.failed.is_set()
         assert any("heartbeat failed" in r.getMessage() for r in caplog.records)
         assert any("heartbeat written again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_dead_nodes_webhook_deliveries_are_freed_too(url: str) -> None:
+    """The webhook dispatcher leases under its node's name: a dead node's deliveries are due again
+    with its recipients, in the same transaction; a live node's are left alone."""
+    from helpers import raw_sql
+    from sqlalchemy.engine import Connection
+
+    from relay.store.schema import webhook_deliveries
+
+    s = await LogStore.open(url)
+    try:
+        await s.upgrade()
+        t0 = time.time()
+        await s.node_register(_node("dead:1:w", t0))
+        await s.node_register(_node("live:2:w", t0 + 9.5))
+        row = {"webhook_id": "msg_x", "url": "http://hooks.test/", "type": "message.delivered", "event_at": t0,
+               "body": b"{}", "status": "pending", "attempts": 1, "next_attempt_at": t0 + 600, "created_at": t0,
+               "updated_at": t0}  # fmt: skip
+
+        def plant(conn: Connection) -> None:
+            conn.execute(webhook_deliveries.insert(), [{**row, "lease_owner": "dead:1:w"},
+                                                       {**row, "lease_owner": "live:2:w"}])  # fmt: skip
+
+        await raw_sql(url, plant, write=True)
+        watch = await s.node_watch(None, "me:3:w", now=t0 + 10)
+        assert [(f.name, f.recipients, f.webhook_deliveries) for f in watch.freed] == [("dead:1:w", 0, 1)]
+
+        def leases(conn: Connection) -> list[tuple[str | None, float]]:
+            stmt = webhook_deliveries.select().order_by(webhook_deliveries.c.id)
+            return [(r.lease_owner, r.next_attempt_at) for r in conn.execute(stmt)]
+
+        assert await raw_sql(url, leases) == [(None, t0 + 10), ("live:2:w", t0 + 600)]
+        assert watch.next_death == t0 + 9.5 + 3  # the live node's deadline: the next look
+    finally:
+        await s.close()
