@@ -42,12 +42,12 @@ from relay.service.heartbeat import Heartbeat
 from relay.service.listeners import check_tls, warn_if_tracking_loopback
 from relay.service.signals import StopSignals
 from relay.smtp_in import BounceServer, SmtpServer
-from relay.store.wakeups import Wakeups
 from relay.transport import Transport
 from relay.webhooks import Dispatcher
 
 if TYPE_CHECKING:
     from relay.dkim import Signer
+    from relay.store.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
 
