@@ -110,7 +110,10 @@ class Heartbeat:
         leaves it to look dead after 3 intervals, with nothing left to free)."""
         self._stopping.set()
         if self._task is not None and self._task is not asyncio.current_task():
-            await asyncio.wait([self._task])  # a heartbeat being written lands before the stop
+            # a heartbeat being written lands before the stop (a store that hangs: not for long)
+            _, pending = await asyncio.wait([self._task], timeout=5.0)
+            for task in pending:
+                task.cancel()
         try:
             await self.store.node_stop(self.name)
         except StoreError as exc:

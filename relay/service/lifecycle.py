@@ -330,8 +330,12 @@ async def serve(
 
 
 async def _stop_wakeups(wakeups: Wakeups, task: asyncio.Task[Any]) -> None:
+    """Stop listening; a connection attempt to a database that does not answer is cancelled."""
     wakeups.close()
-    await asyncio.wait([task])
+    _, pending = await asyncio.wait([task], timeout=2.0)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _report(fd: int, line: str) -> None:
