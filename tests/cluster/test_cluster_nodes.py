@@ -394,3 +394,32 @@ async def test_a_dead_nodes_webhook_deliveries_are_freed_too(url: str) -> None:
         assert watch.next_death == t0 + 9.5 + 3  # the live node's deadline: the next look
     finally:
         await s.close()
+
+
+@pytest.mark.parametrize(("alone", "per_domain", "gets_e"), [(False, 3, True), (True, 3, False), (False, 2, False)])
+async def test_the_claim_counts_every_nodes_transactions(
+    store: LogStore, alone: bool, per_domain: int, gets_e: bool
+) -> None:
+    """Node X has two transactions in flight to d.test (a message with two recipients there,
+    one transaction; and one more); node Y's claim counts them: with per_domain 3 it may start
+    one more, with 2 none; with VERP (``alone``: a transaction per recipient) X has three."""
+    from relay.delivery import Planner
+
+    t0 = time.time()
+    m1, m2, m3, m4 = (str(ULID()) for _ in range(4))
+    await store.enqueue(new_message(m1, ("a@d.test", "b@d.test"), at=t0 - 4))
+    await store.enqueue(new_message(m2, ("c@d.test",), at=t0 - 3))
+    await store.enqueue(new_message(m3, ("e@d.test",), at=t0 - 2))
+    await store.enqueue(new_message(m4, ("f@other.test",), at=t0 - 1))
+    held = await store.claim_due("x:1:x", lease=60, pick=lambda cs: [c for c in cs if c.queue_id in (m1, m2)], now=t0)
+    assert len(held) == 3
+    planner = Planner(jobs=10, per_domain=per_domain, running={}, window=64, alone=alone)
+    got = await store.claim_due(
+        "y:2:y", lease=60, pick=planner, cluster=planner.cluster_running, alone=alone, now=t0 + 1
+    )
+    assert planner.running == {"d.test": 3 if alone else 2}
+    assert {c.address for c in got} == ({"e@d.test", "f@other.test"} if gets_e else {"f@other.test"})
+    # Leases that ran out are not in flight any more (the recipients are due again).
+    later = Planner(jobs=10, per_domain=per_domain, running={}, window=64, alone=alone)
+    await store.claim_due("z:3:z", lease=60, pick=lambda cs: [], cluster=later.cluster_running, now=t0 + 120)
+    assert later.running == {}
