@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from relay import cases_cli
+from relay import cases_cli, retention_cli
 from relay import config as config_mod
 from relay.errors import ConfigError, RelayError, SmtpReplyError
 from relay.model import (
@@ -118,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     _dkim_parser(sub, common)
     _webhooks_parser(sub, common)
     cases_cli.add_parsers(sub, common)  # relay audit [verify], relay cases list
+    retention_cli.add_parsers(sub, common)  # relay retention run [--dry-run]
 
     _users_parser(sub, common)
     return p
@@ -295,6 +296,7 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         "webhooks": lambda store, args: _webhooks(store, args, cfg),
         "audit": cases_cli.audit,
         "cases": lambda store, args: cases_cli.cases(store, args, cfg),
+        "retention": lambda store, args: retention_cli.run(store, args, cfg),
     }
     return asyncio.run(_with_store(cfg, args, commands[args.command]))
 
@@ -443,6 +445,8 @@ def _describe(kind: str, d: dict[str, Any]) -> str:
         if d.get("next_attempt_at"):
             lines.append(f"next attempt {d['next_attempt_at']}")
         return "\n        ".join(lines)
+    if kind == "body_purged":
+        return f"the body expired by retention (kept {d.get('kept') or '?'}; {d.get('bytes', '?')} bytes deleted)"
     if kind == "suppressed" and isinstance(d.get("entry"), dict):
         entry = d["entry"]
         return f"on the suppression list: {entry.get('address')} ({entry.get('reason')}, by {entry.get('origin')}, " \
