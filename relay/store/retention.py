@@ -85,8 +85,14 @@ _NOT_HELD = sa.and_(
 )
 _QIDS: sa.BindParameter[Any] = sa.bindparam("qids", expanding=True)
 
+# SQLite gives a new row the largest id + 1 (no AUTOINCREMENT): deleting the newest row of a
+# table would hand its id out again. A tracking token names a recipient by id, so an old link
+# would then count for, and redirect to a link of, a new message. The newest row always stays.
+_newest_recipient = sa.select(sa.func.max(r.c.id)).scalar_subquery()
+_NOT_NEWEST = m.c.queue_id.not_in(sa.select(r.c.queue_id).where(r.c.id == _newest_recipient))
+
 # Of these messages, those that may go whole (:cutoff is [retention] messages).
-MESSAGES_DUE = sa.select(m.c.queue_id).where(m.c.queue_id.in_(_QIDS), _finished("cutoff"), _NOT_HELD)
+MESSAGES_DUE = sa.select(m.c.queue_id).where(m.c.queue_id.in_(_QIDS), _finished("cutoff"), _NOT_HELD, _NOT_NEWEST)
 # Of these messages, those whose body may go (:cutoff is [retention] bodies)...
 BODIES_DUE = sa.select(m.c.queue_id).where(m.c.queue_id.in_(_QIDS), _finished("cutoff"), _NOT_HELD)
 # ... leaving out, in a dry run, those the messages kind deletes whole first (:message_cutoff).
@@ -146,7 +152,11 @@ DELETE_IDEMPOTENCY = idempotency_keys.delete().where(
 DELETE_MESSAGES = m.delete().where(m.c.queue_id.in_(_QIDS))
 
 # Bounce reports that named no message of ours, older than the cutoff.
-_orphan = sa.and_(bounce_reports.c.queue_id.is_(None), bounce_reports.c.received_at < sa.bindparam("cutoff"))
+_orphan = sa.and_(
+    bounce_reports.c.queue_id.is_(None),
+    bounce_reports.c.received_at < sa.bindparam("cutoff"),
+    bounce_reports.c.id < sa.select(sa.func.max(bounce_reports.c.id)).scalar_subquery(),  # ids not reused
+)
 ORPHAN_REPORTS = (
     sa.select(bounce_reports.c.id, bounce_reports.c.size)
     .where(_orphan, bounce_reports.c.id > sa.bindparam("after"))
@@ -155,12 +165,14 @@ ORPHAN_REPORTS = (
 )
 DELETE_REPORTS = bounce_reports.delete().where(bounce_reports.c.id.in_(sa.bindparam("ids", expanding=True)), _orphan)
 
-WEBHOOK_SIZES = sa.select(_w.c.id, sa.func.length(_w.c.body).label("size")).where(
-    _w.c.id.in_(sa.bindparam("ids", expanding=True)), _w.c.status != "pending", _w.c.updated_at < sa.bindparam("cutoff")
+_webhook_due = sa.and_(
+    _w.c.id.in_(sa.bindparam("ids", expanding=True)),
+    _w.c.status != "pending",
+    _w.c.updated_at < sa.bindparam("cutoff"),
+    _w.c.id < sa.select(sa.func.max(_w.c.id)).scalar_subquery(),  # ids not reused (`relay webhooks retry ID`)
 )
-DELETE_WEBHOOKS = _w.delete().where(
-    _w.c.id.in_(sa.bindparam("ids", expanding=True)), _w.c.status != "pending", _w.c.updated_at < sa.bindparam("cutoff")
-)
+WEBHOOK_SIZES = sa.select(_w.c.id, sa.func.length(_w.c.body).label("size")).where(_webhook_due)
+DELETE_WEBHOOKS = _w.delete().where(_webhook_due)
 
 # The audit: its oldest lines after the anchor, in chain order.
 AUDIT_OLDEST = (
@@ -346,13 +358,14 @@ def purge_audit(conn: Connection, *, cutoff: float, batch: int, now: float, kept
     if not gone:
         return Purged(RetentionCount("audit", 0, 0))
     last = gone[-1]
-    conn.execute(DELETE_AUDIT, {"after": base_id, "last": int(last.id)})
-    chain.set_base(conn, int(last.id), str(last.hash))
+    # The line first: SQLite gives a new row the largest id + 1, which must not be an id deleted.
     audit_store.append(
         conn, actor="retention", ip="", action=chain.PURGE_ACTION, target="audit",
         details={"through_id": int(last.id), "hash": str(last.hash), "entries": len(gone), "kept": kept},
         at=now,
     )  # fmt: skip
+    conn.execute(DELETE_AUDIT, {"after": base_id, "last": int(last.id)})
+    chain.set_base(conn, int(last.id), str(last.hash))
     return Purged(RetentionCount("audit", len(gone), 0))
 
 
