@@ -9,15 +9,15 @@ import asyncio
 
 import pytest
 import sqlalchemy as sa
-from helpers import raw_sql
+from helpers import raw_sql, stores
 from helpers.retention_seed import DAY, NOW, counts, qid, seed, sql, webhook_row
-from helpers.stores import store, url  # noqa: F401 -- fixtures
 from sqlalchemy.engine import Connection
 
 from relay.config import RetentionConfig
 from relay.logstore import LogStore
 from relay.model import RetentionCount
 
+store, url = stores.store, stores.url  # fixtures: a migrated store on SQLite and on PostgreSQL
 KEEP = RetentionConfig()  # 7d, 90d, 14d, 400d
 ONLY_MESSAGES = RetentionConfig(bodies=0, messages=90 * DAY, webhook_deliveries=0, audit=0)
 
@@ -109,8 +109,9 @@ async def test_a_retried_message_is_not_purged(store: LogStore, url: str) -> Non
     await seed(store, qid(1), "bounced", age=200 * DAY)
     await seed(store, qid(2), "queued", age=0)
     found = await store._engine.read(
-        lambda conn: retention.candidates(conn, "messages", retention.START["messages"], cutoff=NOW - 90 * DAY,
-                                          batch=10)  # fmt: skip
+        lambda conn: retention.candidates(
+            conn, "messages", retention.START["messages"], cutoff=NOW - 90 * DAY, batch=10
+        )
     )
     assert found.keys == [qid(1)]
     assert await store.retry(qid(1), by="ann") == 1
@@ -288,9 +289,7 @@ async def test_one_store_purges_at_a_time(store: LogStore, url: str) -> None:
         def seen(_: RetentionCount) -> None:
             first_batch.set()
 
-        running = asyncio.create_task(
-            store.retention_run(ONLY_MESSAGES, now=NOW, batch=2, on_batch=seen, pause=0.3)
-        )
+        running = asyncio.create_task(store.retention_run(ONLY_MESSAGES, now=NOW, batch=2, on_batch=seen, pause=0.3))
         await asyncio.wait_for(first_batch.wait(), 30)
         assert await other.retention_run(ONLY_MESSAGES, now=NOW) is None  # busy: skipped
         assert _by_kind(await running)["messages"][0] == 8
