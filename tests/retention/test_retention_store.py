@@ -307,3 +307,19 @@ async def test_one_store_purges_at_a_time(store: LogStore, url: str) -> None:
         assert (await counts(url))["messages"] == 4  # the recent ones
     finally:
         await other.close()
+
+
+async def test_idle_console_sessions_go_with_a_pass(store: LogStore, url: str) -> None:
+    await store.add_user("ann", "x", "support")
+    await store.session_create("ann", "192.0.2.1", idle=9 * 3600, now=NOW - 2 * 3600)
+    new_token, _ = await store.session_create("ann", "192.0.2.1", idle=9 * 3600, now=NOW - 60)
+
+    def sessions(conn: Connection) -> int:
+        return int(conn.execute(sa.text("SELECT count(*) FROM console_sessions")).scalar_one())
+
+    assert await raw_sql(url, sessions) == 2
+    await store.retention_run(KEEP, now=NOW, dry_run=True, session_idle=3600)
+    assert await raw_sql(url, sessions) == 2
+    await store.retention_run(KEEP, now=NOW, session_idle=3600)
+    assert await raw_sql(url, sessions) == 1
+    assert await store.session_get(new_token, idle=3600, now=NOW) is not None
