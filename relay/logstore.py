@@ -836,7 +836,7 @@ class LogStore:
         details: Mapping[str, Any] | None = None,
         now: float | None = None,
     ) -> AuditEntry:
-        """Append a line to the access audit (hash-chained; nothing edits or deletes one)."""
+        """Append a line to the access audit (hash-chained; nothing edits one; retention deletes the oldest)."""
         at = time.time() if now is None else now
         return await self._engine.call(
             lambda conn: audit_store.append(
