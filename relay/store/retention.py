@@ -96,7 +96,7 @@ MESSAGES_DUE = sa.select(m.c.queue_id).where(m.c.queue_id.in_(_QIDS), _finished(
 # Of these messages, those whose body may go (:cutoff is [retention] bodies)...
 BODIES_DUE = sa.select(m.c.queue_id).where(m.c.queue_id.in_(_QIDS), _finished("cutoff"), _NOT_HELD)
 # ... leaving out, in a dry run, those the messages kind deletes whole first (:message_cutoff).
-BODIES_DUE_ALONE = BODIES_DUE.where(~_finished("message_cutoff"))
+BODIES_DUE_ALONE = BODIES_DUE.where(~sa.and_(_finished("message_cutoff"), _NOT_NEWEST))
 
 # Windows of keys, oldest first, after a cursor.
 MESSAGE_WINDOW = (

@@ -323,3 +323,14 @@ async def test_idle_console_sessions_go_with_a_pass(store: LogStore, url: str) -
     await store.retention_run(KEEP, now=NOW, session_idle=3600)
     assert await raw_sql(url, sessions) == 1
     assert await store.session_get(new_token, idle=3600, now=NOW) is not None
+
+
+async def test_a_dry_run_counts_the_body_of_the_newest_message_the_run_keeps(store: LogStore) -> None:
+    """The newest recipient's message stays whole (see above), so a run deletes only its body:
+    the dry run says so too."""
+    await seed(store, qid(1), "delivered", age=100 * DAY)
+    dry = await store.retention_run(KEEP, now=NOW, dry_run=True)
+    real = await store.retention_run(KEEP, now=NOW)
+    assert dry == real
+    assert _by_kind(real)["messages"][0] == 0
+    assert _by_kind(real)["bodies"][0] == 1
