@@ -105,19 +105,22 @@ async def test_a_retried_message_is_not_purged(store: LogStore, url: str) -> Non
     """A finished message made active again (a retry) after a pass read it as a candidate is
     checked again under the deleting transaction's locks."""
     from relay.store import retention
+    from relay.store.engine import Engine
 
     await seed(store, qid(1), "bounced", age=200 * DAY)
     await seed(store, qid(2), "queued", age=0)
-    found = await store._engine.read(
-        lambda conn: retention.candidates(
-            conn, "messages", retention.START["messages"], cutoff=NOW - 90 * DAY, batch=10
+    engine = Engine(url)  # the store's own functions, on connections of the test's own
+    try:
+        found = await engine.read(
+            lambda conn: retention.candidates(
+                conn, "messages", retention.START["messages"], cutoff=NOW - 90 * DAY, batch=10
+            )
         )
-    )
-    assert found.keys == [qid(1)]
-    assert await store.retry(qid(1), by="ann") == 1
-    done = await store._engine.transaction(
-        lambda conn: retention.purge_messages(conn, found.keys, cutoff=NOW - 90 * DAY)
-    )
+        assert found.keys == [qid(1)]
+        assert await store.retry(qid(1), by="ann") == 1
+        done = await engine.transaction(lambda conn: retention.purge_messages(conn, found.keys, cutoff=NOW - 90 * DAY))
+    finally:
+        await engine.dispose()
     assert done.count.rows == 0
     assert await store.get_message(qid(1)) is not None
 
