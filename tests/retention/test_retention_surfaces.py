@@ -247,3 +247,39 @@ async def test_raw_route_without_a_token_is_refused_first(console: Console) -> N
     await console.store.retention_run(KEEP, now=NOW)
     async with httpx.AsyncClient(base_url=console.base) as client:
         assert (await client.get(f"/api/v1/messages/{qid(1)}/raw")).status_code == 401
+
+
+async def test_relay_retention_run_while_another_process_purges(tmp_path: Path) -> None:
+    """The lock another process holds (here: the SQLite store's flock, as `relay serve` takes it)
+    makes the command say so and exit 1, deleting nothing; a dry run needs no lock."""
+    import fcntl
+    import os
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
+    config = write_config(
+        tmp_path / "relay.toml",
+        f'[server]\nhostname = "relay.test"\ndata_dir = "{tmp_path / "data"}"\n[store]\nurl = "{url}"\n',
+    )
+    store = await LogStore.open(url)
+    await store.upgrade()
+    try:
+        await seed(store, qid(1), "delivered", age=5 * 365 * DAY)
+        await seed(store, qid(2), "delivered", age=0)
+    finally:
+        await store.close()
+    fd = os.open(tmp_path / "relay.db-retentionlock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        code, out, err = await relay_cli("--config", str(config), "retention", "run")
+        assert code == 1
+        assert err == "relay: another Relay process is purging now; try again in a while\n"
+        assert out == ""
+        code, out, _ = await relay_cli("--config", str(config), "retention", "run", "--dry-run")
+        assert code == 0
+        assert out.split()[:2] == ["messages", "1"]
+    finally:
+        os.close(fd)
+    assert (await counts(url))["messages"] == 2
+    code, out, _ = await relay_cli("--config", str(config), "retention", "run")
+    assert code == 0
+    assert (await counts(url))["messages"] == 1
