@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from relay import cases_cli, cluster_cli
+from relay import cases_cli, cluster_cli, retention_cli
 from relay import config as config_mod
 from relay.errors import ConfigError, RelayError, SmtpReplyError
 from relay.model import (
@@ -119,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     _webhooks_parser(sub, common)
     cases_cli.add_parsers(sub, common)  # relay audit [verify], relay cases list
     cluster_cli.add_parsers(sub, common)  # relay nodes
+    retention_cli.add_parsers(sub, common)  # relay retention run [--dry-run]
 
     _users_parser(sub, common)
     return p
@@ -297,6 +298,7 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         "audit": cases_cli.audit,
         "cases": lambda store, args: cases_cli.cases(store, args, cfg),
         "nodes": cluster_cli.nodes,
+        "retention": lambda store, args: retention_cli.run(store, args, cfg),
     }
     return asyncio.run(_with_store(cfg, args, commands[args.command]))
 
@@ -445,6 +447,8 @@ def _describe(kind: str, d: dict[str, Any]) -> str:
         if d.get("next_attempt_at"):
             lines.append(f"next attempt {d['next_attempt_at']}")
         return "\n        ".join(lines)
+    if kind == "body_purged":
+        return f"the body expired by retention (kept {d.get('kept') or '?'}; {d.get('bytes', '?')} bytes deleted)"
     if kind == "suppressed" and isinstance(d.get("entry"), dict):
         entry = d["entry"]
         return f"on the suppression list: {entry.get('address')} ({entry.get('reason')}, by {entry.get('origin')}, " \

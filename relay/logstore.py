@@ -7,6 +7,8 @@ import sqlalchemy/alembic.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from relay.config import DeliveryConfig, WebhookConfig
+from relay.config import DeliveryConfig, RetentionConfig, WebhookConfig
 from relay.errors import StoreError
 from relay.model import (
     ACTIVE_STATES,
@@ -38,6 +40,7 @@ from relay.model import (
     QueueSummary,
     ReportDecision,
     ReportTarget,
+    RetentionCount,
     Role,
     SearchPage,
     StatsRow,
@@ -49,7 +52,7 @@ from relay.model import (
     User,
     suppression_key,
 )
-from relay.store import actions, chain, queue, reports, suppressions, users
+from relay.store import actions, chain, queue, reports, retention, suppressions, users
 from relay.store import audit as audit_store
 from relay.store import cases as case_store
 from relay.store import log as event_log
@@ -851,7 +854,7 @@ class LogStore:
         details: Mapping[str, Any] | None = None,
         now: float | None = None,
     ) -> AuditEntry:
-        """Append a line to the access audit (hash-chained; nothing edits or deletes one)."""
+        """Append a line to the access audit (hash-chained; nothing edits one; retention deletes the oldest)."""
         at = time.time() if now is None else now
         return await self._engine.call(
             lambda conn: audit_store.append(
@@ -930,6 +933,159 @@ class LogStore:
         return Wakeups(self._url, on_due)
 
     # -- retention (relay/store/retention.py)
+
+    async def purge(
+        self,
+        kind: retention.Kind,
+        cutoff: float,
+        batch: int = retention.BATCH,
+        *,
+        dry_run: bool = False,
+        now: float | None = None,
+        kept: str = "",
+        message_cutoff: float | None = None,
+        on_batch: Callable[[RetentionCount], None] | None = None,
+        pause: float = 0.0,
+    ) -> RetentionCount:
+        """Delete what ``kind`` keeps until ``cutoff`` (seconds since the epoch), ``batch`` rows
+        per transaction, sleeping ``pause`` seconds between them; ``on_batch`` is told each
+        committed batch. A dry run deletes nothing and says what would go. ``kept``: the
+        setting, for the "body_purged" events; ``message_cutoff`` (bodies, dry run): leave out
+        bodies the messages kind deletes whole first. Call through ``retention_run`` so that
+        one node purges at a time."""
+        at = time.time() if now is None else now
+        batch = max(1, batch)
+        if kind == "audit":
+            return await self._purge_audit(cutoff, batch, dry_run=dry_run, now=at, kept=kept, on_batch=on_batch,
+                                           pause=pause)  # fmt: skip
+        rows = size = 0
+        cursor: tuple[Any, ...] | None = retention.START[kind]
+        while cursor is not None:
+            found = await self._engine.read(
+                functools.partial(
+                    retention.candidates, kind=kind, cursor=cursor, cutoff=cutoff, batch=batch,
+                    message_cutoff=message_cutoff if dry_run else None,
+                )
+            )  # fmt: skip
+            cursor, keys = found.cursor, found.keys
+            if dry_run:
+                count = await self._engine.read(functools.partial(retention.measure, kind=kind, keys=keys))
+            elif keys:
+                count = await self._purge_batch(kind, keys, cutoff=cutoff, now=at, kept=kept)
+                if count.rows and on_batch is not None:
+                    on_batch(count)
+                await asyncio.sleep(pause)  # intake and delivery first
+            else:
+                continue
+            rows, size = rows + count.rows, size + count.bytes
+        if kind == "messages":  # reports that matched no message: their bytes count here
+            extra_rows, extra = await self._purge_orphans(cutoff, batch, dry_run=dry_run, pause=pause)
+            size += extra
+            if extra_rows:
+                log.info("retention: %s %d unmatched bounce reports", "would delete" if dry_run else "deleted",
+                         extra_rows)  # fmt: skip
+        return RetentionCount(kind, rows, size)
+
+    async def _purge_batch(
+        self, kind: retention.Kind, keys: Sequence[Any], *, cutoff: float, now: float, kept: str
+    ) -> RetentionCount:
+        def run(conn: Connection) -> retention.Purged:
+            if kind == "bodies":
+                return retention.purge_bodies(conn, keys, cutoff=cutoff, now=now, kept=kept)
+            if kind == "messages":
+                return retention.purge_messages(conn, keys, cutoff=cutoff)
+            return retention.purge_webhooks(conn, keys, cutoff=cutoff)
+
+        done = await self._engine.transaction(run)
+        for qid in done.queue_ids:
+            self._bodies.drop(qid)
+        return done.count
+
+    async def _purge_orphans(self, cutoff: float, batch: int, *, dry_run: bool, pause: float) -> tuple[int, int]:
+        if dry_run:
+            return await self._engine.read(lambda conn: retention.count_orphan_reports(conn, cutoff=cutoff))
+        rows = size = 0
+        while True:
+            n, b = await self._engine.transaction(
+                lambda conn: retention.orphan_reports(conn, cutoff=cutoff, batch=batch, dry_run=False)
+            )
+            rows, size = rows + n, size + b
+            if n < batch:
+                return rows, size
+            await asyncio.sleep(pause)
+
+    async def _purge_audit(
+        self,
+        cutoff: float,
+        batch: int,
+        *,
+        dry_run: bool,
+        now: float,
+        kept: str,
+        on_batch: Callable[[RetentionCount], None] | None,
+        pause: float,
+    ) -> RetentionCount:
+        if dry_run:
+            n = await self._engine.read(lambda conn: retention.count_audit(conn, cutoff=cutoff))
+            return RetentionCount("audit", n, 0)
+        rows = 0
+        while True:
+            done = await self._engine.transaction(
+                lambda conn: retention.purge_audit(conn, cutoff=cutoff, batch=batch, now=now, kept=kept)
+            )
+            rows += done.count.rows
+            if done.count.rows and on_batch is not None:
+                on_batch(done.count)
+            if done.count.rows < batch:
+                return RetentionCount("audit", rows, 0)
+            await asyncio.sleep(pause)
+
+    async def retention_run(
+        self,
+        config: RetentionConfig,
+        now: float | None = None,
+        *,
+        dry_run: bool = False,
+        batch: int = retention.BATCH,
+        session_idle: float | None = None,
+        on_batch: Callable[[RetentionCount], None] | None = None,
+        pause: float = 0.0,
+    ) -> list[RetentionCount] | None:
+        """One retention pass over every kind ([retention]; 0 keeps a kind forever), in
+        retention.KINDS order, a ``batch`` at a time; with ``session_idle``, console sessions
+        idle that long go too. None when another process (any node) is purging now: one purges
+        at a time. A dry run deletes nothing, takes no lock, and reports what would go."""
+        at = time.time() if now is None else now
+        settings = {"messages": config.messages, "bodies": config.bodies,
+                    "webhook_deliveries": config.webhook_deliveries, "audit": config.audit}  # fmt: skip
+        message_cutoff = at - config.messages if config.messages > 0 else None
+
+        async def run() -> list[RetentionCount]:
+            out = []
+            for kind in retention.KINDS:
+                keep = settings[kind]
+                if keep <= 0:
+                    out.append(RetentionCount(kind, 0, 0))
+                    continue
+                out.append(
+                    await self.purge(
+                        kind, at - keep, batch, dry_run=dry_run, now=at, kept=retention.span(keep),
+                        message_cutoff=message_cutoff, on_batch=on_batch, pause=pause,
+                    )
+                )  # fmt: skip
+            if session_idle is not None and not dry_run:
+                await self._engine.call(lambda conn: retention.delete_idle_sessions(conn, before=at - session_idle))
+            return out
+
+        if dry_run:
+            return await run()
+        try:
+            async with self._engine.exclusive("retention") as mine:
+                if not mine:
+                    return None
+                return await run()
+        except (SQLAlchemyError, OSError) as exc:  # taking or giving back the lock
+            raise StoreError(f"retention: {exc}") from exc
 
     # -- copying a store to another (relay/store/copy.py)
 

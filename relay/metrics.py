@@ -57,6 +57,11 @@ WEBHOOK_DELIVERIES = Counter(
     "Webhook deliveries that ended an attempt: delivered, failed (for good), disabled (the endpoint answered 410)",
     ["result"],
 )
+RETENTION_DELETED = Counter(
+    "relay_retention_deleted",
+    "Rows retention deleted, by kind: bodies, messages, webhook_deliveries, audit",
+    ["kind"],
+)
 CASE_TIME_TO_CONFIRMATION = Histogram(
     "relay_case_time_to_confirmation_seconds",
     "Cases confirmed automatically: from the case's opening to the last delivery of what it retried or resent",
@@ -83,11 +88,17 @@ for _reason in ("hard_bounce", "complaint", "manual"):
 for _result in ("matched", "unmatched", "not_a_bounce"):
     BOUNCE_REPORTS.labels(_result)
 _WEBHOOK = {r: WEBHOOK_DELIVERIES.labels(r) for r in ("delivered", "failed", "disabled")}
+_RETENTION = {k: RETENTION_DELETED.labels(k) for k in ("bodies", "messages", "webhook_deliveries", "audit")}
 
 
 def webhook_delivery(result: str) -> None:
     """Count a webhook delivery's result: delivered, failed (for good) or disabled (410 Gone)."""
     _WEBHOOK[result].inc()
+
+
+def retention_deleted(kind: str, rows: int) -> None:
+    """Count rows a retention batch deleted."""
+    _RETENTION[kind].inc(rows)
 
 
 _RESULT = {"delivered": "delivered", "bounced": "bounced"}  # anything else was a temporary failure

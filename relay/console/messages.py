@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from datetime import UTC, datetime
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Form, Path, Request
@@ -33,8 +34,22 @@ T = TypeVar("T")
 async def _message(request: Request, queue_id: str) -> MessageView:
     view = await web.store_of(request).get_message(queue_id.upper())
     if view is None:
-        raise web.ConsoleError(404, f"There is no message {queue_id.upper()}.")
+        # Retention deletes finished messages whole ([retention] messages): links to them stay.
+        raise web.ConsoleError(404, f"There is no message {queue_id.upper()} (or no longer: purged by retention).")
     return view
+
+
+async def _no_body(request: Request, qid: str) -> web.ConsoleError:
+    """Why a message's body cannot be shown: expired by retention (410, with the date), or not kept."""
+    view = await _message(request, qid)
+    purged = timeline.body_purged_at(view)
+    if purged is not None:
+        return web.ConsoleError(410, f"The message body of {qid} expired by retention on {_date(purged)}.")
+    return web.ConsoleError(404, f"The body of {qid} is not kept any more.")
+
+
+def _date(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 async def _cases_of(request: Request, queue_id: str) -> list[CaseView]:
@@ -66,6 +81,7 @@ async def message_page(request: Request, user: Viewer, queue_id: QueueId) -> Res
             "m": view, "story": timeline.story(view, webhooks, cases), "cases": cases,
             "open_cases": [c for c in cases if c.state not in CLOSED_CASE_STATES],
             "parsed": parsed, "body_kept": raw is not None, "show_body": show_body, "suppressed": suppressed,
+            "body_purged_at": timeline.body_purged_at(view),
             "held": any(r.status == HELD for r in view.recipients),
             "final": all(r.status in FINAL_STATES for r in view.recipients),
         },
@@ -77,7 +93,7 @@ async def message_html(request: Request, user: Support, queue_id: QueueId) -> Re
     qid = queue_id.upper()
     raw = await web.store_of(request).raw_message(qid)
     if raw is None:
-        raise web.ConsoleError(404, f"The body of {qid} is not kept.")
+        raise await _no_body(request, qid)
     parsed = await asyncio.to_thread(mime.parse, raw)
     if parsed.html is None:
         raise web.ConsoleError(404, f"{qid} has no HTML part.")
@@ -94,8 +110,7 @@ async def message_eml(request: Request, user: Support, queue_id: QueueId) -> Res
     qid = queue_id.upper()
     raw = await web.store_of(request).raw_message(qid)
     if raw is None:
-        await _message(request, qid)
-        raise web.ConsoleError(404, f"The body of {qid} is not kept any more.")
+        raise await _no_body(request, qid)
     # Recorded before the body leaves: a download that cannot be audited does not happen.
     await web.audit(
         request, actor=user.name, action="download", target=qid, details={"via": "console", "size": len(raw)}

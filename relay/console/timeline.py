@@ -23,12 +23,12 @@ LABELS: Mapping[str, str] = {
     "deferred": "Deferred", "bounced": "Bounced", "expired": "Expired", "suppressed": "Not sent: suppressed",
     "cancelled": "Cancelled", "opened": "Opened", "clicked": "Clicked", "complained": "Complaint",
     "retried": "Retry requested", "noted": "Report (no change)", "resent": "Sent again",
-    "commented": "Note", "unsuppressed": "Suppression lifted",
+    "commented": "Note", "unsuppressed": "Suppression lifted", "body_purged": "Body expired",
 }  # fmt: skip
 TONES: Mapping[str, str] = {
     "received": PLAIN, "held": INFO, "released": ACT, "delivered": GOOD, "deferred": WARN, "bounced": BAD,
     "expired": BAD, "suppressed": PLAIN, "cancelled": PLAIN, "opened": INFO, "clicked": INFO, "complained": BAD,
-    "retried": ACT, "noted": PLAIN, "resent": ACT, "commented": ACT, "unsuppressed": ACT,
+    "retried": ACT, "noted": PLAIN, "resent": ACT, "commented": ACT, "unsuppressed": ACT, "body_purged": INFO,
 }  # fmt: skip
 SUPPORT_ACTIONS = frozenset({"retried", "released", "resent", "commented", "unsuppressed"})
 
@@ -303,9 +303,21 @@ def _expired(d: Mapping[str, Any]) -> Lines:
     return "Gave up: the message stayed undeliverable for too long", [_why(d)], ()
 
 
+def _body_purged(d: Mapping[str, Any]) -> Lines:
+    kept = f" ([retention] bodies = {_s(d, 'kept')})" if _s(d, "kept") else ""
+    size = d.get("bytes")
+    more = [f"{size:,} bytes deleted"] if isinstance(size, int) and not isinstance(size, bool) else []
+    return (
+        f"The message body expired by retention{kept}: its headers and body are deleted; this timeline stays",
+        more,
+        (),
+    )
+
+
 _SIMPLE: Mapping[str, Callable[[Mapping[str, Any]], Lines]] = {
     "held": _held, "released": _released, "suppressed": _suppressed, "cancelled": _cancelled, "retried": _retried,
     "resent": _resent, "commented": _commented, "unsuppressed": _unsuppressed, "noted": _noted, "expired": _expired,
+    "body_purged": _body_purged,
 }  # fmt: skip
 
 
@@ -368,6 +380,11 @@ class Story:
     items: tuple[Item, ...]
     resent_as: tuple[str, ...] = field(default=())  # new queue ids made from this message
     resend_of: str | None = None  # the message this one is a copy of
+
+
+def body_purged_at(view: MessageView) -> float | None:
+    """When retention deleted the message's body (its "body_purged" event); None if it did not."""
+    return next((e.at for e in view.events if e.type == "body_purged"), None)
 
 
 def story(view: MessageView, webhooks: Sequence[Delivery] = (), cases: Sequence[CaseView] = ()) -> Story:

@@ -45,7 +45,7 @@ from relay.http.schemas import (
     UnsuppressRequest,
 )
 from relay.logstore import LogStore
-from relay.model import Suppression, SuppressionReason
+from relay.model import Suppression, SuppressionReason, iso
 from relay.search import QueryError
 
 T = TypeVar("T")
@@ -382,6 +382,7 @@ async def unsuppress_recipient(
     responses={
         200: {"content": {"message/rfc822": {}}, "description": "The message, as an .eml attachment"},
         404: {"model": Problem, "description": "No such message, or its body is no longer kept"},
+        410: {"model": Problem, "description": "The message body expired by retention ([retention] bodies)"},
     },
 )
 async def raw_message(
@@ -391,6 +392,9 @@ async def raw_message(
     raw = await store.raw_message(qid)
     if raw is None:
         found = await store.get_message(qid)
+        purged = None if found is None else next((e.at for e in found.events if e.type == "body_purged"), None)
+        if purged is not None:
+            raise HTTPException(410, f"the message body expired by retention on {iso(purged)}")
         raise HTTPException(404, "no such message" if found is None else "the body is no longer kept")
     # Recorded before the body leaves: a download that cannot be audited does not happen.
     await store.audit(actor=caller, ip=_client_ip(request), action="download", target=qid,

@@ -40,6 +40,7 @@ from relay.net import bind, bound_address
 from relay.service.confirmations import CaseConfirmer
 from relay.service.heartbeat import Heartbeat
 from relay.service.listeners import check_tls, warn_if_tracking_loopback
+from relay.service.retention import RetentionService
 from relay.service.signals import StopSignals
 from relay.smtp_in import BounceServer, SmtpServer
 from relay.transport import Transport
@@ -224,6 +225,9 @@ class Relay:
         confirmer = CaseConfirmer(store)  # cases whose retried recipients are all delivered
         self.spawn(confirmer.run(), "case-confirmations")
         self._stack.push_async_callback(confirmer.shutdown)
+        purger = RetentionService(store, config)  # [retention]: one process of every node purges at a time
+        self.spawn(purger.run(), "retention")
+        self._stack.push_async_callback(purger.shutdown)
 
     def _not_ready(self) -> list[str]:
         problems = []

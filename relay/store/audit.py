@@ -1,6 +1,7 @@
 """The access audit in the store: lines appended inside the caller's transaction (an action's
 audit line commits with the action), hash-chained (relay.store.chain, chain "audit"), and read a
-page at a time. Nothing here, nor anywhere, edits or deletes a line.
+page at a time. Nothing edits a line; only retention deletes the oldest ones ([retention] audit,
+relay.store.retention), as a prefix of the chain whose end it anchors.
 
 Functions of a connection, run by the engine's reader or writer.
 """

@@ -8,6 +8,13 @@ chain order, and an entry deleted from the end shows as a head that points past 
 
 ``verify`` walks each chain in id order, a batch at a time, and reports the first broken link.
 An entry changed in the database fails its own hash; one deleted makes the next entry fail.
+
+Retention deletes the audit's oldest entries (a prefix of the chain, relay.store.retention). In
+the same transaction it moves the chain's anchor, the ``chain_heads`` row BASE ("audit_base":
+the id and hash of the last entry deleted), and appends a PURGE_ACTION line naming that id and
+hash. ``verify`` starts from the anchor instead of the genesis hash, and checks that the newest
+PURGE_ACTION line names the anchor: deleting entries any other way (the oldest one included) or
+moving the anchor by hand still breaks the chain.
 The limit: someone who can rewrite the tables AND recompute every later hash and the head is
 caught only by comparing the head hash with a copy kept elsewhere.
 
@@ -32,6 +39,8 @@ from relay.store.schema import audit_log, case_entries, chain_heads
 ChainName = Literal["audit", "cases"]
 CHAINS: Final[tuple[ChainName, ...]] = ("audit", "cases")
 GENESIS: Final = "0" * 64
+BASE: Final = "audit_base"  # chain_heads row: the last audit entry retention deleted (id, hash)
+PURGE_ACTION: Final = "retention.purge"  # the audit line recording each move of the anchor
 BATCH: Final = 1000  # entries read per round by verify
 MAX_DEPTH: Final = 16  # nesting of details
 
@@ -51,6 +60,9 @@ HEAD_FOR_UPDATE = (
 )
 REPEATABLE_READ = sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
 HEAD = sa.select(chain_heads.c.name, chain_heads.c.last_id, chain_heads.c.hash)
+BASE_ROW = sa.select(chain_heads.c.last_id, chain_heads.c.hash).where(chain_heads.c.name == BASE)
+# An audit entry at or before the anchor: retention deleted those, so one there was put back.
+AUDIT_BEFORE_BASE = sa.select(sa.func.min(audit_log.c.id)).where(audit_log.c.id <= sa.bindparam("base_id"))
 # A chain's first append creates its head; two first appends at once must not fail.
 INSERT_HEAD = {
     "sqlite": sqlite.insert(chain_heads).on_conflict_do_nothing(index_elements=["name"]),
@@ -169,6 +181,19 @@ def append(conn: Connection, chain: ChainName, values: Mapping[str, Any]) -> tup
     return entry_id, digest
 
 
+def base(conn: Connection) -> tuple[int, str]:
+    """The audit chain's anchor: (id, hash) of the last entry retention deleted; (0, GENESIS)
+    while nothing has been."""
+    row = conn.execute(BASE_ROW).first()
+    return (0, GENESIS) if row is None else (int(row.last_id), str(row.hash))
+
+
+def set_base(conn: Connection, last_id: int, digest: str) -> None:
+    """Move the anchor (retention, under the audit head's lock, in the purge's transaction)."""
+    conn.execute(INSERT_HEAD[conn.dialect.name], {"name": BASE, "last_id": 0, "hash": GENESIS})
+    conn.execute(UPDATE_HEAD, {"chain": BASE, "last_id": last_id, "new_hash": digest})
+
+
 # -- verification
 
 
@@ -191,6 +216,7 @@ class ChainReport:
     counts: Mapping[str, int] = field(default_factory=dict)
     heads: Mapping[str, str] = field(default_factory=dict)  # the last entry's hash (GENESIS: empty chain)
     broken: Broken | None = None
+    base: tuple[int, str] | None = None  # the audit's retention anchor: entries up to this id were purged
 
     @property
     def ok(self) -> bool:
@@ -199,10 +225,13 @@ class ChainReport:
     def text(self) -> str:
         if self.broken is not None:
             return f"broken: {self.broken}"
-        return (
+        text = (
             f"ok: {self.counts.get('audit', 0)} audit entries, {self.counts.get('cases', 0)} case entries; "
             f"heads audit={self.heads.get('audit', GENESIS)} cases={self.heads.get('cases', GENESIS)}"
         )
+        if self.base is not None:
+            text += f"; audit entries up to {self.base[0]} purged by retention (anchor {self.base[1]})"
+        return text
 
     def to_json(self) -> dict[str, Any]:
         broken = self.broken
@@ -213,27 +242,39 @@ class ChainReport:
             "broken": None
             if broken is None
             else {"chain": broken.chain, "entry_id": broken.entry_id, "why": broken.why},
+            "audit_base": None if self.base is None else {"last_id": self.base[0], "hash": self.base[1]},
         }
 
 
 def verify(conn: Connection) -> ChainReport:
-    """Walk both chains and report the first broken link of each's (the audit's first)."""
+    """Walk both chains and report the first broken link of each's (the audit's first). The
+    audit is walked from its retention anchor, when retention has purged some of it."""
     if conn.dialect.name == "postgresql":
         # One snapshot for the heads and every batch: appends committed meanwhile are not half seen.
         conn.execute(REPEATABLE_READ)
     heads = {r.name: (int(r.last_id), str(r.hash)) for r in conn.execute(HEAD)}
+    anchor = heads.get(BASE)
     counts: dict[str, int] = {}
     last: dict[str, str] = {}
     for chain in CHAINS:
-        count, digest, broken = _walk(conn, chain, heads.get(chain))
+        count, digest, broken = _walk(conn, chain, heads.get(chain), anchor if chain == "audit" else None)
         counts[chain], last[chain] = count, digest
         if broken is not None:
-            return ChainReport(counts, last, broken)
-    return ChainReport(counts, last)
+            return ChainReport(counts, last, broken, anchor)
+    return ChainReport(counts, last, None, anchor)
 
 
-def _walk(conn: Connection, chain: ChainName, head: tuple[int, str] | None) -> tuple[int, str, Broken | None]:
-    prev, prev_id, count = GENESIS, 0, 0
+def _walk(
+    conn: Connection, chain: ChainName, head: tuple[int, str] | None, anchor: tuple[int, str] | None
+) -> tuple[int, str, Broken | None]:
+    prev_id, prev = anchor if anchor is not None else (0, GENESIS)
+    count = 0
+    if anchor is not None:
+        stray = conn.scalar(AUDIT_BEFORE_BASE, {"base_id": prev_id})
+        if stray is not None:
+            why = f"the entry is at or before the retention anchor (entry {prev_id}), which retention deleted"
+            return count, prev, Broken(chain, int(stray), why)
+    recorded: tuple[int, Any] | None = None  # the newest retention.purge line: (its id, its details)
     while True:
         rows = conn.execute(BATCH_AFTER[chain], {"after": prev_id, "limit": BATCH}).all()
         for r in rows:
@@ -248,22 +289,40 @@ def _walk(conn: Connection, chain: ChainName, head: tuple[int, str] | None) -> t
                 else:
                     why = "hash mismatch: the entry was altered"
                 return count, prev, Broken(chain, entry_id, why)
+            if chain == "audit" and fields["action"] == PURGE_ACTION:
+                recorded = (entry_id, fields["details"])
             prev, prev_id = str(r.hash), entry_id
             count += 1
         if len(rows) < BATCH:
             break
+    broken = None if anchor is None else _anchor_recorded(chain, anchor, recorded)
+    return count, prev, broken or _head_matches(chain, head, count, prev_id, prev)
+
+
+def _head_matches(chain: ChainName, head: tuple[int, str] | None, count: int, last_id: int, last: str) -> Broken | None:
+    """The head must name the chain's last entry: one past it means entries deleted at the end."""
     if head is None:
-        if count:
-            return count, prev, Broken(chain, prev_id, "the chain has no head")
-        return count, prev, None
+        return Broken(chain, last_id, "the chain has no head") if count else None
     head_id, head_hash = head
-    if head_id != prev_id or head_hash != prev:
-        if head_id > prev_id:
-            why = f"the head points at entry {head_id}, past the chain's end: entries deleted at the end"
-        else:
-            why = f"the head (entry {head_id}) does not match the chain's last entry"
-        return count, prev, Broken(chain, head_id, why)
-    return count, prev, None
+    if head_id == last_id and head_hash == last:
+        return None
+    if head_id > last_id:
+        return Broken(
+            chain, head_id, f"the head points at entry {head_id}, past the chain's end: entries deleted at the end"
+        )
+    return Broken(chain, head_id, f"the head (entry {head_id}) does not match the chain's last entry")
+
+
+def _anchor_recorded(chain: ChainName, anchor: tuple[int, str], recorded: tuple[int, Any] | None) -> Broken | None:
+    """The anchor must be the one the newest retention.purge line names: moved by hand, it is not."""
+    if recorded is None:
+        return Broken(chain, anchor[0], f"no {PURGE_ACTION} line records the retention anchor")
+    line_id, details = recorded
+    named = (details.get("through_id"), details.get("hash")) if isinstance(details, Mapping) else None
+    if named != anchor:
+        why = f"the retention anchor (entry {anchor[0]}) is not the one the newest {PURGE_ACTION} line names"
+        return Broken(chain, line_id, why)
+    return None
 
 
 def _fields(chain: ChainName, r: Any) -> dict[str, Any]:

@@ -18,10 +18,12 @@ SQLAlchemy and OS errors become ``StoreError`` in ``store_error`` and nowhere el
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import hashlib
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
@@ -130,6 +132,7 @@ class Engine:
         self._write_sync: sa.Engine | None = None
         self._write_thread: ThreadPoolExecutor | None = None
         self._write_lock: int | None = None
+        self._sqlite_file: str | None = None  # the database file, for the locks of ``exclusive``
         self._read_sync: sa.Engine | None = None
         self._read_threads: ThreadPoolExecutor | None = None
         self._async: AsyncEngine | None = None
@@ -140,6 +143,7 @@ class Engine:
                 # Writers in several processes (`serve --processes`, the CLI) queue on this lock:
                 # the kernel hands it over at once, where SQLite's busy handler sleeps 1, 2, 5 ms...
                 self._write_lock = os.open(f"{database}-writelock", os.O_CREAT | os.O_RDWR, 0o600)
+                self._sqlite_file = database
             sync_url = parsed.set(drivername="sqlite+pysqlite")
             args = {"check_same_thread": False}
             self._write_sync = sa.create_engine(
@@ -188,6 +192,41 @@ class Engine:
     async def submit(self, op: Op) -> object:
         """Apply a batched write operation in the writer's next shared transaction."""
         return await self._writer.submit(op)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, name: str) -> AsyncIterator[bool]:
+        """A lock named ``name`` held by one process of every node on the store while the block
+        runs: True, or False at once when another holds it (retention's purge). PostgreSQL: a
+        session advisory lock on a connection of its own, no transaction left open (freed with
+        the connection if the process dies); SQLite: an flock on ``<database>-<name>lock``."""
+        if self._async is not None:
+            key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+            async with self._async.connect() as conn:
+                got = bool(await conn.scalar(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": key}))
+                await conn.commit()
+                try:
+                    yield got
+                finally:
+                    if got:
+                        try:
+                            await conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                            await conn.commit()
+                        except Exception:  # the connection is gone, and the lock with it
+                            await conn.invalidate()
+            return
+        if self._sqlite_file is None:  # in memory: this process is the only one
+            yield True
+            return
+        fd = os.open(f"{self._sqlite_file}-{name}lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # closing frees the flock
 
     async def _read(self, fn: Callable[[Connection], T]) -> T:
         if self._async is not None:

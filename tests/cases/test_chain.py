@@ -165,3 +165,63 @@ async def test_details_that_cannot_round_trip_are_refused(store: LogStore) -> No
 def test_plain_makes_whole_floats_ints() -> None:
     assert plain({"a": 2.0, "b": 1e300, "c": [0.5, True, None]}) == {"a": 2, "b": int(1e300), "c": [0.5, True, None]}
     assert plain(None) == {}
+
+
+# -- retention: the audit's oldest entries purged, the chain anchored where they ended
+
+
+async def _purged(store: LogStore, url: str) -> None:
+    """Ten audit lines, six of them 500 days old; retention purges those six in two batches (two
+    retention.purge lines, the anchor at entry 6)."""
+    from relay.config import RetentionConfig
+
+    for i in range(10):
+        await store.audit(actor=f"ann{i}", ip="192.0.2.1", action="signin", now=T0 - (500 if i < 6 else 1) * 86400 + i)
+    await _tamper(url, "CREATE TABLE old_audit AS SELECT * FROM audit_log WHERE id <= 6")
+    only_audit = RetentionConfig(bodies=0, messages=0, webhook_deliveries=0, audit=400 * 86400)
+    result = await store.retention_run(only_audit, now=T0, batch=4)
+    assert result is not None
+    assert result[-1].rows == 6
+
+
+async def test_verify_passes_after_retention_purged_the_oldest_entries(store: LogStore, url: str) -> None:
+    await _purged(store, url)
+    report = await store.verify_chains()
+    assert report.ok, report.text()
+    assert report.counts["audit"] == 4 + 2
+    assert report.base is not None
+    assert report.base[0] == 6
+    assert report.to_json()["audit_base"] == {"last_id": 6, "hash": report.base[1]}
+    assert report.text().endswith(f"; audit entries up to 6 purged by retention (anchor {report.base[1]})")
+
+
+# Tampering after a purge: (statement, the entry verify must name, words of the why).
+AFTER_RETENTION = [
+    ("DELETE FROM audit_log WHERE id = (SELECT min(id) FROM audit_log)", 8, "deleted"),  # the oldest remaining
+    ("DELETE FROM audit_log WHERE id IN (7, 8)", 9, "deleted"),
+    ("DELETE FROM chain_heads WHERE name = 'audit_base'", 7, "after the start"),  # the anchor removed
+    # Purging by hand: entry 7 deleted and the anchor moved onto it.
+    ("UPDATE chain_heads SET last_id = 7, hash = (SELECT hash FROM audit_log WHERE id = 7) WHERE name = 'audit_base';"
+     " DELETE FROM audit_log WHERE id = 7", 12, "newest retention.purge"),
+    ("INSERT INTO audit_log SELECT * FROM old_audit WHERE id = 3", 3, "before the retention anchor"),  # put back
+    ("UPDATE audit_log SET details = {json_set} WHERE action = 'retention.purge' AND id = 12", 12, "altered"),
+    ("DELETE FROM audit_log WHERE id = 12", 11, "newest retention.purge"),  # the newest purge line (the last entry)
+    ("DELETE FROM audit_log WHERE action = 'retention.purge'", 6, "no retention.purge line"),
+]  # fmt: skip
+
+
+async def test_tampering_after_retention_is_still_caught(store: LogStore, url: str) -> None:
+    await _purged(store, url)
+    assert (await store.verify_chains()).ok
+    pg = url.startswith("postgresql")
+    json_set = """jsonb_set(details, '{through_id}', '5')""" if pg else "json_set(details, '$.through_id', 5)"
+    tables = ("audit_log", "chain_heads")
+    await _tamper(url, *(f"CREATE TABLE copy_{t} AS SELECT * FROM {t}" for t in tables))
+    restore = [s for t in tables for s in (f"DELETE FROM {t}", f"INSERT INTO {t} SELECT * FROM copy_{t}")]
+    for sql, entry_id, why in AFTER_RETENTION:
+        await _tamper(url, *sql.format(json_set=json_set).split("; "))
+        chain, broken_id, text = await _broken(store)
+        assert (chain, broken_id) == ("audit", entry_id), (sql, text)
+        assert why in text, (sql, text)
+        await _tamper(url, *restore)
+        assert (await store.verify_chains()).ok, sql

@@ -58,6 +58,7 @@ def _planted(now: float) -> Imported:
         EventView(t + 7, "noted", JANE, {"async": True, "report": "auto_reply", "reason": "vacation", "report_id": 1}),
         EventView(t, "held", JANE, {"by": "hold"}),  # hold mode at intake (tests/actions holds for real)
         EventView(t + 0.5, "released", JANE, {"by": "sam", "case_id": 3}),
+        EventView(t + 8, "body_purged", None, {"kept": "7d", "bytes": 71}),  # retention (tests/retention purges)
     )  # fmt: skip
     message = NewMessage(
         queue_id=QID,
