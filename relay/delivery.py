@@ -36,7 +36,7 @@ from relay.bounces.classify import classify, expired
 from relay.bounces.inbound import sender_dsn
 from relay.bounces.verp import PREFIX, ReturnPath
 from relay.config import Config
-from relay.errors import Reply, StoreError
+from relay.errors import Reply, StoreError, StoreUnavailable
 from relay.logs import with_ids
 from relay.logstore import LogStore
 from relay.model import Claimed, Outcome, ReportTarget, Suppression, header_section, iso
@@ -196,8 +196,10 @@ class DeliveryEngine:
             try:
                 if await self._dispatch(check_first=polled):
                     continue
-            except StoreError as exc:
-                log.warning("delivery paused: %s", exc)  # a store that comes back resumes delivery
+            except StoreError as exc:  # a store that comes back resumes delivery
+                # A lost database is logged once by the store, not at every poll.
+                log.log(logging.DEBUG if isinstance(exc, StoreUnavailable) else logging.WARNING,
+                        "delivery paused: %s", exc)  # fmt: skip
             polled = False
             try:
                 await asyncio.wait_for(self._wake.wait(), self._idle_time())
@@ -313,7 +315,8 @@ class DeliveryEngine:
                 if time.time() + delay >= lease_ends:
                     log.error("could not record the attempt (%s); the lease runs out and it will be tried again", exc)
                     return
-                log.warning("could not record the attempt (%s); trying again in %.1fs", exc, delay)
+                log.log(logging.DEBUG if isinstance(exc, StoreUnavailable) else logging.WARNING,
+                        "could not record the attempt (%s); trying again in %.1fs", exc, delay)  # fmt: skip
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.record_retry_max)
 

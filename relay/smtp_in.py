@@ -31,7 +31,7 @@ from relay import intake, metrics
 from relay.auth import Authenticator
 from relay.bounces.inbound import BounceInbox
 from relay.config import Config, IPNetwork, Listen
-from relay.errors import InvalidMessage, StoreError
+from relay.errors import InvalidMessage, StoreError, StoreUnavailable
 from relay.logs import with_ids
 from relay.logstore import LogStore
 from relay.model import NewMessage
@@ -540,6 +540,9 @@ class RelayHandler:
         """The refusal of a suppressed recipient (``[suppression] reject_at_rcpt``), if it is."""
         try:
             entry = await self.store.suppression_check(address)
+        except StoreUnavailable as exc:  # the store logged the outage once
+            log.debug("could not read the suppression list: %s", exc)
+            return REPLY_STORE_FAILED
         except StoreError:
             log.exception("could not read the suppression list")
             return REPLY_STORE_FAILED
@@ -606,6 +609,9 @@ class RelayHandler:
         )  # fmt: skip
         try:
             await self.store.enqueue(msg)
+        except StoreUnavailable as exc:  # the store logged the outage once
+            log.debug("could not store message from %s: %s", ip, exc)
+            return REPLY_STORE_FAILED
         except StoreError:
             log.exception("could not store message from %s", ip)
             return REPLY_STORE_FAILED

@@ -31,7 +31,7 @@ from ulid import ULID
 
 from relay import metrics
 from relay.config import WebhookConfig
-from relay.errors import StoreError, one_line
+from relay.errors import StoreError, StoreUnavailable, one_line
 from relay.logstore import LogStore
 from relay.model import iso
 from relay.store.webhooks import Attempted, Pending
@@ -239,7 +239,8 @@ class Dispatcher:
                     started = await self._claim()
                     wait = 0.0 if started else await self._until_due()
                 except StoreError as exc:
-                    log.warning("webhooks: cannot read the outbox (%s); trying again in %gs", exc, self.poll)
+                    level = logging.DEBUG if isinstance(exc, StoreUnavailable) else logging.WARNING  # logged once
+                    log.log(level, "webhooks: cannot read the outbox (%s); trying again in %gs", exc, self.poll)
                     wait = self.poll
                 if wait > 0:
                     with contextlib.suppress(TimeoutError):
