@@ -305,20 +305,33 @@ class DeliveryEngine:
 
     async def _record(self, outcomes: Sequence[Outcome], lease_ends: float) -> None:
         """Write the outcomes; while the store fails, try again until the lease runs out. Past
-        that, the recipients are due again for whoever claims them (at worst a second delivery)."""
+        that, the recipients are due again for whoever claims them (at worst a second delivery).
+        While the database is out of reach, though, keep trying past the lease: the recipients
+        stay held here (our own claims only renew the lease), and the record applies only while
+        our lease stands, so a late one never undoes another node's claim. Without that, every
+        attempt in flight when the database went for longer than the lease would be made again."""
         delay = 0.1
-        while True:
-            try:
-                await self.store.record(self.owner, outcomes)
-                return
-            except StoreError as exc:
-                if time.time() + delay >= lease_ends:
-                    log.error("could not record the attempt (%s); the lease runs out and it will be tried again", exc)
+        failed: StoreError | None = None
+        try:
+            while True:
+                try:
+                    await self.store.record(self.owner, outcomes)
                     return
-                log.log(logging.DEBUG if isinstance(exc, StoreUnavailable) else logging.WARNING,
-                        "could not record the attempt (%s); trying again in %.1fs", exc, delay)  # fmt: skip
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.record_retry_max)
+                except StoreError as exc:
+                    failed = exc
+                    if time.time() + delay >= lease_ends and not isinstance(exc, StoreUnavailable):
+                        log.error("could not record the attempt (%s); the lease runs out and it will be tried again",
+                                  exc)  # fmt: skip
+                        return
+                    log.log(logging.DEBUG if isinstance(exc, StoreUnavailable) else logging.WARNING,
+                            "could not record the attempt (%s); trying again in %.1fs", exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.record_retry_max)
+        except asyncio.CancelledError:
+            if failed is not None:  # shutting down with the store gone: say what that costs
+                log.warning("could not record the attempt before stopping (%s); it will be made again once "
+                            "the lease runs out", failed)  # fmt: skip
+            raise
 
     async def _attempt(self, job: Job, deadline: float) -> tuple[Result, tuple[dict[str, str], ...]]:
         """Send the message; give up at ``deadline`` (well before the lease runs out). With it,
