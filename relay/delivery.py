@@ -470,8 +470,12 @@ class DeliveryEngine:
                 log.warning("cancelled %d delivery attempts still running after %.0fs", len(pending), grace)
                 await asyncio.gather(*pending, return_exceptions=True)
         if self._held:
-            released = await self.store.release_leases(self.owner, self._held)
-            log.info("released %d recipients", released)
+            try:
+                released = await self.store.release_leases(self.owner, self._held)
+                log.info("released %d recipients", released)
+            except StoreError as exc:  # the database is gone: the leases run out instead
+                log.warning("could not give back %d recipients (%s); due again when their lease runs out",
+                            len(self._held), exc)  # fmt: skip
             self._held.clear()
         await self.transport.close()
 

@@ -12,10 +12,13 @@ traceback. (Outages longer than the lease, and a stop while down: test_db_outage
 from __future__ import annotations
 
 import asyncio
+import base64
+import logging
 import time
 from pathlib import Path
 
-from helpers import raw_sql, wait_for
+import pytest
+from helpers import command, make_config, raw_sql, running_relay, smtp_client, wait_for
 from helpers.outage import (
     LOST,
     OUTAGE,
@@ -31,7 +34,10 @@ from helpers.outage import (
     rig,
     status,
 )
+from helpers.pgserver import pg_server
 from sqlalchemy.engine import Connection
+
+from relay.auth import hash_password
 
 
 async def test_database_stopped_under_load(tmp_path: Path) -> None:
@@ -151,3 +157,25 @@ async def test_connections_cut_under_load(tmp_path: Path) -> None:
         assert figures["refused"] == figures["stored_after_refusal"], figures
         outages = sum(LOST in line for line in r.log)
         print(f"cut {cut} connections, {outages} outages seen: {figures}")
+
+
+async def test_auth_while_the_database_is_down(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """AUTH needs the users table: while the database is down it answers 454 4.7.0 (RFC 4954's
+    temporary failure: the password is neither right nor wrong), never 535, and the log has no
+    traceback for it; when the database is back the same login works."""
+    with pg_server() as pg:
+        config = make_config(tmp_path, store={"url": pg.url()})
+        async with running_relay(config) as relay:
+            assert relay.store is not None
+            await relay.store.add_user("app", hash_password("s3cret pass"))
+            await asyncio.to_thread(pg.stop, "fast")
+            async with smtp_client(relay) as client:
+                code, text = await command(client, "AUTH PLAIN " + base64.b64encode(b"\0app\0s3cret pass").decode())
+                assert (code, text) == (454, "4.7.0 Temporary authentication failure")
+                code, text = await command(client, "AUTH PLAIN " + base64.b64encode(b"\0app\0wrong").decode())
+                assert code == 454
+            await asyncio.to_thread(pg.start)
+            async with smtp_client(relay) as client:
+                code, _ = await command(client, "AUTH PLAIN " + base64.b64encode(b"\0app\0s3cret pass").decode())
+                assert code == 235
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
