@@ -103,9 +103,10 @@ class Availability:
     def __init__(self) -> None:
         self.lost_at: float | None = None
         self.failed = 0  # operations that failed while it was lost
+        self.reached = False  # never reached yet: a failed start says so itself, nothing was lost
 
     def saw(self, err: BaseException) -> None:
-        if not isinstance(err, StoreUnavailable):
+        if not isinstance(err, StoreUnavailable) or not self.reached:
             return
         self.failed += 1
         if self.lost_at is None:
@@ -117,6 +118,7 @@ class Availability:
             )
 
     def ok(self) -> None:
+        self.reached = True
         if self.lost_at is not None:
             log.info(
                 "the database is back after %.1fs (%d operations failed meanwhile); intake and delivery resume",

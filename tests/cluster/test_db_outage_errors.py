@@ -69,6 +69,7 @@ def test_expected_and_foreign_errors_pass_through() -> None:
 def test_an_outage_is_logged_once_and_its_end_once(caplog: pytest.LogCaptureFixture) -> None:
     availability = Availability()
     caplog.set_level(logging.INFO, logger="relay.store.engine")
+    availability.saw(StoreUnavailable("cannot open the store: connection refused"))  # never reached: the start fails
     availability.ok()  # nothing was lost: nothing to say
     for _ in range(50):
         availability.saw(StoreUnavailable("store operation failed: connection refused"))
