@@ -9,7 +9,8 @@ same functions of a connection run through ``AsyncConnection.run_sync``.
 Writes go through one writer task per process. Operations that arrive while a commit is in
 progress are applied together in the next transaction (group commit), each kind as one
 executemany; every caller still waits for the commit that holds its own operation. When a
-shared transaction fails, its operations are retried one by one so that only the bad one fails.
+shared transaction fails, its operations are retried one by one so that only the bad one fails;
+when it failed because the connection was lost, the batch is tried once more together instead.
 
 SQLAlchemy and OS errors become ``StoreError`` in ``store_error`` and nowhere else; expected
 ``RelayError``s (NotFound, Conflict) pass through. A lost database (refused, cut, restarting)
