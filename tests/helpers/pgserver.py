@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,13 +142,3 @@ def pg_server() -> Iterator[PgServer]:
     finally:
         server.kill()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def wait_port_closed(port: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.connect(("127.0.0.1", port))
-            time.sleep(0.05)
-            continue
-        return
