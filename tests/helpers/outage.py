@@ -95,7 +95,8 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def rig(tmp_path: Path, *, lease: str = "10s", data_delay: float = 0.0) -> AsyncIterator[Rig]:
+async def rig(tmp_path: Path, *, lease: str = "10s", data_delay: float = 0.0, extra: str = "") -> AsyncIterator[Rig]:
+    """``extra``: more TOML tables for relay.toml (e.g. ``[cluster]``)."""
     secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
     with pg_server() as pg, dns_server() as zone:
         zone_: Zone = zone
@@ -126,7 +127,7 @@ timeout = "1s"
 url = "http://127.0.0.1:{hooks.port}/hooks"
 secret = "{secret}"
 events = ["message.delivered"]
-""",  # type: ignore[attr-defined]
+{extra}""",  # type: ignore[attr-defined]
             )
             server = await ServeProcess(cfg).start()
             base = f"http://127.0.0.1:{server.ports['http']}"
