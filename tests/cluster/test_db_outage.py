@@ -41,11 +41,11 @@ from relay.auth import hash_password
 
 
 async def test_database_stopped_under_load(tmp_path: Path) -> None:
-    """PostgreSQL stopped twice while four SMTP clients send: first ``fast`` (backends told to
+    """PostgreSQL stopped twice while four SMTP clients and an API client send: first ``fast`` (backends told to
     exit), then ``immediate`` (every process killed, crash recovery at the next start) while
     another client is in the middle of sending a message's content."""
     async with rig(tmp_path) as r:
-        load = Load(r, smtp=4)
+        load = Load(r, smtp=4, api=1)
         await wait_for(lambda: sum(a.accepted for a in load.answers) >= 30, timeout=20)
 
         # -- first outage: a fast stop
@@ -67,7 +67,8 @@ async def test_database_stopped_under_load(tmp_path: Path) -> None:
         up = time.monotonic()
         during = [a for a in load.answers if a.started >= down and a.ended <= up]
         assert during
-        assert all(a.code == 451 for a in during), [a for a in during if a.code != 451][:5]
+        assert all(a.code == (503 if a.api else 451) for a in during), [a for a in during if not a.accepted][:5]
+        assert any(a.api for a in during)
 
         await asyncio.to_thread(r.pg.start)
         started = time.monotonic()
@@ -76,6 +77,7 @@ async def test_database_stopped_under_load(tmp_path: Path) -> None:
         await wait_for(lambda: any(a.accepted for a in load.since(started)), timeout=15)
         recovered = min(a.ended for a in load.since(started) if a.accepted) - started
         await wait_for(lambda: sum(a.accepted for a in load.since(started)) >= 30, timeout=20)
+        await wait_for(lambda: any(a.accepted and a.api for a in load.since(started)), timeout=15)
         assert await status(r.http, "/readyz") == 200
         assert await status(r.http, "/metrics") == 200
 
@@ -108,7 +110,7 @@ async def test_database_stopped_under_load(tmp_path: Path) -> None:
             writer.close()
         during = [a for a in load.answers if a.started >= down2 and a.ended <= up2]
         assert during
-        assert all(a.code == 451 for a in during), [a for a in during if a.code != 451][:5]
+        assert all(a.code == (503 if a.api else 451) for a in during), [a for a in during if not a.accepted][:5]
         await wait_for(lambda: sum(a.accepted for a in load.since(started2)) >= 10, timeout=20)
         await load.stop()
 

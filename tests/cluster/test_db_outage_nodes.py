@@ -32,6 +32,7 @@ async def test_two_nodes_and_an_outage_longer_than_three_heartbeats(tmp_path: Pa
             assert second.proc.returncode is None, "\n".join(second.log[-30:])
             check_log(r.log, outages=1)
             check_log(second.log)
+            assert any("status=delivered" in line for line in second.log)  # both nodes were delivering
             print(f"two nodes, down {time.monotonic() - down:.1f}s: {figures}")
         finally:
             second.terminate()
