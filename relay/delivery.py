@@ -38,7 +38,7 @@ from relay.bounces.classify import classify, expired
 from relay.bounces.inbound import sender_dsn
 from relay.bounces.verp import PREFIX, ReturnPath
 from relay.config import Config
-from relay.errors import Reply, StoreError
+from relay.errors import Reply, StoreError, StoreUnavailable
 from relay.logs import with_ids
 from relay.logstore import LogStore
 from relay.model import Claimed, Outcome, ReportTarget, Suppression, header_section, iso
@@ -219,8 +219,10 @@ class DeliveryEngine:
             try:
                 if await self._dispatch(check_first=polled):
                     continue
-            except StoreError as exc:
-                log.warning("delivery paused: %s", exc)  # a store that comes back resumes delivery
+            except StoreError as exc:  # a store that comes back resumes delivery
+                # A lost database is logged once by the store, not at every poll.
+                log.log(logging.DEBUG if isinstance(exc, StoreUnavailable) else logging.WARNING,
+                        "delivery paused: %s", exc)  # fmt: skip
             polled = False
             try:
                 await asyncio.wait_for(self._wake.wait(), self._idle_time())
@@ -331,19 +333,33 @@ class DeliveryEngine:
 
     async def _record(self, outcomes: Sequence[Outcome], lease_ends: float) -> None:
         """Write the outcomes; while the store fails, try again until the lease runs out. Past
-        that, the recipients are due again for whoever claims them (at worst a second delivery)."""
+        that, the recipients are due again for whoever claims them (at worst a second delivery).
+        While the database is out of reach, though, keep trying past the lease: the recipients
+        stay held here (our own claims only renew the lease), and the record applies only while
+        our lease stands, so a late one never undoes another node's claim. Without that, every
+        attempt in flight when the database went for longer than the lease would be made again."""
         delay = 0.1
-        while True:
-            try:
-                await self.store.record(self.owner, outcomes)
-                return
-            except StoreError as exc:
-                if time.time() + delay >= lease_ends:
-                    log.error("could not record the attempt (%s); the lease runs out and it will be tried again", exc)
+        failed: StoreError | None = None
+        try:
+            while True:
+                try:
+                    await self.store.record(self.owner, outcomes)
                     return
-                log.warning("could not record the attempt (%s); trying again in %.1fs", exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.record_retry_max)
+                except StoreError as exc:
+                    failed = exc
+                    if time.time() + delay >= lease_ends and not isinstance(exc, StoreUnavailable):
+                        log.error("could not record the attempt (%s); the lease runs out and it will be tried again",
+                                  exc)  # fmt: skip
+                        return
+                    log.log(logging.DEBUG if isinstance(exc, StoreUnavailable) else logging.WARNING,
+                            "could not record the attempt (%s); trying again in %.1fs", exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.record_retry_max)
+        except asyncio.CancelledError:
+            if failed is not None:  # shutting down with the store gone: say what that costs
+                log.warning("could not record the attempt before stopping (%s); it will be made again once "
+                            "the lease runs out", failed)  # fmt: skip
+            raise
 
     async def _attempt(self, job: Job, deadline: float) -> tuple[Result, tuple[dict[str, str], ...]]:
         """Send the message; give up at ``deadline`` (well before the lease runs out). With it,
@@ -485,8 +501,12 @@ class DeliveryEngine:
                 log.warning("cancelled %d delivery attempts still running after %.0fs", len(pending), grace)
                 await asyncio.gather(*pending, return_exceptions=True)
         if self._held:
-            released = await self.store.release_leases(self.owner, self._held)
-            log.info("released %d recipients", released)
+            try:
+                released = await self.store.release_leases(self.owner, self._held)
+                log.info("released %d recipients", released)
+            except StoreError as exc:  # the database is gone: the leases run out instead
+                log.warning("could not give back %d recipients (%s); due again when their lease runs out",
+                            len(self._held), exc)  # fmt: skip
             self._held.clear()
         await self.transport.close()
 

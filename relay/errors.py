@@ -3,6 +3,7 @@
     RelayError
     ├── ConfigError            bad configuration; names the key
     ├── StoreError             the log store failed; nothing of the operation was written
+    │   └── StoreUnavailable   the database cannot be reached (down, restarting, cut off): try again
     ├── NotFound               no message, user or token matches
     ├── Conflict               the thing exists already (a user name)
     ├── StartError             Relay cannot start (a listener, the TLS files, the store); one line
@@ -46,6 +47,11 @@ class ConfigError(RelayError):
 
 class StoreError(RelayError):
     """The log store failed; the operation was rolled back."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached (down, restarting, or the connection was cut); the
+    operation was rolled back, and the same operation later will do."""
 
 
 class NotFound(RelayError):

@@ -31,7 +31,7 @@ from relay import intake, metrics
 from relay.auth import Authenticator
 from relay.bounces.inbound import BounceInbox
 from relay.config import Config, IPNetwork, Listen
-from relay.errors import InvalidMessage, StoreError
+from relay.errors import InvalidMessage, StoreError, StoreUnavailable
 from relay.logs import with_ids
 from relay.logstore import LogStore
 from relay.model import NewMessage
@@ -47,6 +47,7 @@ REPLY_BAD_RCPT = "501 5.1.3 Bad recipient address syntax"
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 REPLY_STORE_FAILED = "451 4.3.0 Temporary failure storing the message, try again later"
 REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
+REPLY_AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure"
 REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, closing transmission channel"
 REPLY_DOMAIN_LITERAL = "550 5.7.1 Domain literals are not accepted"
 REPLY_NULL_SENDER = "550 5.7.1 Null sender not accepted"
@@ -540,6 +541,9 @@ class RelayHandler:
         """The refusal of a suppressed recipient (``[suppression] reject_at_rcpt``), if it is."""
         try:
             entry = await self.store.suppression_check(address)
+        except StoreUnavailable as exc:  # the store logged the outage once
+            log.debug("could not read the suppression list: %s", exc)
+            return REPLY_STORE_FAILED
         except StoreError:
             log.exception("could not read the suppression list")
             return REPLY_STORE_FAILED
@@ -606,6 +610,9 @@ class RelayHandler:
         )  # fmt: skip
         try:
             await self.store.enqueue(msg)
+        except StoreUnavailable as exc:  # the store logged the outage once
+            log.debug("could not store message from %s: %s", ip, exc)
+            return REPLY_STORE_FAILED
         except StoreError:
             log.exception("could not store message from %s", ip)
             return REPLY_STORE_FAILED
@@ -651,7 +658,16 @@ class RelayHandler:
             user, secret = login.decode(), password.decode()
         except UnicodeDecodeError:
             user, secret = "", ""
-        if await self.authenticator.check(user, secret, client_ip(server.session)):
+        try:
+            ok = await self.authenticator.check(user, secret, client_ip(server.session))
+        except StoreError as exc:  # the users are out of reach: neither yes nor no (RFC 4954)
+            if isinstance(exc, StoreUnavailable):
+                log.debug("cannot check the password of %r: %s", user, exc)  # the store logged the outage once
+            else:
+                log.exception("cannot check the password of %r", user)
+            await server.push(REPLY_AUTH_TEMPORARY)
+            return AuthResult(success=False, handled=True)
+        if ok:
             log.info("authenticated %r from %s", user, client_ip(server.session))
             return AuthResult(success=True, auth_data=user)
         return AuthResult(success=False, handled=False)

@@ -31,7 +31,7 @@ from ulid import ULID
 
 from relay import metrics
 from relay.config import WebhookConfig
-from relay.errors import StoreError, one_line
+from relay.errors import StoreError, StoreUnavailable, one_line
 from relay.logstore import LogStore
 from relay.model import iso
 from relay.store.webhooks import Attempted, Pending
@@ -239,7 +239,8 @@ class Dispatcher:
                     started = await self._claim()
                     wait = 0.0 if started else await self._until_due()
                 except StoreError as exc:
-                    log.warning("webhooks: cannot read the outbox (%s); trying again in %gs", exc, self.poll)
+                    level = logging.DEBUG if isinstance(exc, StoreUnavailable) else logging.WARNING  # logged once
+                    log.log(level, "webhooks: cannot read the outbox (%s); trying again in %gs", exc, self.poll)
                     wait = self.poll
                 if wait > 0:
                     with contextlib.suppress(TimeoutError):
@@ -292,15 +293,33 @@ class Dispatcher:
         try:
             response = await post(self._http, p.url, cfg.secret, p.webhook_id, p.body, within=cfg.timeout)
             outcome = self._decide(p, response)
-            try:
-                await self.store.webhook_record(self.owner, p.url, [outcome])
-            except StoreError as exc:  # the lease runs out and the row is due again: sent twice, never lost
-                log.warning("webhook %s to %s: cannot record the attempt (%s)", p.webhook_id, p.url, exc)
+            if not await self._record(p, outcome):
                 return
             self._count(p, outcome, response)
         finally:
             endpoint.in_flight.discard(p.id)
             self.wake()
+
+    async def _record(self, p: Pending, outcome: Attempted) -> bool:
+        """Write the attempt; while the database is out of reach, keep trying (the record applies
+        only while our lease stands, so a late one is harmless) rather than send it again when
+        the lease runs out. False when it could not be written: the row is due again once the
+        lease runs out, sent twice, never lost."""
+        delay = 0.1
+        while True:
+            try:
+                await self.store.webhook_record(self.owner, p.url, [outcome])
+                return True
+            except StoreUnavailable as exc:
+                if self._stopping:
+                    log.warning("webhook %s to %s: cannot record the attempt (%s)", p.webhook_id, p.url, exc)
+                    return False
+                log.debug("webhook %s to %s: cannot record the attempt yet (%s)", p.webhook_id, p.url, exc)
+            except StoreError as exc:
+                log.warning("webhook %s to %s: cannot record the attempt (%s)", p.webhook_id, p.url, exc)
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     def _decide(self, p: Pending, response: Response) -> Attempted:
         attempts = p.attempts + 1

@@ -31,7 +31,7 @@ from fastapi.staticfiles import StaticFiles
 from relay import metrics, tracking
 from relay.config import Config
 from relay.console import app as console
-from relay.errors import StoreError
+from relay.errors import StoreError, StoreUnavailable
 from relay.http import api, cases, send
 from relay.logstore import LogStore
 
@@ -62,11 +62,26 @@ def create_app(ctx: HttpContext, *, private: bool = True, public: bool = True) -
         docs_url=None,  # served below, with assets from Relay instead of a CDN
         redoc_url=None,
     )
+    app.add_exception_handler(StoreError, _store_failed)
     if private:
         _private_routes(app, ctx)
     if public:
         _public_routes(app, ctx)
     return app
+
+
+async def _store_failed(request: Request, exc: Exception) -> Response:
+    """Any route the store fails under (the database down or restarting): 503 with
+    Retry-After, never a 500 and its traceback for each request."""
+    if isinstance(exc, StoreUnavailable):
+        log.debug("%s %s: %s", request.method, request.url.path, exc)  # the store logged the outage once
+    else:
+        log.error("%s %s: the store failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        {"detail": "the store is unavailable; try again"},
+        status_code=503,
+        headers={"Retry-After": str(send.RETRY_AFTER)},
+    )
 
 
 def _private_routes(app: FastAPI, ctx: HttpContext) -> None:
@@ -146,6 +161,9 @@ def _public_routes(app: FastAPI, ctx: HttpContext) -> None:
     async def hit(token: str, kind: str, request: Request) -> tracking.Hit | Response:
         try:
             found = await tracking.record_hit(ctx.store, ctx.signer, token, kind, _client(request))
+        except StoreUnavailable as exc:  # the store logged the outage once
+            log.debug("could not record a %s: %s", kind, exc)
+            return Response("try again later\n", status_code=503, media_type="text/plain")
         except StoreError:
             log.exception("could not record a %s", kind)
             return Response("try again later\n", status_code=503, media_type="text/plain")

@@ -34,7 +34,7 @@ from ulid import ULID
 
 from relay import compose, intake, metrics
 from relay.config import Config
-from relay.errors import InvalidMessage, StoreError, TooManyHops
+from relay.errors import InvalidMessage, StoreError, StoreUnavailable, TooManyHops
 from relay.http.api import Caller, Store
 from relay.http.schemas import Problem, SendRequest, SendResult
 from relay.logs import with_ids
@@ -90,7 +90,12 @@ def _invalid(loc: tuple[str | int, ...], message: str) -> HTTPException:
         403: {"model": Problem, "description": "A read-only token"},
         413: {"model": Problem, "description": "The message (or the request) is larger than the limit"},
         422: {"model": Problem, "description": "A field is invalid or refused; `detail[].loc` names it"},
-        503: {"model": Problem, "description": "The store failed; nothing was queued, try again"},
+        503: {
+            "model": Problem,
+            "description": "The store failed (the database is down or restarting); nothing was queued, "
+            "try again after Retry-After seconds",
+            "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
+        },
     },
 )
 async def send_message(
@@ -190,9 +195,22 @@ def _fingerprint(req: SendRequest) -> str:
 async def _store_call(aw: Awaitable[T]) -> T:
     try:
         return await aw
+    except StoreUnavailable as exc:  # the store logged the outage once
+        log.debug("store unavailable while sending over HTTP: %s", exc)
+        raise store_unavailable() from exc
     except StoreError as exc:
         log.exception("store failed while sending over HTTP")
-        raise HTTPException(503, "the store failed; nothing was queued, try again") from exc
+        raise store_unavailable() from exc
+
+
+RETRY_AFTER = 5  # seconds: a restarting database is usually back by then; a client retrying at once only adds load
+
+
+def store_unavailable() -> HTTPException:
+    """503 with Retry-After: nothing was stored, the same request later will do."""
+    return HTTPException(
+        503, "the store failed; nothing was queued, try again", headers={"Retry-After": str(RETRY_AFTER)}
+    )
 
 
 def _replay(first: Idempotent, key: IdempotencyKey, response: Response) -> SendResult:

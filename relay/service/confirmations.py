@@ -10,7 +10,7 @@ import contextlib
 import logging
 
 from relay import metrics
-from relay.errors import StoreError
+from relay.errors import StoreError, StoreUnavailable
 from relay.logstore import LogStore
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ class CaseConfirmer:
         try:
             done = await self.store.confirm_cases()
         except StoreError as exc:
-            log.warning("cases: cannot confirm (%s); trying again in %gs", exc, self.interval)
+            level = logging.DEBUG if isinstance(exc, StoreUnavailable) else logging.WARNING  # logged once
+            log.log(level, "cases: cannot confirm (%s); trying again in %gs", exc, self.interval)
             return []
         for _, took in done:
             metrics.CASE_TIME_TO_CONFIRMATION.observe(took)

@@ -9,10 +9,13 @@ same functions of a connection run through ``AsyncConnection.run_sync``.
 Writes go through one writer task per process. Operations that arrive while a commit is in
 progress are applied together in the next transaction (group commit), each kind as one
 executemany; every caller still waits for the commit that holds its own operation. When a
-shared transaction fails, its operations are retried one by one so that only the bad one fails.
+shared transaction fails, its operations are retried one by one so that only the bad one fails;
+when it failed because the connection was lost, the batch is tried once more together instead.
 
 SQLAlchemy and OS errors become ``StoreError`` in ``store_error`` and nowhere else; expected
-``RelayError``s (NotFound, Conflict) pass through.
+``RelayError``s (NotFound, Conflict) pass through. A lost database (refused, cut, restarting)
+is ``StoreUnavailable``: the engine logs one warning when it is lost and one line when it is
+back, whatever the number of operations that failed between.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,7 +40,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from relay.errors import RelayError, StoreError, one_line
+from relay.errors import RelayError, StoreError, StoreUnavailable, one_line
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +67,69 @@ READ_FAILED = Failure("store read failed")
 
 def store_error(exc: BaseException, failure: Failure) -> BaseException:
     """What a caller of the store sees for ``exc``: expected RelayErrors as they are, SQLAlchemy
-    and OS errors as StoreError (the original as its __cause__), anything else untouched."""
+    and OS errors as StoreError (the original as its __cause__; StoreUnavailable when the
+    database is out of reach), anything else untouched."""
     if isinstance(exc, RelayError) or not isinstance(exc, SQLAlchemyError | OSError):
         return exc
     doing = failure.unreachable if isinstance(exc, OSError) and failure.unreachable else failure.doing
-    err = StoreError(f"{doing}: {reason(exc) if failure.reason else type(exc).__name__}")
+    kind = StoreUnavailable if unavailable(exc) else StoreError
+    err = kind(f"{doing}: {reason(exc) if failure.reason or kind is StoreUnavailable else type(exc).__name__}")
     err.__cause__ = exc
     return err
+
+
+# SQLSTATE classes of a lost server: 08 connection exception (08003 when asyncpg finds its
+# connection gone), 57P01-57P03 admin/crash shutdown and "the database system is starting up".
+_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
+def unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` says the database is out of reach rather than that the operation was
+    wrong: refused or reset sockets, a connection SQLAlchemy found dead, a server shutting down
+    or starting up. Another try later will do."""
+    if isinstance(exc, OSError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+            return True
+        return isinstance(exc.orig, OSError)
+    return False
+
+
+class Availability:
+    """Whether the database answered last time: one warning when it is lost, one line when it
+    is back (not one per failed operation)."""
+
+    def __init__(self) -> None:
+        self.lost_at: float | None = None
+        self.failed = 0  # operations that failed while it was lost
+        self.reached = False  # never reached yet: a failed start says so itself, nothing was lost
+
+    def saw(self, err: BaseException) -> None:
+        if not isinstance(err, StoreUnavailable) or not self.reached:
+            return
+        self.failed += 1
+        if self.lost_at is None:
+            self.lost_at = time.monotonic()
+            log.warning(
+                "the database cannot be reached (%s); intake answers 451 4.3.0 (the API 503) and delivery "
+                "waits until it is back",
+                err,
+            )
+
+    def ok(self) -> None:
+        self.reached = True
+        if self.lost_at is not None:
+            log.info(
+                "the database is back after %.1fs (%d operations failed meanwhile); intake and delivery resume",
+                time.monotonic() - self.lost_at,
+                self.failed,
+            )
+            self.lost_at = None
+            self.failed = 0
 
 
 def reason(exc: BaseException) -> str:
@@ -162,28 +222,35 @@ class Engine:
             self._async = create_async_engine(
                 url, pool_size=4, max_overflow=8, pool_pre_ping=True, execution_options=opts
             )
+        self.availability = Availability()
         self._writer = _Writer(self)
 
     async def transaction(self, fn: Callable[[Connection], T], failure: Failure = WRITE_FAILED) -> T:
         """Run fn in one write transaction of its own, outside the writer's batches (bulk
         import, migrations); commit when it returns."""
         try:
-            return await self._transaction(fn)
+            result = await self._transaction(fn)
         except Exception as exc:
             err = store_error(exc, failure)
+            self.availability.saw(err)
             if err is exc:
                 raise
             raise err from exc
+        self.availability.ok()
+        return result
 
     async def read(self, fn: Callable[[Connection], T], failure: Failure = READ_FAILED) -> T:
         """Run fn in a read-only snapshot."""
         try:
-            return await self._read(fn)
+            result = await self._read(fn)
         except Exception as exc:
             err = store_error(exc, failure)
+            self.availability.saw(err)
             if err is exc:
                 raise
             raise err from exc
+        self.availability.ok()
+        return result
 
     async def call(self, fn: Callable[[Connection], T]) -> T:
         """Run fn as a one-off write in its own savepoint of the writer's next shared transaction."""
@@ -325,7 +392,7 @@ class _Writer:
                     raise
                 log.exception("writer failed")
 
-    async def _commit(self, batch: list[tuple[Op, asyncio.Future[object]]]) -> None:
+    async def _commit(self, batch: list[tuple[Op, asyncio.Future[object]]], *, retry: bool = True) -> None:
         ops = [op for op, _ in batch]
 
         def apply(conn: Connection) -> list[object]:
@@ -335,9 +402,23 @@ class _Writer:
                 results.extend(type(same[0]).run_many(conn, same))
             return results
 
+        availability = self._engine.availability
         try:
             results = await self._engine._transaction(apply)
         except Exception as exc:
+            err = store_error(exc, WRITE_FAILED)
+            if isinstance(err, StoreUnavailable):
+                # No operation is at fault: retrying each alone would only wait on the lost
+                # server once per operation. Once more together (the pool replaces a cut
+                # connection), then every caller hears it.
+                if retry:
+                    await self._commit(batch, retry=False)
+                    return
+                availability.saw(err)
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(store_error(exc, WRITE_FAILED))  # one each: raised in every caller
+                return
             if len(batch) > 1:
                 log.warning("shared transaction of %d operations failed (%s); retrying each alone", len(batch), exc)
                 for item in batch:
@@ -345,8 +426,9 @@ class _Writer:
                 return
             fut = batch[0][1]
             if not fut.done():
-                fut.set_exception(store_error(exc, WRITE_FAILED))
+                fut.set_exception(err)
             return
+        availability.ok()
         for (_, fut), result in zip(batch, results, strict=True):
             if fut.done():
                 continue
