@@ -909,9 +909,16 @@ class LogStore:
     async def node_watch(self, me: Node | None, name: str, now: float | None = None) -> node_store.Watch:
         """One look at the registry by the node ``name``: with ``me``, its heartbeat first; then
         every other node found dead (silent for 3 of its heartbeat intervals, not stopped) has
-        its leases freed, due at once, in this one transaction (NOTIFY wakes every node)."""
+        its leases freed, due at once, in this one transaction (NOTIFY wakes every node). A
+        silence counts only where this process could have seen it broken: it has reached the
+        store unbroken since before the other's last heartbeat, or for 3 of its intervals (after
+        an outage of the database, every node is silent: none is dead for that)."""
         at = time.time() if now is None else now
-        watch = await self._engine.call(lambda conn: node_store.watch(conn, me, name, at))
+        # Since when this process has reached the store unbroken (now, if it has just lost it):
+        # a silence that began before that may be the store's, not the other node's.
+        contact = self._engine.availability
+        since = contact.since if contact.since is not None and contact.lost_at is None else at
+        watch = await self._engine.call(lambda conn: node_store.watch(conn, me, name, at, contact_since=since))
         if any(f.recipients or f.webhook_deliveries for f in watch.freed):
             self._due()
         return watch

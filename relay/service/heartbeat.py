@@ -54,8 +54,9 @@ class Heartbeat:
                     self.interval, self.delivery.in_flight, None)  # fmt: skip
 
     async def start(self) -> None:
-        """Register (and free the leases of nodes dead already, such as this host's previous
-        life after a kill -9) before delivery claims anything; a store that fails raises."""
+        """Register before delivery claims anything (nodes dead already, such as this host's
+        previous life after a kill -9, are freed 3 of their intervals later: a silence from
+        before this start may have been the database's); a store that fails raises."""
         self._wake_at = await self._look(beat=True)
 
     async def run(self) -> None:

@@ -107,6 +107,9 @@ class Availability:
         self.lost_at: float | None = None
         self.failed = 0  # operations that failed while it was lost
         self.reached = False  # never reached yet: a failed start says so itself, nothing was lost
+        # Wall-clock time since when the database has answered without a loss (None: never yet).
+        # The node registry judges others dead only for silences it could have seen them break.
+        self.since: float | None = None
 
     def saw(self, err: BaseException) -> None:
         if not isinstance(err, StoreUnavailable) or not self.reached:
@@ -121,6 +124,8 @@ class Availability:
             )
 
     def ok(self) -> None:
+        if not self.reached or self.lost_at is not None:
+            self.since = time.time()
         self.reached = True
         if self.lost_at is not None:
             log.info(

@@ -92,9 +92,15 @@ def all_nodes(conn: Connection) -> list[Node]:
     ]  # fmt: skip
 
 
-def watch(conn: Connection, me: Node | None, name: str, now: float) -> Watch:
+def watch(conn: Connection, me: Node | None, name: str, now: float, *, contact_since: float | None = None) -> Watch:
     """Beat (with ``me``), then free the leases of every node found dead at ``now``, each in
-    this one transaction, and delete rows of nodes gone for a day."""
+    this one transaction, and delete rows of nodes gone for a day.
+
+    ``contact_since``: since when the watcher has reached the store unbroken (None: judge by
+    the silence alone). A node is dead only if the watcher could have seen it beat: it was in
+    contact before the node's last heartbeat, or for 3 of the node's intervals since. After
+    the database was down, everyone was silent: the node that comes back first waits for the
+    others to come back too, instead of freeing (and sending a second time) their work."""
     revived = beat(conn, me) if me is not None else False
     stmt = q.WATCHED_NODES
     if conn.dialect.name == "postgresql":
@@ -103,6 +109,8 @@ def watch(conn: Connection, me: Node | None, name: str, now: float) -> Watch:
     next_death: float | None = None
     for r in conn.execute(stmt, {"node": name}).all():
         dies_at = float(r.heartbeat_at) + DEAD_AFTER * float(r.heartbeat)
+        if contact_since is not None and contact_since > float(r.heartbeat_at):
+            dies_at = max(dies_at, contact_since + DEAD_AFTER * float(r.heartbeat))
         if dies_at < now:
             freed.append(_free(conn, r.name, now, now - float(r.heartbeat_at)))
         else:

@@ -70,7 +70,8 @@ async def _plant(into: LogStore, owner: str, rcpts: tuple[str, ...], *, lease: f
 
 async def test_a_dead_nodes_leases_are_freed_at_start_and_delivered(tmp_path: Path, url: str) -> None:
     """A node dead for a while (say this host's previous life, killed -9) holds recipients with
-    a long lease: the next node frees them as it starts, instead of waiting two minutes."""
+    a long lease: the next node frees them 3 of the dead node's intervals after it starts (it
+    cannot tell a silence from before its start from a database outage), not two minutes later."""
     with dns_server() as zone:
         sink = await CountingSink().start("127.0.0.2")
         try:
