@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Only for the tests (`relay` itself refuses RELAY_* variables that are not settings).
 test: export RELAY_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 
-.PHONY: run test lint browser bench bench-smoke bench-heavy bench-dkim bench-search bench-search-postgres chaos clean
+.PHONY: run test lint browser deploy-tools bench-cluster bench bench-smoke bench-heavy bench-dkim bench-search bench-search-postgres chaos clean
 
 $(VENV)/.run: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,12 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
-test: lint browser
+# tests/test_deploy.py checks deploy/docker-compose.yml with Debian's docker-compose (no daemon needed).
+deploy-tools:
+	@command -v docker-compose >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose; }
+
+test: lint browser deploy-tools
 	$(BIN)/pytest -n auto
 
 $(VENV)/.bench: pyproject.toml

@@ -133,7 +133,7 @@ def _rows(conn: sa.Connection) -> dict[str, list[dict[str, Any]]]:
     out = {}
     for table in store_copy.tables():
         order = list(table.primary_key.columns)
-        out[table.name] = [dict(r._mapping) for r in conn.execute(sa.select(table).order_by(*order))]
+        out[table.name] = [dict(r) for r in conn.execute(sa.select(table).order_by(*order)).mappings()]
     return out
 
 
