@@ -73,6 +73,15 @@ bench-search-postgres: $(VENV)/.test
 		createdb -h 127.0.0.1 -U postgres relay_bench_search
 	$(BIN)/python bench/search.py --postgres $(BENCH_PG) --out bench/results/search-postgres.md
 
+# 1, 2 and 3 `relay serve` nodes on one PostgreSQL (database relay_bench_cluster at 127.0.0.1:5432, made afresh
+# for every run) against one node on SQLite; bench/results/cluster.md. The load is Postfix's smtp-source and
+# smtp-sink, unpacked from Debian's postfix package into bench/work (Postfix itself is not installed).
+PF_TOOLS := $(CURDIR)/bench/work/postfix-tools/root
+bench-cluster: $(VENV)/.test
+	@test -x $(PF_TOOLS)/usr/sbin/smtp-source || { mkdir -p bench/work/postfix-tools && cd bench/work/postfix-tools && \
+		{ apt-get download postfix || { apt-get update -q && apt-get download postfix; }; } && dpkg -x postfix_*.deb root; }
+	PATH="$(PF_TOOLS)/usr/sbin:$$PATH" LD_LIBRARY_PATH="$(PF_TOOLS)/usr/lib/postfix" $(BIN)/python bench/cluster.py
+
 # kill -9 at 50 random moments under load; prints the report and keeps it in bench/results/chaos.md
 chaos: $(VENV)/.test
 	CHAOS_KILLS=50 CHAOS_REPORT=bench/results/chaos.md $(BIN)/pytest -s -p no:cacheprovider --timeout 1800 tests/delivery/test_chaos.py
