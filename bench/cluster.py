@@ -115,19 +115,46 @@ async def fresh_database(admin: str, name: str) -> str:
     return admin.rsplit("/", 1)[0] + f"/{name}"
 
 
-def postgres_pids() -> list[int]:
-    """The PostgreSQL server's processes on this machine (the postmaster and its backends)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() in ("postgres", "postmaster"):
-                    pids.append(int(entry.name))
-    return pids
+class PostgresCpu:
+    """CPU seconds of the PostgreSQL backends serving one database (their process title names
+    it), sampled every 0.2 s so that connections opened and closed during the run count too.
+    Shared server processes (WAL writer, checkpointer) are left out: other databases use them."""
 
+    def __init__(self, database: str) -> None:
+        self.tag = f" {database} ".encode()
+        self.base: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
 
-def _cpu_by_pid(pids: list[int]) -> dict[int, float]:
-    return {pid: cpu_seconds([pid]) for pid in pids}
+    def _backends(self) -> dict[int, float]:
+        found = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if (entry / "comm").read_text().strip() == "postgres" and self.tag in (
+                        entry / "cmdline"
+                    ).read_bytes():
+                        found[int(entry.name)] = cpu_seconds([int(entry.name)])
+        return found
+
+    def start(self) -> None:
+        self.base = self._backends()
+        self.last = dict(self.base)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            self.last.update(self._backends())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.2)
+
+    async def stop(self) -> float:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        self.last.update(self._backends())
+        return sum(cpu - self.base.get(pid, 0.0) for pid, cpu in self.last.items())
 
 
 # -- a run
@@ -179,7 +206,9 @@ async def run(
                 raise failed
         await asyncio.sleep(0.5)
         relay_pids = [pid for p in procs for pid in proc_tree(p.pid)]
-        pg_before = _cpu_by_pid(postgres_pids()) if store_url is not None else {}
+        pg = PostgresCpu(store_url.rsplit("/", 1)[1]) if store_url is not None else None
+        if pg is not None:
+            pg.start()
         cpu0 = cpu_seconds(relay_pids)
         probe = RoundRobinProbe("127.0.0.1", ports, sc.size)
         before = sink.count()
@@ -199,10 +228,7 @@ async def run(
         t2 = time.perf_counter()
         got = sink.count() - before
         relay_cpu = cpu_seconds(relay_pids) - cpu0
-        pg_cpu = None
-        if store_url is not None:
-            after = _cpu_by_pid(postgres_pids())
-            pg_cpu = sum(after[pid] - pg_before.get(pid, 0.0) for pid in after)
+        pg_cpu = None if pg is None else await pg.stop()
         p50, p99 = probe.percentiles()
         total = sc.messages + len(probe.samples)
         result = ClusterRun(
@@ -271,7 +297,7 @@ async def main() -> int:
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--size", type=int, default=2000)
     ap.add_argument("--nodes", default="1,2,3", help="node counts on PostgreSQL (default 1,2,3)")
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each; the table shows the best")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each (default 2); the table shows the best")
     ap.add_argument("--postgres", default=ADMIN, help="an admin URL of the PostgreSQL server")
     ap.add_argument("--database", default=DATABASE, help="dropped and created again for every run")
     ap.add_argument("--python-load", action="store_true", help="Python stand-ins for smtp-source/smtp-sink")

@@ -118,6 +118,9 @@ async def _copy_into(target: LogStore, source_url: str, target_url: str) -> int:
     if before.state == "missing" and target_url.startswith("postgresql") and not await _reachable(target):
         name = target_url.rsplit("/", 1)[-1].split("?", 1)[0]
         raise CommandError(f'--to: the database does not exist at {shown}: create it first ("createdb {name}")', 2)
+    if before.state == "missing" and before.tables:
+        names = ", ".join(before.tables[:5]) + (", ..." if len(before.tables) > 5 else "")
+        raise CommandError(f"--to: the database at {shown} holds other tables ({names}): copy into an empty one", 2)
     if before.state == "ahead":
         raise CommandError(f"--to: the store at {shown} was upgraded by a newer relay", 2)
     if before.rows:

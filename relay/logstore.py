@@ -890,11 +890,17 @@ class LogStore:
         """This store as the target of a copy: its schema state and the copied tables that hold
         rows. Reads only. "missing" for a PostgreSQL database that does not exist (see
         ``schema_state``); StoreError when it cannot be read at all."""
-        state = await self.schema_state()
-        if state == "missing":
-            return store_copy.Preflight(state)
+        if await self.schema_state() == "missing" and not await self._reachable():
+            return store_copy.Preflight("missing")  # no such database
         doing = f"cannot read the store at {self._display_url}"
         return await self._engine.read(store_copy.preflight, Failure(doing, reason=True, unreachable=doing))
+
+    async def _reachable(self) -> bool:
+        try:
+            await self.ping()
+        except StoreError:
+            return False
+        return True
 
     async def copy_from(self, source_url: str, progress: store_copy.Progress | None = None) -> store_copy.Copied:
         """Copy the SQLite store at ``source_url`` into this one, from one read snapshot of it,

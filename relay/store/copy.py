@@ -60,6 +60,7 @@ class Preflight:
 
     state: SchemaState
     rows: Mapping[str, int] = field(default_factory=dict)  # table -> rows, only those with rows
+    tables: tuple[str, ...] = ()  # every table the target has (another application's, too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,9 +114,9 @@ def preflight(conn: Connection) -> Preflight:
     from relay.store.migrations import schema_state
 
     state = schema_state(conn)
-    present = set(sa.inspect(conn).get_table_names())
+    present = sorted(sa.inspect(conn).get_table_names())
     held = {t.name: n for t in tables() if t.name in present and (n := _count(conn, t))}
-    return Preflight(state, held)
+    return Preflight(state, held, tuple(present))
 
 
 def _count(conn: Connection, table: sa.Table) -> int:

@@ -391,3 +391,15 @@ async def test_postgres_source_is_refused(tmp_path: Path) -> None:
         code, _, err = await relay_cli("db", "copy", "--config", str(_toml(tmp_path, url)), "--to", "sqlite:///x.db")
         assert code == 2
         assert "only a SQLite store is copied" in err
+
+
+async def test_a_database_of_another_application_is_refused(source: Source, target: str) -> None:
+    await raw_sql(target, lambda c: c.execute(sa.text("CREATE TABLE users (id int)")), write=True)
+    code, _, err = await copy_cli(source, target)
+    assert code == 2
+    assert "holds other tables (users)" in err
+
+    def tables(conn: sa.Connection) -> list[str]:
+        return sa.inspect(conn).get_table_names()
+
+    assert await raw_sql(target, tables) == ["users"]
