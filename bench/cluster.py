@@ -283,11 +283,11 @@ def table(results: dict[str, Any]) -> str:
 
 def _revision() -> str:
     try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True, text=True,
+        rev = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h"], capture_output=True, text=True,
                              check=True).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "revision unknown"
-    return f"commit {rev[:60]}"
+    return f"commit {rev}"
 
 
 async def main() -> int:
