@@ -403,3 +403,35 @@ async def test_a_database_of_another_application_is_refused(source: Source, targ
         return sa.inspect(conn).get_table_names()
 
     assert await raw_sql(target, tables) == ["users"]
+
+
+async def test_the_copy_reads_one_snapshot_while_the_source_is_written(source: Source, target: str) -> None:
+    """Relay may go on writing while the copy runs: the target gets the snapshot taken when the
+    copy started, never a mix (a user added and an event deleted meanwhile are not seen)."""
+    import sqlite3
+
+    path = source.url.removeprefix("sqlite+aiosqlite:///")
+    written: list[str] = []
+
+    def progress(table: str, done: int, total: int) -> None:
+        if table == "messages" and not written:  # users and events are copied after messages
+            db = sqlite3.connect(path)
+            try:
+                with db:
+                    db.execute("INSERT INTO users VALUES ('late', 'scrypt$l', 5.0, 'smtp')")
+                    db.execute("DELETE FROM events WHERE id = (SELECT max(id) FROM events)")
+            finally:
+                db.close()
+            written.append(table)
+
+    before = await raw_sql(source.url, _rows)
+    store = await LogStore.open(target)
+    try:
+        copied = await store.copy_from(source.url, progress)
+        assert written
+        assert await store.copy_counts() == copied.source == copied.written
+        assert "late" not in {u.name for u in await store.list_users()}
+    finally:
+        await store.close()
+    assert await raw_sql(target, _rows) == before
+    assert len((await raw_sql(source.url, _rows))["events"]) == len(before["events"]) - 1  # it did change
