@@ -180,7 +180,14 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(compose: dict[
     folder = provider["options"]["path"]
     dashboards = [host for path, host in mounts.items() if path.startswith(folder + "/") and path.endswith(".json")]
     assert dashboards == [DEPLOY / "grafana-dashboard.json"]
-    assert json.loads(dashboards[0].read_text())["uid"]
+    dashboard = json.loads(dashboards[0].read_text())
+    assert dashboard["uid"]
+    # Provisioning substitutes no ${DS_...} inputs (only the UI's import does): the data source
+    # variable must name the provisioned data source itself.
+    placeholders = re.findall(r"\$\{DS_[A-Z_]+\}", json.dumps({k: v for k, v in dashboard.items() if k != "__inputs"}))
+    assert placeholders == []
+    variable = next(v for v in dashboard["templating"]["list"] if v["type"] == "datasource")
+    assert variable["current"]["value"] == source["uid"]
 
 
 def _dockerfile() -> list[str]:
