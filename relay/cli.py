@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from relay import cases_cli, db_cli
+from relay import cases_cli, cluster_cli, db_cli
 from relay import config as config_mod
 from relay.errors import ConfigError, RelayError, SmtpReplyError
 from relay.model import (
@@ -119,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     _dkim_parser(sub, common)
     _webhooks_parser(sub, common)
     cases_cli.add_parsers(sub, common)  # relay audit [verify], relay cases list
+    cluster_cli.add_parsers(sub, common)  # relay nodes
 
     _users_parser(sub, common)
     return p
@@ -298,6 +299,7 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         "webhooks": lambda store, args: _webhooks(store, args, cfg),
         "audit": cases_cli.audit,
         "cases": lambda store, args: cases_cli.cases(store, args, cfg),
+        "nodes": cluster_cli.nodes,
     }
     return asyncio.run(_with_store(cfg, args, commands[args.command]))
 

@@ -11,7 +11,9 @@ event each, in one transaction), whatever happens inside it: a library error, a 
 cancelled task are temporary failures. The attempt gives up at 80 % of the lease, counted from
 the claim. What a reply means is decided by ``relay.retry.RetryPolicy``, a pure value.
 
-New mail wakes the dispatcher at once; retries are found by polling the next due time.
+New mail wakes the dispatcher at once (on PostgreSQL, mail taken by any node: LISTEN/NOTIFY);
+retries are found by polling the next due time. With ``[delivery] per_domain_scope = "cluster"``
+per_domain counts every node's transactions, read inside the claim.
 On shutdown, transactions in flight get a grace period, then they are cancelled and recorded.
 
 Beside this front door: ``relay.retry`` (the policy value), ``relay.transport`` (SMTP out, the
@@ -27,7 +29,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -114,6 +116,12 @@ class Planner:
     def full_domains(self) -> list[str]:
         return [d for d, n in self.running.items() if n >= self.per_domain]
 
+    def cluster_running(self, running: Mapping[str, int]) -> list[str]:
+        """per_domain across the cluster: every node's transactions in flight per domain, read in
+        the claiming transaction, replace the local snapshot; the full domains are skipped."""
+        self.running = dict(running)
+        return self.full_domains
+
     @property
     def max_size(self) -> int | None:
         """Messages bigger than this cannot start now (None: any can), so the claim skips them
@@ -148,7 +156,6 @@ class Planner:
 
 
 class DeliveryEngine:
-    poll_interval = 1.0  # seconds between looks for retries that came due
     record_retry_max = 2.0  # seconds between tries to record an attempt while the store fails
 
     def __init__(
@@ -169,7 +176,12 @@ class DeliveryEngine:
         self.signer = signer if signer is not None and signer.keys else None  # [[dkim]] entries
         d = config.delivery
         self.policy = RetryPolicy(d.retry_schedule, d.max_age)
+        # The node's name: the lease owner its claims write, its row in the node registry.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        # Seconds between looks for due work when no wake-up came (retries, other nodes' mail
+        # while their NOTIFY could not reach us).
+        self.poll_interval = d.poll_interval
+        self.cluster = d.per_domain_scope == "cluster"  # per_domain counts every node's transactions
         self._wake = asyncio.Event()
         self._stopping = False
         self._jobs: set[asyncio.Task[None]] = set()
@@ -179,14 +191,25 @@ class DeliveryEngine:
         self.large_budget = LARGE_IN_FLIGHT
         self._backlog = False  # the last claim left due work behind
         self._next_retry = float("inf")  # the earliest retry this process scheduled
+        self._task: asyncio.Task[None] | None = None  # the dispatcher's, while run() runs
         store.on_enqueued.append(lambda _msg: self._wake.set())
         store.on_due.append(self._wake.set)  # a retry or release from the console or the API
 
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def in_flight(self) -> int:
+        """SMTP transactions running now (the node's heartbeat reports it)."""
+        return len(self._jobs)
+
     async def run(self) -> None:
         """The dispatcher; runs until shutdown()."""
+        self._task = asyncio.current_task()
         log.info("delivery running as %s (concurrency %d, %d per domain)", self.owner,
                  self.config.delivery.concurrency, self.config.delivery.per_domain)  # fmt: skip
         polled = True  # at start, look for what is due already
@@ -222,15 +245,20 @@ class DeliveryEngine:
             return False
         if check_first and not await self.store.anything_due():
             return False
+        alone = self.return_path is not None
         planner = Planner(
-            free, d.per_domain, dict(self._running), window=max(4 * free, 64),
-            large_budget=self.large_budget, large_running=self._large, alone=self.return_path is not None,
+            free, d.per_domain, {} if self.cluster else dict(self._running), window=max(4 * free, 64),
+            large_budget=self.large_budget, large_running=self._large, alone=alone,
         )  # fmt: skip
         claimed = await self.store.claim_due(
             self.owner, lease=d.lease, limit=planner.window, pick=planner,
             skip_domains=planner.full_domains, max_size=planner.max_size,
+            cluster=planner.cluster_running if self.cluster else None, alone=alone,
         )  # fmt: skip
         lease_ends = time.time() + d.lease  # the store's lease ends a moment before this
+        if self.stopping:  # shutdown began during the claim: nothing starts, shutdown gives them back
+            self._held.update(c.recipient_id for c in claimed if c.suppressed is None)
+            return False
         for c in claimed:
             if c.suppressed is not None:  # ended by the claim, never attempted
                 metrics.SUPPRESSED.labels(c.suppressed.reason).inc()
@@ -381,6 +409,7 @@ class DeliveryEngine:
                 "enhanced_code": reply.enhanced,
                 "reply": reply.text,
                 "duration_ms": duration_ms,
+                "node": self.owner,  # which node made the attempt
             }
             if result.tried:
                 details["tried"] = list(result.tried)
@@ -446,6 +475,8 @@ class DeliveryEngine:
         the rest; release every recipient still held; close idle connections."""
         self._stopping = True
         self._wake.set()
+        if self._task is not None and self._task is not asyncio.current_task():
+            await asyncio.wait([self._task], timeout=grace)  # a claim under way ends first
         if self._jobs:
             _, pending = await asyncio.wait(set(self._jobs), timeout=grace)
             for task in pending:

@@ -32,6 +32,7 @@ from relay.model import (
     MessageView,
     NewMessage,
     NewReport,
+    Node,
     Outcome,
     QueueEntry,
     QueueSummary,
@@ -53,12 +54,14 @@ from relay.store import audit as audit_store
 from relay.store import cases as case_store
 from relay.store import copy as store_copy
 from relay.store import log as event_log
+from relay.store import nodes as node_store
 from relay.store import sessions as console_sessions
 from relay.store import statements as q
 from relay.store import webhooks as webhook_store
 from relay.store.chain import ChainReport
 from relay.store.engine import Engine, Failure
 from relay.store.queue import IdempotencyKey, Idempotent
+from relay.store.wakeups import Wakeups
 
 if TYPE_CHECKING:
     from relay.store.migrations import SchemaState
@@ -88,6 +91,7 @@ class LogStore:
 
     def __init__(self, url: str, engine: Engine, hold: actions.Hold = actions.NO_HOLD) -> None:
         self._display_url = display_url(url)
+        self._url = url
         self._engine = engine
         self._bodies = queue.BodyCache()
         self._hold = hold  # hold mode: which new messages are stored "held"
@@ -190,6 +194,8 @@ class LogStore:
         skip_domains: Collection[str] = (),
         max_size: int | None = None,
         now: float | None = None,
+        cluster: Callable[[Mapping[str, int]], Collection[str]] | None = None,
+        alone: bool = False,
     ) -> list[Claimed]:
         """Lease due recipients to ``owner`` until now + lease, oldest due first. A recipient
         whose lease has run out is due again.
@@ -197,12 +203,17 @@ class LogStore:
         Up to ``limit`` due recipients (outside ``skip_domains``, of messages up to ``max_size``
         bytes) are candidates; ``pick`` chooses which of them to lease (default: all), inside
         the claiming transaction, so that a worker leases only what it can start at once and
-        nothing waits while its lease runs."""
+        nothing waits while its lease runs.
+
+        With ``cluster`` (per_domain across the cluster), claims of every node take turns: the
+        SMTP transactions every node has in flight per domain are counted inside the claim and
+        given to ``cluster``, which returns the domains that are full (skipped; ``alone``: a
+        transaction per recipient, as with VERP)."""
         at = time.time() if now is None else now
         return await self._engine.call(
             lambda conn: queue.claim(
                 conn, owner=owner, lease=lease, limit=limit, pick=pick, skip_domains=skip_domains,
-                max_size=max_size, now=at,
+                max_size=max_size, now=at, cluster=cluster, alone=alone,
             )
         )  # fmt: skip
 
@@ -675,7 +686,14 @@ class LogStore:
         """Held recipients -> queued, due now, a "released" event each; how many (0: none
         was held). With ``case_id`` they are the case's targets."""
         actor, at = actions.Actor(by, ip, case_id), time.time()
-        done = await self._engine.call(lambda conn: actions.release(conn, queue_id, actor, now=at))
+
+        def release(conn: Connection) -> list[tuple[int, str]]:
+            released = actions.release(conn, queue_id, actor, now=at)
+            if released:
+                node_store.notify_due(conn)  # every node's delivery, as for new mail
+            return released
+
+        done = await self._engine.call(release)
         if done:
             log.info("released %s (%d recipients) by %s", queue_id, len(done), by)
             self._due()
@@ -881,6 +899,36 @@ class LogStore:
         return await self._engine.read(lambda conn: reports.raw(conn, report_id))
 
     # -- nodes: heartbeats, dead nodes' leases, wake-ups across nodes (relay/store/nodes.py)
+
+    async def node_register(self, node: Node) -> None:
+        """Write this node's row (a row of the same name is replaced: alive, not stopped)."""
+        await self._engine.call(lambda conn: node_store.register(conn, node))
+
+    async def node_watch(self, me: Node | None, name: str, now: float | None = None) -> node_store.Watch:
+        """One look at the registry by the node ``name``: with ``me``, its heartbeat first; then
+        every other node found dead (silent for 3 of its heartbeat intervals, not stopped) has
+        its leases freed, due at once, in this one transaction (NOTIFY wakes every node)."""
+        at = time.time() if now is None else now
+        watch = await self._engine.call(lambda conn: node_store.watch(conn, me, name, at))
+        if any(f.recipients or f.webhook_deliveries for f in watch.freed):
+            self._due()
+        return watch
+
+    async def node_stop(self, name: str, now: float | None = None) -> None:
+        """A clean shutdown (after delivery gave its leases back): the node shows as stopped."""
+        at = time.time() if now is None else now
+        await self._engine.call(lambda conn: node_store.stop(conn, name, at))
+
+    async def nodes(self) -> list[Node]:
+        """Every registered node, oldest first (rows of nodes gone for a day are deleted)."""
+        return await self._engine.read(node_store.all_nodes)
+
+    def wakeups(self, on_due: Callable[[], None]) -> Wakeups | None:
+        """A listener that calls ``on_due`` whenever any node made recipients due (PostgreSQL
+        LISTEN on its own connection; run it with ``run()``). None on SQLite: processes poll."""
+        if self._engine.dialect != "postgresql":
+            return None
+        return Wakeups(self._url, on_due)
 
     # -- retention (relay/store/retention.py)
 

@@ -1,8 +1,10 @@
-"""The dashboard: the last hour's and day's figures, the queue, and per tag which emails get
-the most response, with a bar chart drawn on the server as inline SVG (no script)."""
+"""The dashboard: the last hour's and day's figures, the queue, the nodes (a panel each), and
+per tag which emails get the most response, with a bar chart drawn on the server as inline SVG
+(no script)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
@@ -10,7 +12,7 @@ from fastapi.responses import Response
 
 from relay.console import web
 from relay.console.web import Viewer
-from relay.model import TagRow
+from relay.model import Node, TagRow
 
 router = APIRouter(prefix=web.PREFIX, include_in_schema=False)
 
@@ -61,11 +63,29 @@ def chart(tags: tuple[TagRow, ...]) -> Chart:
     return Chart(tuple(rows), LABEL_W + BAR_W + 70, height, LABEL_W, BAR_W)
 
 
+@dataclass(frozen=True, slots=True)
+class NodePanel:
+    """One node's card: the registry's row as of the page's time."""
+
+    node: Node
+    state: str  # alive | dead | stopped
+    heartbeat_age: float  # seconds
+
+
+def node_panels(nodes: list[Node], now: float) -> list[NodePanel]:
+    """Running nodes first (alive, then dead: those want a look), stopped ones last."""
+    order = {"alive": 0, "dead": 1, "stopped": 2}
+    panels = [NodePanel(n, str(n.to_json(now)["state"]), max(0.0, now - n.heartbeat_at)) for n in nodes]
+    return sorted(panels, key=lambda p: (order[p.state], p.node.started_at))
+
+
 @router.get("/dashboard", name="dashboard")
 async def dashboard_page(request: Request, user: Viewer) -> Response:
-    board = await web.store_of(request).dashboard()
+    store = web.store_of(request)
+    board = await store.dashboard()
+    nodes = node_panels(await store.nodes(), time.time())
     depth = sum(board.queue.values())
     return web.render(
         request, "dashboard.html",
-        {"d": board, "depth": depth, "chart": chart(board.tags), "chart_tags": CHART_TAGS},
+        {"d": board, "depth": depth, "chart": chart(board.tags), "chart_tags": CHART_TAGS, "nodes": nodes},
     )  # fmt: skip

@@ -7,6 +7,7 @@ command line, relay.cli, is above it).
     lifecycle   startup -> serve -> shutdown of one process: ``Relay``, ``serve``, ``run``
     workers     ``relay serve --processes N``: the parent that forks and supervises N workers
     signals     SIGTERM/SIGINT as a stop, the same for a single process and the parent
+    heartbeat   this process as a node of the store: heartbeats, dead nodes' leases freed at once
 
 This file imports nothing: the ``--processes`` parent imports workers, listeners and signals
 and must stay free of the heavy modules that lifecycle brings in.

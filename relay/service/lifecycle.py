@@ -38,6 +38,7 @@ from relay.logstore import LogStore
 from relay.mx import MxResolver
 from relay.net import bind, bound_address
 from relay.service.confirmations import CaseConfirmer
+from relay.service.heartbeat import Heartbeat
 from relay.service.listeners import check_tls, warn_if_tracking_loopback
 from relay.service.signals import StopSignals
 from relay.smtp_in import BounceServer, SmtpServer
@@ -46,6 +47,7 @@ from relay.webhooks import Dispatcher
 
 if TYPE_CHECKING:
     from relay.dkim import Signer
+    from relay.store.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class Relay:
         self.tracking_http: HttpServer | None = None  # the public side, with [tracking] listen
         self.bounces: BounceServer | None = None  # the bounce listener, with [bounces] listen
         self.webhooks: Dispatcher | None = None  # with [[webhooks]], beside delivery
+        self.heartbeat: Heartbeat | None = None  # the node registry, beside delivery
+        self.wakeups: Wakeups | None = None  # PostgreSQL LISTEN, beside delivery
         self.smtp_addresses: list[Listen] = []
         self.http_address: Listen | None = None
         self.tracking_address: Listen | None = None
@@ -173,7 +177,7 @@ class Relay:
         self.http_address = bound_address(http_socks[0])
 
         if deliver:
-            self._start_delivery(store, signer, return_path, dkim_signer)
+            await self._start_delivery(store, signer, return_path, dkim_signer)
 
         if return_path is not None and bounce_sockets:
             self.bounces = bounces = BounceServer(config, store, BounceInbox(config, store, return_path))
@@ -186,7 +190,7 @@ class Relay:
         self.smtp_addresses = addresses[: len(smtp_sockets)]
         self.smtp_tls_addresses = addresses[len(smtp_sockets) :]
 
-    def _start_delivery(
+    async def _start_delivery(
         self,
         store: LogStore,
         signer: tracking.TokenSigner,
@@ -199,12 +203,22 @@ class Relay:
         tracker = tracking.Tracker(config.tracking.base_url, signer) if config.tracking.enabled else None
         transport = Transport(config, MxResolver(config.dns))
         self.delivery = delivery = DeliveryEngine(config, store, transport, tracker, return_path, signer=dkim_signer)
+        # This node in the registry: stopped after delivery has given its leases back.
+        self.heartbeat = heartbeat = Heartbeat(store, delivery, config.cluster.heartbeat)
+        await heartbeat.start()
+        self._stack.push_async_callback(heartbeat.shutdown)
+        self.spawn(heartbeat.run(), "heartbeat")
+        self.wakeups = wakeups = store.wakeups(delivery.wake)  # PostgreSQL: mail taken by any node
+        if wakeups is not None:
+            listening = self.spawn(wakeups.run(), "wakeups")
+            self._stack.push_async_callback(_stop_wakeups, wakeups, listening)
         self._delivery_task = self.spawn(delivery.run(), "delivery")
         self._stack.push_async_callback(delivery.shutdown, config.delivery.shutdown_grace)
         if config.webhooks:
             # Beside delivery: the outbox's rows are durable, so whichever process runs
-            # next (this one after a crash, another node) sends what is left.
-            self.webhooks = webhooks = Dispatcher(config.webhooks, store)
+            # next (this one after a crash, another node) sends what is left. It leases under
+            # the node's name, so that a dead node's deliveries are freed with its recipients.
+            self.webhooks = webhooks = Dispatcher(config.webhooks, store, owner=delivery.owner)
             self.spawn(webhooks.run(), "webhooks")
             self._stack.push_async_callback(webhooks.shutdown, config.delivery.shutdown_grace)
         confirmer = CaseConfirmer(store)  # cases whose retried recipients are all delivered
@@ -313,6 +327,15 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
+
+
+async def _stop_wakeups(wakeups: Wakeups, task: asyncio.Task[Any]) -> None:
+    """Stop listening; a connection attempt to a database that does not answer is cancelled."""
+    wakeups.close()
+    _, pending = await asyncio.wait([task], timeout=2.0)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _report(fd: int, line: str) -> None:

@@ -28,8 +28,8 @@ from relay.model import (
     QueueSummary,
     Suppression,
 )
+from relay.store import nodes, suppressions
 from relay.store import statements as q
-from relay.store import suppressions
 from relay.store.engine import Op
 from relay.store.log import NewEvent, append_events
 from relay.store.schema import LINK_CHUNK, messages, recipients
@@ -137,6 +137,8 @@ class Enqueue(Op):
             conn.execute(q.INSERT_LINK_CHUNK, link_rows)
         conn.execute(q.INSERT_RECIPIENT, rcpt_rows)
         append_events(conn, received + held)
+        if any(isinstance(op, Enqueue) and op.hold is None for op in ops):
+            nodes.notify_due(conn)
         return results
 
 
@@ -227,11 +229,16 @@ def claim(
     skip_domains: Collection[str],
     max_size: int | None,
     now: float,
+    cluster: Callable[[Mapping[str, int]], Collection[str]] | None = None,
+    alone: bool = False,
 ) -> list[Claimed]:
     """Lease due recipients (see LogStore.claim_due), in the claiming transaction."""
     due = q.DUE.limit(limit)
+    if cluster is not None:  # per_domain across the cluster: count every node's, claims in turn
+        nodes.lock_claims(conn)
+        skip_domains = {*skip_domains, *cluster(nodes.in_flight_by_domain(conn, now, alone=alone))}
     if skip_domains:
-        due = due.where(recipients.c.domain.not_in(list(skip_domains)))
+        due = due.where(recipients.c.domain.not_in(sorted(skip_domains)))
     if max_size is not None:
         due = due.where(messages.c.size <= max_size)
     if conn.dialect.name == "postgresql":
@@ -271,7 +278,10 @@ def _end_suppressed(conn: Connection, candidates: Sequence[Claimed], now: float)
 
 def release(conn: Connection, owner: str, recipient_ids: list[int], now: float) -> int:
     """Give leased recipients back untouched, due at once; how many were."""
-    return conn.execute(q.RELEASE, {"ids": recipient_ids, "owner": owner, "now": now}).rowcount
+    released = conn.execute(q.RELEASE, {"ids": recipient_ids, "owner": owner, "now": now}).rowcount
+    if released:
+        nodes.notify_due(conn)
+    return released
 
 
 def load_bodies(conn: Connection, queue_ids: Collection[str]) -> dict[str, bytes]:
@@ -310,6 +320,8 @@ def retry(
         rows = conn.execute(q.RETRY_ONE, {"states": list(RETRY_STATES), "now": now, "qid": queue_id}).all()
     details = {"by": by, "reason": reason, **(extra or {})}
     append_events(conn, [NewEvent(r.queue_id, r.address, now, "retried", details) for r in rows])
+    if rows:
+        nodes.notify_due(conn)
     return [(int(r.id), r.queue_id) for r in rows]
 
 

@@ -316,4 +316,5 @@ nodes = sa.Table(
     sa.Column("heartbeat", sa.Float, nullable=False),  # its [cluster] heartbeat interval, seconds
     sa.Column("in_flight", sa.Integer, nullable=False, server_default="0"),  # SMTP transactions out, now
     sa.Column("stopped_at", sa.Float),  # a clean shutdown; NULL while running (or killed)
+    sa.Column("released_at", sa.Float),  # dead: when a live node freed its leases; NULL again once it beats
 )

@@ -20,6 +20,7 @@ from relay.store.schema import (
     link_chunks,
     message_tags,
     messages,
+    nodes,
     recipients,
     suppression_audit,
     suppressions,
@@ -547,3 +548,89 @@ REPLAY_SUPPRESSION_CHANGES = (
 
 # The cheapest round trip.
 PING = sa.text("SELECT 1")
+
+# -- several nodes: the node registry, dead nodes' leases, wake-ups, per_domain across the cluster
+
+# Register a node (or register it again: a row left from an earlier life of the same name).
+_node_pg, _node_sqlite = postgresql.insert(nodes), sqlite.insert(nodes)
+_NODE_FIELDS = ("host", "pid", "version", "started_at", "heartbeat_at", "heartbeat", "in_flight")
+INSERT_NODE = {
+    "postgresql": _node_pg.on_conflict_do_update(
+        index_elements=["name"],
+        set_={**{f: _node_pg.excluded[f] for f in _NODE_FIELDS}, "stopped_at": None, "released_at": None},
+    ),
+    "sqlite": _node_sqlite.on_conflict_do_update(
+        index_elements=["name"],
+        set_={**{f: _node_sqlite.excluded[f] for f in _NODE_FIELDS}, "stopped_at": None, "released_at": None},
+    ),
+}
+_BEAT: dict[str, Any] = {"heartbeat_at": sa.bindparam("now"), "heartbeat": sa.bindparam("interval"),
+         "in_flight": sa.bindparam("in_flight"), "released_at": None}  # fmt: skip
+# A heartbeat of a node that was taken for dead (its leases freed): alive again (rowcount 1).
+REVIVE_NODE = (
+    nodes.update()
+    .where(nodes.c.name == sa.bindparam("node"), nodes.c.released_at.is_not(None), nodes.c.stopped_at.is_(None))
+    .values(**_BEAT)
+)
+# A heartbeat (rowcount 0: the row is gone, register again).
+BEAT_NODE = nodes.update().where(nodes.c.name == sa.bindparam("node")).values(**_BEAT)
+# A clean shutdown, after delivery gave its leases back.
+STOP_NODE = (
+    nodes.update().where(nodes.c.name == sa.bindparam("node")).values(stopped_at=sa.bindparam("now"), in_flight=0)
+)
+# Every node, oldest first (`relay nodes`, the dashboard).
+NODES = sa.select(nodes).order_by(nodes.c.started_at, nodes.c.name)
+# Running nodes whose leases nobody has freed, but :name: the ones to watch for silence (the
+# claim adds FOR UPDATE SKIP LOCKED on PostgreSQL: one live node frees a dead one's leases).
+WATCHED_NODES = sa.select(nodes.c.name, nodes.c.heartbeat_at, nodes.c.heartbeat).where(
+    nodes.c.stopped_at.is_(None), nodes.c.released_at.is_(None), nodes.c.name != sa.bindparam("node")
+)
+# Mark a dead node's leases freed, so that no node frees them again.
+NODE_RELEASED = nodes.update().where(nodes.c.name == sa.bindparam("node")).values(released_at=sa.bindparam("now"))
+# Rows of nodes stopped, or silent, since before :before.
+FORGET_NODES = nodes.delete().where(sa.func.coalesce(nodes.c.stopped_at, nodes.c.heartbeat_at) < sa.bindparam("before"))
+# A dead node's leased recipients, due at once (RELEASE's rule: queued if never attempted, else
+# deferred), returning them.
+RELEASE_DEAD = (
+    recipients.update()
+    .where(recipients.c.status == SENDING, recipients.c.lease_owner == sa.bindparam("owner"))
+    .values(
+        status=sa.case((recipients.c.attempts == 0, QUEUED), else_=DEFERRED),
+        next_attempt_at=sa.bindparam("now"),
+        lease_owner=None,
+        updated_at=sa.bindparam("now"),
+    )
+    .returning(recipients.c.id)
+)
+# A dead node's leased webhook deliveries, due at once (the dispatcher leases under the node's name).
+RELEASE_DEAD_WEBHOOKS = (
+    webhook_deliveries.update()
+    .where(webhook_deliveries.c.status == "pending", webhook_deliveries.c.lease_owner == sa.bindparam("owner"))
+    .values(lease_owner=None, next_attempt_at=sa.bindparam("now"), updated_at=sa.bindparam("now"))
+)
+# Wake every node's delivery (PostgreSQL; sent on commit, once per transaction and payload).
+DUE_CHANNEL = "relay_due"
+NOTIFY_DUE = sa.select(sa.func.pg_notify(DUE_CHANNEL, ""))
+# Serialize claims across nodes until commit (PostgreSQL), so that each counts the others'
+# transactions in flight. The two-key form: its key space is apart from ENGAGEMENT_LOCK's.
+CLAIM_LOCK = sa.select(sa.func.pg_advisory_xact_lock(0x52454C59, 1))
+
+
+def _in_flight(alone: bool) -> sa.Select[Any]:
+    """SMTP transactions in flight per domain, every node's: leased recipients whose lease runs,
+    one transaction per message and domain, or per recipient for a tracked message (and, with
+    ``alone``, VERP, any message but Relay's own DSNs from <>), as delivery.job_key groups them."""
+    r, m = recipients, messages
+    single = m.c.track != ""
+    if alone:
+        single = sa.or_(single, m.c.mail_from != "")
+    key = sa.case((single, sa.cast(r.c.id, sa.Text)), else_=r.c.queue_id)
+    return (
+        sa.select(r.c.domain, sa.func.count(sa.distinct(key)))
+        .join(m, m.c.queue_id == r.c.queue_id)
+        .where(r.c.status == SENDING, r.c.next_attempt_at > sa.bindparam("now"))
+        .group_by(r.c.domain)
+    )
+
+
+IN_FLIGHT_BY_DOMAIN = {alone: _in_flight(alone) for alone in (False, True)}
