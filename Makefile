@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Only for the tests (`relay` itself refuses RELAY_* variables that are not settings).
 test: export RELAY_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 
-.PHONY: run test lint browser bench bench-smoke bench-heavy bench-dkim bench-search bench-search-postgres chaos clean
+.PHONY: run test lint browser deploy-tools bench-cluster bench bench-smoke bench-heavy bench-dkim bench-search bench-search-postgres chaos clean
 
 $(VENV)/.run: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,12 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
-test: lint browser
+# tests/test_deploy.py checks deploy/docker-compose.yml with Debian's docker-compose (no daemon needed).
+deploy-tools:
+	@command -v docker-compose >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose; }
+
+test: lint browser deploy-tools
 	$(BIN)/pytest -n auto
 
 $(VENV)/.bench: pyproject.toml
@@ -67,6 +72,15 @@ bench-search-postgres: $(VENV)/.test
 	psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'relay_bench_search'" | grep -q 1 || \
 		createdb -h 127.0.0.1 -U postgres relay_bench_search
 	$(BIN)/python bench/search.py --postgres $(BENCH_PG) --out bench/results/search-postgres.md
+
+# 1, 2 and 3 `relay serve` nodes on one PostgreSQL (database relay_bench_cluster at 127.0.0.1:5432, made afresh
+# for every run) against one node on SQLite; bench/results/cluster.md. The load is Postfix's smtp-source and
+# smtp-sink, unpacked from Debian's postfix package into bench/work (Postfix itself is not installed).
+PF_TOOLS := $(CURDIR)/bench/work/postfix-tools/root
+bench-cluster: $(VENV)/.test
+	@test -x $(PF_TOOLS)/usr/sbin/smtp-source || { mkdir -p bench/work/postfix-tools && cd bench/work/postfix-tools && \
+		{ apt-get download postfix || { apt-get update -q && apt-get download postfix; }; } && dpkg -x postfix_*.deb root; }
+	PATH="$(PF_TOOLS)/usr/sbin:$$PATH" LD_LIBRARY_PATH="$(PF_TOOLS)/usr/lib/postfix" $(BIN)/python bench/cluster.py
 
 # kill -9 at 50 random moments under load; prints the report and keeps it in bench/results/chaos.md
 chaos: $(VENV)/.test

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from relay import cases_cli, cluster_cli, retention_cli
+from relay import cases_cli, cluster_cli, db_cli, retention_cli
 from relay import config as config_mod
 from relay.errors import ConfigError, RelayError, SmtpReplyError
 from relay.model import (
@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", parents=[common], help="database schema")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_sub.add_parser("upgrade", parents=[common], help="apply migrations up to the newest")
+    db_cli.add_parsers(db_sub, common)  # relay db copy --to URL
 
     lg = sub.add_parser("log", parents=[common], help="a message's timeline by queue id, Message-ID or recipient")
     lg.add_argument("query", help="queue id, Message-ID (with or without <>), or recipient address")
@@ -286,6 +287,8 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         return _dkim_keygen(cfg, args) if args.dkim_command == "keygen" else asyncio.run(_dkim_check(cfg, args))
     if args.command == "webhooks" and args.webhooks_command in ("secret", "test"):
         return _webhooks_no_store(args, cfg)  # neither reads the store
+    if args.command == "db" and args.db_command == "copy":  # two stores, neither upgraded by _with_store
+        return db_cli.copy(cfg, args)
     commands: dict[str, Callable[[LogStore, argparse.Namespace], Awaitable[int]]] = {
         "db": _db,
         "log": _log,

@@ -55,6 +55,7 @@ from relay.model import (
 from relay.store import actions, chain, queue, reports, retention, suppressions, users
 from relay.store import audit as audit_store
 from relay.store import cases as case_store
+from relay.store import copy as store_copy
 from relay.store import log as event_log
 from relay.store import nodes as node_store
 from relay.store import sessions as console_sessions
@@ -1095,6 +1096,37 @@ class LogStore:
             raise StoreError(f"retention: {exc}") from exc
 
     # -- copying a store to another (relay/store/copy.py)
+
+    async def copy_preflight(self) -> store_copy.Preflight:
+        """This store as the target of a copy: its schema state and the copied tables that hold
+        rows. Reads only. "missing" for a PostgreSQL database that does not exist (see
+        ``schema_state``); StoreError when it cannot be read at all."""
+        if await self.schema_state() == "missing" and not await self._reachable():
+            return store_copy.Preflight("missing")  # no such database
+        doing = f"cannot read the store at {self._display_url}"
+        return await self._engine.read(store_copy.preflight, Failure(doing, reason=True, unreachable=doing))
+
+    async def _reachable(self) -> bool:
+        try:
+            await self.ping()
+        except StoreError:
+            return False
+        return True
+
+    async def copy_from(self, source_url: str, progress: store_copy.Progress | None = None) -> store_copy.Copied:
+        """Copy the SQLite store at ``source_url`` into this one, from one read snapshot of it,
+        in one transaction here that also runs the migrations: all or nothing. Conflict when
+        this store holds rows already; StoreError for the rest (the table and ids named)."""
+
+        def copy(target: Connection) -> store_copy.Copied:
+            with store_copy.snapshot(source_url) as source:
+                return store_copy.copy_into(target, source, progress)
+
+        return await self._engine.transaction(copy, Failure("copy failed", reason=True, unreachable="copy failed"))
+
+    async def copy_counts(self) -> dict[str, int]:
+        """Rows in each table a copy writes."""
+        return await self._engine.read(store_copy.counts)
 
 
 def _text(name: str, text: str) -> None:

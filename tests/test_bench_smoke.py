@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -24,3 +26,29 @@ async def test_bench_smoke(tmp_path: Path) -> None:
     assert "incomplete" not in relay["extra"], relay
     assert relay["latency_ms_p99"] is not None
     assert "| smoke 2KB x 10 sessions |" in (tmp_path / "latest.md").read_text()
+
+
+async def test_bench_cluster_smoke(tmp_path: Path) -> None:
+    """bench/cluster.py --smoke: one node on SQLite, two `relay serve` nodes on one PostgreSQL
+    database (a database of its own, dropped afterwards), every message delivered."""
+    import uuid
+
+    from helpers import POSTGRES_URL
+
+    if not POSTGRES_URL:
+        pytest.skip("RELAY_TEST_POSTGRES_URL is not set")
+    database = f"relay_bench_smoke_{uuid.uuid4().hex[:10]}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "bench" / "cluster.py"), "--smoke", "--out", str(tmp_path / "cluster.md"),
+        "--postgres", POSTGRES_URL, "--database", database,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 170)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    results = json.loads((tmp_path / "cluster.json").read_text())
+    assert [(r["store"], r["nodes"]) for r in results["runs"]] == [("SQLite", 1), ("PostgreSQL", 2)]
+    for r in results["runs"]:
+        assert r["delivered"] == r["messages"]
+        assert r["e2e_per_s"] > 0
+    assert r["postgres_cpu_s_per_1000"] is not None
+    assert "| PostgreSQL, 2 nodes |" in (tmp_path / "cluster.md").read_text()
