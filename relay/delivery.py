@@ -56,6 +56,8 @@ REWRITE_IN_THREAD = 256 * 1024  # bytes; a larger message is rewritten off the e
 # its rewrite and the client's encoded copy, so `concurrency` of them could take gigabytes.
 # One always may start; small messages never count.
 LARGE_IN_FLIGHT = 64 * 1024 * 1024
+# Seconds over which wake-ups from other nodes (NOTIFY) are gathered into one claim.
+WAKE_COALESCE = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,11 +193,23 @@ class DeliveryEngine:
         self.large_budget = LARGE_IN_FLIGHT
         self._backlog = False  # the last claim left due work behind
         self._next_retry = float("inf")  # the earliest retry this process scheduled
+        self._wake_timer: asyncio.TimerHandle | None = None  # wake_soon's pending wake-up
         self._task: asyncio.Task[None] | None = None  # the dispatcher's, while run() runs
         store.on_enqueued.append(lambda _msg: self._wake.set())
         store.on_due.append(self._wake.set)  # a retry or release from the console or the API
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def wake_soon(self) -> None:
+        """A wake-up from another node (NOTIFY): one claim for every burst of them within
+        WAKE_COALESCE seconds. Each node's own intake wakes it at once, so every notification
+        of a busy cluster would otherwise cost every node a claim that mostly finds nothing."""
+        if self._wake_timer is None:
+            self._wake_timer = asyncio.get_running_loop().call_later(WAKE_COALESCE, self._woken_soon)
+
+    def _woken_soon(self) -> None:
+        self._wake_timer = None
         self._wake.set()
 
     @property
@@ -489,6 +503,9 @@ class DeliveryEngine:
     async def shutdown(self, grace: float) -> None:
         """Stop claiming; let transactions in flight finish for up to ``grace`` seconds, cancel
         the rest; release every recipient still held; close idle connections."""
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+            self._wake_timer = None
         self._stopping = True
         self._wake.set()
         if self._task is not None and self._task is not asyncio.current_task():

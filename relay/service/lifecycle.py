@@ -209,7 +209,7 @@ class Relay:
         await heartbeat.start()
         self._stack.push_async_callback(heartbeat.shutdown)
         self.spawn(heartbeat.run(), "heartbeat")
-        self.wakeups = wakeups = store.wakeups(delivery.wake)  # PostgreSQL: mail taken by any node
+        self.wakeups = wakeups = store.wakeups(delivery.wake_soon)  # PostgreSQL: mail taken by any node
         if wakeups is not None:
             listening = self.spawn(wakeups.run(), "wakeups")
             self._stack.push_async_callback(_stop_wakeups, wakeups, listening)
