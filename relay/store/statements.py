@@ -614,6 +614,8 @@ NOTIFY_DUE = sa.select(sa.func.pg_notify(DUE_CHANNEL, ""))
 # Serialize claims across nodes until commit (PostgreSQL), so that each counts the others'
 # transactions in flight. The two-key form: its key space is apart from ENGAGEMENT_LOCK's.
 CLAIM_LOCK = sa.select(sa.func.pg_advisory_xact_lock(0x52454C59, 1))
+# Migrations: nodes started together on a fresh database take turns (the second finds it done).
+MIGRATION_LOCK = sa.select(sa.func.pg_advisory_xact_lock(0x52454C59, 3))
 
 
 def _in_flight(alone: bool) -> sa.Select[Any]:

@@ -139,3 +139,19 @@ async def test_a_0002_store_upgraded_to_head_finds_everything_and_downgrades(bac
         kinds = await raw_sql(url, lambda c: [tuple(r) for r in c.execute(old)])
         assert ("01M1", "retried") in kinds
         assert len(kinds) == 4 * 3 + 1 + 1  # received/delivered/deferred each, the retry, 01NEW's received
+
+
+async def test_nodes_started_together_on_an_empty_database_migrate_once(tmp_path: Path) -> None:
+    """Three stores upgrade a fresh PostgreSQL database at the same moment (nodes of a cluster
+    started together): they take turns, and every one finds the schema current."""
+    import asyncio
+
+    async with AsyncExitStack() as stack:
+        url = await store_url("postgres", tmp_path / "unused.db", stack)
+        stores = [await LogStore.open(url) for _ in range(3)]
+        try:
+            await asyncio.gather(*(s.upgrade() for s in stores))
+            assert {await s.schema_state() for s in stores} == {"current"}
+        finally:
+            for s in stores:
+                await s.close()

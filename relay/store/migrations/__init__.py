@@ -24,6 +24,10 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 
 def upgrade_sync(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":  # SQLite: the writer's lock serializes already
+        from relay.store.statements import MIGRATION_LOCK
+
+        connection.execute(MIGRATION_LOCK)
     command.upgrade(alembic_config(connection), "head")
 
 
