@@ -1,3 +1,0 @@
-"""Relay: a transactional SMTP relay with a searchable delivery log."""
-
-__version__ = "0.1.0"
