@@ -1,4 +1,5 @@
-"""The fixtures of tests/console live in console_fixtures.py, which its tests import by that unique name
-(several test directories have a conftest.py: "from conftest import" would take whichever came first)."""
+"""The fixtures of tests/console live in tests/helpers/console.py (helpers.console), which its
+tests import by that name (several test directories have a conftest.py: "from conftest import"
+would take whichever came first)."""
 
-from console_fixtures import *  # noqa: F403
+from helpers.console import *  # noqa: F403

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from console_fixtures import PASSWORD, Console, console_with, csrf_of, sign_in
 from helpers import queue_id_of, send, smtp_client
+from helpers.console import PASSWORD, Console, console_with, csrf_of, sign_in
 
 from relay.console.cases_pages import csv_cell
 

@@ -7,8 +7,8 @@ import re
 import time
 from pathlib import Path
 
-from console_fixtures import Console, console_with, csrf_of
 from helpers import new_message
+from helpers.console import Console, console_with, csrf_of
 from ulid import ULID
 
 from relay.model import EventView, Imported

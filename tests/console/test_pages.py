@@ -6,8 +6,8 @@ import html
 import re
 import time
 
-from console_fixtures import Console
 from helpers import new_message
+from helpers.console import Console
 from ulid import ULID
 
 from relay.model import EventView, Imported

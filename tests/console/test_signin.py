@@ -7,8 +7,8 @@ from pathlib import Path
 
 import httpx
 import sqlalchemy as sa
-from console_fixtures import LOGIN_FIELD, PASSWORD, Console, console_with, csrf_of, sign_in
 from helpers import make_config, raw_sql, running_relay
+from helpers.console import LOGIN_FIELD, PASSWORD, Console, console_with, csrf_of, sign_in
 
 from relay.auth import Throttle
 from relay.console import web

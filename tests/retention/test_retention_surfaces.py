@@ -11,63 +11,35 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from helpers import make_config, raw_sql, relay_cli, running_relay, wait_for, write_config
+from helpers import make_config, raw_sql, relay_cli, wait_for, write_config
+from helpers.console import Console, console_with
 from helpers.retention_seed import DAY, NOW, counts, qid, seed
 from prometheus_client import REGISTRY
 from sqlalchemy.engine import Connection
 
-from relay.auth import hash_password
 from relay.config import RetentionConfig
 from relay.logstore import LogStore
-from relay.service.lifecycle import Relay, tracking_secret
+from relay.service.lifecycle import tracking_secret
 from relay.service.retention import RetentionService
 from relay.tracking import TokenSigner
 
 TOKEN = "retention-token-0123456789abcdef"
 KEEP = RetentionConfig()
-PASSWORD = "correct horse battery staple"
-LOGIN_FIELD = re.compile(r'name="login_token" value="([^"]+)"')
-
-
-@dataclass
-class Console:
-    relay: Relay
-    store: LogStore
-    base: str
-
-    def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.base, timeout=15, follow_redirects=False)
-
-    @asynccontextmanager
-    async def signed_in(self, name: str) -> AsyncIterator[httpx.AsyncClient]:
-        async with self.client() as client:
-            form = await client.get("/ui/login")
-            match = LOGIN_FIELD.search(form.text)
-            assert match, form.text
-            r = await client.post(
-                "/ui/login", data={"username": name, "password": PASSWORD, "login_token": match.group(1), "next": ""}
-            )
-            assert r.status_code == 303, r.text
-            yield client
 
 
 @pytest.fixture
 async def console(tmp_path: Path) -> AsyncIterator[Console]:
-    config = make_config(
-        tmp_path, http={"listen": "127.0.0.1:0", "api_tokens": [TOKEN]}, tracking={"base_url": "http://t.example.test"}
-    )
-    async with running_relay(config) as relay:
-        assert relay.store is not None
-        assert relay.http_address is not None
-        await relay.store.add_user("sam", hash_password(PASSWORD), "support")
-        yield Console(relay, relay.store, f"http://127.0.0.1:{relay.http_address.port}")
+    sections = {
+        "http": {"listen": "127.0.0.1:0", "api_tokens": [TOKEN]},
+        "tracking": {"base_url": "http://t.example.test"},
+    }
+    async with console_with(tmp_path, **sections) as c:
+        yield c
 
 
 async def _recipient_id(console: Console, queue_id: str) -> int:

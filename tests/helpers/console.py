@@ -1,5 +1,5 @@
-"""The console's fixtures: a running Relay (in-process, intake only) with console users of each
-role, and helpers to sign in over real HTTP with httpx."""
+"""The console's fixtures (tests/console, tests/retention): a running Relay (in-process, intake
+only) with console users of each role, and helpers to sign in over real HTTP with httpx."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import make_config, running_relay
 
+from helpers import make_config, running_relay
 from relay.auth import hash_password
 from relay.logstore import LogStore
 from relay.service.lifecycle import Relay
