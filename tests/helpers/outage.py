@@ -166,8 +166,11 @@ class Load:
     """``smtp`` clients on persistent sessions and ``api`` clients of POST /api/v1/messages,
     each sending one message to a recipient of its own after another."""
 
-    def __init__(self, rig: Rig, *, smtp: int = 4, api: int = 0, pause: float = 0.01, prefix: str = "") -> None:
+    def __init__(
+        self, rig: Rig, *, smtp: int = 4, api: int = 0, pause: float = 0.01, prefix: str = "", port: int | None = None
+    ) -> None:
         self.rig = rig
+        self.port = rig.server.smtp_port if port is None else port  # the SMTP clients' node
         self.prefix = prefix  # recipients are {prefix}s{client}-{n}@ and {prefix}h{client}-{n}@
         self.answers: list[Answer] = []
         self.pause = pause
@@ -184,7 +187,7 @@ class Load:
 
     async def _smtp(self, cid: int) -> None:
         n = 0
-        port = self.rig.server.smtp_port
+        port = self.port
         while not self._stop.is_set():
             client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=20)
             now = time.monotonic()
