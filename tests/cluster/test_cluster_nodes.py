@@ -264,13 +264,15 @@ async def test_per_domain_counts_every_nodes_transactions(tmp_path: Path, scope:
         delivery = {"port": sink.port, "per_domain": 2, "per_domain_scope": scope, "concurrency": 10}
         configs = [_config(tmp_path, f"n{i}.test", url, zone, delivery=delivery) for i in range(3)]
         relays = await stack.enter_async_context(_relays(configs))
-        store = relays[0].store
-        assert store is not None
-        for i in range(24):  # single-recipient messages, and one with three at slow.test (one transaction)
-            await store.enqueue(new_message(str(ULID()), (f"u{i}@slow.test",)))
-        await store.enqueue(new_message(str(ULID()), ("x@slow.test", "y@slow.test", "z@slow.test")))
+        stores = [r.store for r in relays if r.store is not None]
+        assert len(stores) == 3
+        # taken on every node in turn (each node's intake wakes it at once): single-recipient
+        # messages, and one with three at slow.test (one transaction)
+        for i in range(24):
+            await stores[i % 3].enqueue(new_message(str(ULID()), (f"u{i}@slow.test",)))
+        await stores[0].enqueue(new_message(str(ULID()), ("x@slow.test", "y@slow.test", "z@slow.test")))
         for i in range(6):
-            await store.enqueue(new_message(str(ULID()), (f"v{i}@other.test",)))
+            await stores[i % 3].enqueue(new_message(str(ULID()), (f"v{i}@other.test",)))
         await wait_for(lambda: sum(len(c.rcpts) for c in sink.copies) == 33, timeout=40)
         print(f"\nper_domain_scope={scope}: at most {dict(sink.most_open)} transactions open at once")
         assert sink.most_open["slow.test"] <= 2 if scope == "cluster" else sink.most_open["slow.test"] > 2
