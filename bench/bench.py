@@ -310,6 +310,13 @@ class Probe:
         return round(p[49] * 1000, 2), round(p[98] * 1000, 2)
 
 
+async def wait_delivered(sink: Any, expected: int, timeout: float = 600) -> None:
+    """Until the sink holds ``expected`` messages in all (or ``timeout`` seconds passed)."""
+    deadline = time.monotonic() + timeout
+    while sink.count() < expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
 async def drive(host: str, port: int, sink: Any, sc: Scenario, use_tools: bool) -> Run:
     probe = Probe(host, port, sc.size)
     before = sink.count()
@@ -318,10 +325,7 @@ async def drive(host: str, port: int, sink: Any, sc: Scenario, use_tools: bool) 
     await (smtp_source(host, port, sc) if use_tools else py_source(host, port, sc))
     t1 = time.perf_counter()
     await probe.stop()
-    expected = before + sc.messages + len(probe.samples)
-    deadline = time.monotonic() + 600
-    while sink.count() < expected and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    await wait_delivered(sink, before + sc.messages + len(probe.samples))
     t2 = time.perf_counter()
     got = sink.count() - before
     p50, p99 = probe.percentiles()

@@ -54,6 +54,7 @@ from bench import (
     relay_config,
     smtp_source,
     start_dns,
+    wait_delivered,
 )
 
 RESULTS = ROOT / "bench" / "results" / "cluster.md"
@@ -221,10 +222,7 @@ async def run(
         await asyncio.gather(*loads)
         t1 = time.perf_counter()
         await probe.stop()
-        expected = before + sc.messages + len(probe.samples)
-        deadline = time.monotonic() + 600
-        while sink.count() < expected and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await wait_delivered(sink, before + sc.messages + len(probe.samples))
         t2 = time.perf_counter()
         got = sink.count() - before
         relay_cpu = cpu_seconds(relay_pids) - cpu0

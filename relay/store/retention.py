@@ -98,19 +98,24 @@ BODIES_DUE = sa.select(m.c.queue_id).where(m.c.queue_id.in_(_QIDS), _finished("c
 # ... leaving out, in a dry run, those the messages kind deletes whole first (:message_cutoff).
 BODIES_DUE_ALONE = BODIES_DUE.where(~sa.and_(_finished("message_cutoff"), _NOT_NEWEST))
 
-# Windows of keys, oldest first, after a cursor.
-MESSAGE_WINDOW = (
-    sa.select(m.c.received_at, m.c.queue_id)
-    .where(
-        m.c.received_at < sa.bindparam("cutoff"),
-        sa.or_(
-            m.c.received_at > sa.bindparam("at"),
-            sa.and_(m.c.received_at == sa.bindparam("at"), m.c.queue_id > sa.bindparam("qid")),
-        ),
+
+def _after(
+    stmt: sa.Select[Any], when: sa.ColumnElement[Any], key: sa.ColumnElement[Any], key_param: str
+) -> sa.Select[Any]:
+    """``stmt`` as a window of keys older than :cutoff, oldest first, after the cursor
+    (:at, :<key_param>): a keyset page, so every batch reads a bounded index range."""
+    return (
+        stmt.where(
+            when < sa.bindparam("cutoff"),
+            sa.or_(when > sa.bindparam("at"), sa.and_(when == sa.bindparam("at"), key > sa.bindparam(key_param))),
+        )
+        .order_by(when, key)
+        .limit(sa.bindparam("limit"))
     )
-    .order_by(m.c.received_at, m.c.queue_id)
-    .limit(sa.bindparam("limit"))
-)
+
+
+# Windows of keys, oldest first, after a cursor.
+MESSAGE_WINDOW = _after(sa.select(m.c.received_at, m.c.queue_id), m.c.received_at, m.c.queue_id, "qid")
 BODY_WINDOW = (
     sa.select(b.c.queue_id)
     .where(b.c.queue_id > sa.bindparam("qid"))
@@ -118,18 +123,7 @@ BODY_WINDOW = (
     .limit(sa.bindparam("limit"))
 )
 _w = webhook_deliveries
-WEBHOOK_WINDOW = (
-    sa.select(_w.c.updated_at, _w.c.id, _w.c.status)
-    .where(
-        _w.c.updated_at < sa.bindparam("cutoff"),
-        sa.or_(
-            _w.c.updated_at > sa.bindparam("at"),
-            sa.and_(_w.c.updated_at == sa.bindparam("at"), _w.c.id > sa.bindparam("wid")),
-        ),
-    )
-    .order_by(_w.c.updated_at, _w.c.id)
-    .limit(sa.bindparam("limit"))
-)
+WEBHOOK_WINDOW = _after(sa.select(_w.c.updated_at, _w.c.id, _w.c.status), _w.c.updated_at, _w.c.id, "wid")
 
 # The deleting side: recipients of the candidates locked first (PostgreSQL; SQLite writes are
 # serial already), so nothing makes one active between the check and the delete.
