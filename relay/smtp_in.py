@@ -211,6 +211,7 @@ class RelaySMTP(SMTP):
         self._sessions = sessions
         self._per_ip = per_ip
         self._raw_replies = False
+        self._cork: list[str] | None = None  # EHLO's lines, gathered into one write
         self._counted = False
         self._refused = False
         self._ip = ""
@@ -292,6 +293,9 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        if self._cork is not None:
+            self._cork.append(text)
+            return
         if not self._raw_replies:
             text = enhance(text)
             if text[:1] in ("4", "5"):
@@ -304,11 +308,15 @@ class RelaySMTP(SMTP):
         if hostname and (problem := _helo_problem(hostname)):
             await self.push(problem)
             return
-        self._raw_replies = True
+        # aiosmtpd pushes EHLO's lines one by one: a write (a system call) each. One write.
+        self._raw_replies, self._cork = True, []
         try:
             await super().smtp_EHLO(hostname)
+            lines = self._cork
         finally:
-            self._raw_replies = False
+            self._raw_replies, self._cork = False, None
+        if lines:
+            await super().push("\r\n".join(lines))
 
     async def smtp_HELO(self, hostname: str) -> None:
         if hostname and (problem := _helo_problem(hostname)):
@@ -481,13 +489,22 @@ class RelayHandler:
         self.store = store
         self.authenticator = authenticator
         self._trusted: tuple[IPNetwork, ...] = config.smtp.trusted_networks
+        self._trusted_ips: dict[str, bool] = {}
 
     def is_trusted(self, ip: str) -> bool:
+        # Asked for every connection and every message; parsing the address is most of the work.
+        known = self._trusted_ips.get(ip)
+        if known is not None:
+            return known
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return False
-        return any(addr in net for net in self._trusted)
+        trusted = any(addr in net for net in self._trusted)
+        if len(self._trusted_ips) >= 4096:  # a flood from many addresses stays bounded
+            self._trusted_ips.clear()
+        self._trusted_ips[ip] = trusted
+        return trusted
 
     async def handle_EHLO(
         self, server: RelaySMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]

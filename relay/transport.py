@@ -77,6 +77,10 @@ class _Unusable(Exception):
         self.failure = failure
 
 
+class _Stale(Exception):
+    """A kept connection was closed by the server before MAIL was answered; nothing was sent."""
+
+
 class _Loop(Exception):
     """The destination is this relay itself."""
 
@@ -102,7 +106,12 @@ class Transport:
             try:
                 conn = await self._checkout(target)
                 hop = Hop(target.host, target.ip, target.port, conn.tls)
-                replies = await self._transaction(conn, mail_from, recipients, data)
+                try:
+                    replies = await self._transaction(conn, mail_from, recipients, data)
+                except _Stale:  # a kept connection the server had closed: nothing was sent, so again
+                    conn = await self._connect(target)
+                    hop = Hop(target.host, target.ip, target.port, conn.tls)
+                    replies = await self._transaction(conn, mail_from, recipients, data)
             except _Loop:
                 log.warning("%s [%s]:%d is this relay (%s): mail loop", target.host, target.ip, target.port,
                             self.config.server.hostname)  # fmt: skip
@@ -149,16 +158,17 @@ class Transport:
     # -- connections
 
     async def _checkout(self, target: _Target) -> _Connection:
+        """A kept connection to the target, or a new one. A kept one ended its last transaction
+        cleanly (a final reply to DATA, or RSET), so no RSET is spent on it: if the server closed
+        it meanwhile, MAIL finds out (``_Stale``) before anything of the message was sent."""
         pool = self._idle.get(target)
         while pool:
             conn = pool.pop()
-            if time.monotonic() - conn.idle_since < self.config.delivery.idle_connection_timeout:
-                try:
-                    reply = await conn.smtp.execute_command(b"RSET")
-                    if reply.code == 250:
-                        return conn
-                except aiosmtplib.SMTPException:
-                    pass
+            if (
+                time.monotonic() - conn.idle_since < self.config.delivery.idle_connection_timeout
+                and conn.smtp.is_connected
+            ):
+                return conn
             conn.smtp.close()
         return await self._connect(target)
 
@@ -273,9 +283,7 @@ class Transport:
             if isinstance(options, Reply):
                 self._checkin(conn)
                 return dict.fromkeys(recipients, options)
-            reply = await smtp.execute_command(b"MAIL", f"FROM:<{mail_from}>".encode(), *options)
-            if reply.code == 421:
-                raise _Unusable(TemporaryFailure(421, None, reply.message))
+            reply = await self._mail(conn, mail_from, options)
             if reply.code != 250:
                 await self._reset(conn)
                 return dict.fromkeys(recipients, Reply.parse(reply.code, reply.message, "MAIL"))
@@ -294,7 +302,7 @@ class Transport:
             done = await self._data(conn, data)
             for rcpt in accepted:
                 replies[rcpt] = done
-        except _Unusable:
+        except (_Unusable, _Stale):
             conn.smtp.close()
             raise
         except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
@@ -304,6 +312,20 @@ class Transport:
             raise _Unusable(_failure(exc, conn.target)) from exc
         self._checkin(conn)
         return replies
+
+    @staticmethod
+    async def _mail(conn: _Connection, mail_from: str, options: list[bytes]) -> aiosmtplib.SMTPResponse:
+        try:
+            reply = await conn.smtp.execute_command(b"MAIL", f"FROM:<{mail_from}>".encode(), *options)
+        except ConnectionError as exc:  # aiosmtplib's SMTPServerDisconnected is one
+            if conn.uses:
+                raise _Stale from exc
+            raise
+        if reply.code == 421:
+            if conn.uses:  # e.g. the server's idle timeout, answered to our next command
+                raise _Stale
+            raise _Unusable(TemporaryFailure(421, None, reply.message))
+        return reply
 
     async def _data(self, conn: _Connection, data: bytes) -> Reply:
         """DATA with content that is already CRLF-terminated (intake made it so): only
