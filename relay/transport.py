@@ -9,6 +9,11 @@ Connection-level trouble (refused, timed out, non-2xx greeting, dropped, EHLO/ST
 failing) moves on to the next address, at most ``MAX_ADDRESSES`` of them; when none takes
 the mail, every recipient gets the last such failure as a temporary reply. Replies to
 MAIL, RCPT and DATA are the destination's word and are final for this attempt.
+
+A server that offers PIPELINING (RFC 2920; Postfix, Exim, Exchange and Gmail do) gets MAIL,
+every RCPT and DATA in one write and answers them together: two round trips per message
+instead of three plus one per recipient. aiosmtplib reads one reply per command and drops
+replies that come early, so ``_Replies`` stands in for its protocol while they are read.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 import time
 from collections.abc import Sequence
@@ -67,6 +73,104 @@ class _Connection:
     esmtp: set[str]
     uses: int = 0
     idle_since: float = field(default_factory=time.monotonic)
+    listener: _Replies | None = None  # in aiosmtplib's place after an exchange, to hear what comes unasked
+    said_more: bool = False  # a listener heard something, before it was taken away
+
+    @property
+    def spoiled(self) -> bool:
+        """The server said more than it was asked: its next words could pass for the reply to
+        our next command, so the connection is never used again."""
+        return self.said_more or (self.listener is not None and self.listener.extra)
+
+    def library_protocol(self) -> None:
+        """Give the connection back to aiosmtplib's protocol, for a command sent through it."""
+        listener, self.listener = self.listener, None
+        if listener is None:
+            return
+        self.said_more = self.said_more or listener.extra
+        transport, inner = self.smtp.transport, self.smtp.protocol
+        if transport is not None and inner is not None and not transport.is_closing():
+            transport.set_protocol(inner)
+
+
+MAX_REPLY_LINE = 8192  # aiosmtplib's limits, kept when the replies are read here
+MAX_REPLY_LINES = 4 * 8192 // 64
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # never inside a command's argument (aiosmtplib's rule)
+
+
+class _Replies(asyncio.Protocol):
+    """Reads the replies to pipelined commands while it stands in for aiosmtplib's protocol
+    (``transport.set_protocol``); what ends the connection is passed on to that protocol."""
+
+    def __init__(self, inner: asyncio.BaseProtocol, owed: int) -> None:
+        self._inner = inner
+        self._owed = owed
+        self._buffer = bytearray()
+        self._lines: list[bytes] = []
+        self.replies: list[aiosmtplib.SMTPResponse] = []
+        self.failure: aiosmtplib.SMTPException | None = None
+        self.extra = False  # the server said more than it was asked
+        self._progress: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def complete(self) -> bool:
+        return self.failure is not None or len(self.replies) >= self._owed
+
+    async def progress(self) -> None:
+        """Until the next reply (or the end)."""
+        if not self.complete():
+            await self._progress
+            self._progress = asyncio.get_running_loop().create_future()
+
+    def _step(self) -> None:
+        if not self._progress.done():
+            self._progress.set_result(None)
+
+    def _fail(self, exc: aiosmtplib.SMTPException) -> None:
+        if self.failure is None and not self.complete():
+            self.failure = exc
+        self._step()
+
+    def data_received(self, data: bytes) -> None:
+        if self.complete():
+            self.extra = True
+            return
+        self._buffer += data
+        while (end := self._buffer.find(b"\n")) != -1:
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            if len(line) > MAX_REPLY_LINE or len(self._lines) >= MAX_REPLY_LINES:
+                self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
+                return
+            if not line[:3].isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
+                text = line.decode("utf-8", "replace").strip()
+                self._fail(aiosmtplib.SMTPResponseException(-1, f"Malformed SMTP response line: {text}"))
+                return
+            self._lines.append(line)
+            if line[3:4] == b"-":
+                continue
+            text = b"\n".join(x[4:].strip(b" \t\r\n") for x in self._lines).decode("utf-8", "surrogateescape")
+            self._lines = []
+            self.replies.append(aiosmtplib.SMTPResponse(int(line[:3]), text))
+            self._step()
+            if self.complete():
+                self.extra = bool(self._buffer)
+                return
+        if len(self._buffer) > MAX_REPLY_LINE:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "Response too long"))
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Connection lost"))
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
 
 
 class _Unusable(Exception):
@@ -167,6 +271,7 @@ class Transport:
             if (
                 time.monotonic() - conn.idle_since < self.config.delivery.idle_connection_timeout
                 and conn.smtp.is_connected
+                and not conn.spoiled
             ):
                 return conn
             conn.smtp.close()
@@ -174,7 +279,7 @@ class Transport:
 
     def _checkin(self, conn: _Connection) -> None:
         conn.uses += 1
-        if conn.uses >= self.config.delivery.messages_per_connection or not conn.smtp.is_connected:
+        if conn.spoiled or conn.uses >= self.config.delivery.messages_per_connection or not conn.smtp.is_connected:
             asyncio.get_running_loop().create_task(self._quit(conn))
             return
         conn.idle_since = time.monotonic()
@@ -247,6 +352,7 @@ class Transport:
         return self._loose_ctx
 
     async def _quit(self, conn: _Connection) -> None:
+        conn.library_protocol()
         try:
             await asyncio.wait_for(conn.smtp.quit(), 5)
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
@@ -277,31 +383,15 @@ class Transport:
     async def _transaction(
         self, conn: _Connection, mail_from: str, recipients: Sequence[str], data: bytes
     ) -> dict[str, Reply]:
-        smtp = conn.smtp
         try:
             options = self._mail_options(conn, mail_from, recipients, data)
             if isinstance(options, Reply):
                 self._checkin(conn)
                 return dict.fromkeys(recipients, options)
-            reply = await self._mail(conn, mail_from, options)
-            if reply.code != 250:
-                await self._reset(conn)
-                return dict.fromkeys(recipients, Reply.parse(reply.code, reply.message, "MAIL"))
-            replies: dict[str, Reply] = {}
-            accepted: list[str] = []
-            for rcpt in recipients:
-                reply = await smtp.execute_command(b"RCPT", f"TO:<{rcpt}>".encode())
-                if reply.code == 421:
-                    raise _Unusable(TemporaryFailure(421, None, reply.message))
-                replies[rcpt] = Reply.parse(reply.code, reply.message, "RCPT")
-                if reply.code in (250, 251):
-                    accepted.append(rcpt)
-            if not accepted:
-                await self._reset(conn)
-                return replies
-            done = await self._data(conn, data)
-            for rcpt in accepted:
-                replies[rcpt] = done
+            if "pipelining" in conn.esmtp:
+                replies = await self._pipelined(conn, mail_from, recipients, data, options)
+            else:
+                replies = await self._one_by_one(conn, mail_from, recipients, data, options)
         except (_Unusable, _Stale):
             conn.smtp.close()
             raise
@@ -310,11 +400,108 @@ class Transport:
             # timeout, an address the library refuses): close it; the attempt is temporary.
             conn.smtp.close()
             raise _Unusable(_failure(exc, conn.target)) from exc
+        return replies
+
+    async def _one_by_one(
+        self, conn: _Connection, mail_from: str, recipients: Sequence[str], data: bytes, options: list[bytes]
+    ) -> dict[str, Reply]:
+        smtp = conn.smtp
+        reply = await self._mail(conn, mail_from, options)
+        if reply.code != 250:
+            await self._reset(conn)
+            return dict.fromkeys(recipients, Reply.parse(reply.code, reply.message, "MAIL"))
+        replies: dict[str, Reply] = {}
+        accepted: list[str] = []
+        for rcpt in recipients:
+            reply = await smtp.execute_command(b"RCPT", f"TO:<{rcpt}>".encode())
+            if reply.code == 421:
+                raise _Unusable(TemporaryFailure(421, None, reply.message))
+            replies[rcpt] = Reply.parse(reply.code, reply.message, "RCPT")
+            if reply.code in (250, 251):
+                accepted.append(rcpt)
+        if not accepted:
+            await self._reset(conn)
+            return replies
+        reply = await smtp.execute_command(b"DATA")
+        done = await self._content(conn, data) if reply.code == 354 else Reply.parse(reply.code, reply.message, "DATA")
+        for rcpt in accepted:
+            replies[rcpt] = done
         self._checkin(conn)
         return replies
 
+    async def _pipelined(
+        self, conn: _Connection, mail_from: str, recipients: Sequence[str], data: bytes, options: list[bytes]
+    ) -> dict[str, Reply]:
+        """MAIL, the RCPTs and DATA in one write (RFC 2920), then their replies in order."""
+        commands = [b" ".join([b"MAIL", f"FROM:<{mail_from}>".encode(), *options])]
+        commands += [f"RCPT TO:<{rcpt}>".encode() for rcpt in recipients]
+        if any(_CONTROL.search(c) for c in commands):
+            raise ValueError("Command arg contains a prohibited control character")
+        got = await self._exchange(conn, b"\r\n".join([*commands, b"DATA", b""]), len(commands) + 1)
+        mail, rcpt_replies, data_reply = got[0], got[1:-1], got[-1]
+        if mail.code == 421:
+            if conn.uses:  # e.g. the server's idle timeout, answered to our next command
+                raise _Stale
+            raise _Unusable(TemporaryFailure(421, None, mail.message))
+        if any(r.code == 421 for r in (*rcpt_replies, data_reply)):
+            bad = next(r for r in (*rcpt_replies, data_reply) if r.code == 421)
+            raise _Unusable(TemporaryFailure(421, None, bad.message))
+        if mail.code != 250:
+            replies = dict.fromkeys(recipients, Reply.parse(mail.code, mail.message, "MAIL"))
+            accepted: list[str] = []
+        else:
+            replies = {
+                rcpt: Reply.parse(r.code, r.message, "RCPT") for rcpt, r in zip(recipients, rcpt_replies, strict=True)
+            }
+            accepted = [rcpt for rcpt, r in zip(recipients, rcpt_replies, strict=True) if r.code in (250, 251)]
+        if not accepted:
+            if data_reply.code == 354:  # it wants content for nobody: the session is not worth saving
+                conn.smtp.close()
+                return replies
+            await self._reset(conn)
+            return replies
+        if data_reply.code == 354:
+            done = await self._content(conn, data)
+        else:
+            done = Reply.parse(data_reply.code, data_reply.message, "DATA")
+        for rcpt in accepted:
+            replies[rcpt] = done
+        self._checkin(conn)
+        return replies
+
+    async def _exchange(
+        self, conn: _Connection, payload: bytes, owed: int, *, stale: bool = True
+    ) -> list[aiosmtplib.SMTPResponse]:
+        """Write ``payload``; its ``owed`` replies. With ``stale``, a kept connection found closed
+        before any reply is ``_Stale`` (only before content: after it, the message may be in)."""
+        transport, inner = conn.smtp.transport, conn.smtp.protocol
+        stale = stale and conn.uses > 0
+        if transport is None or inner is None or transport.is_closing():
+            raise _Stale if stale else aiosmtplib.SMTPServerDisconnected("Connection lost")
+        reader = _Replies(inner, owed)
+        if conn.spoiled:
+            raise _Stale if stale else aiosmtplib.SMTPResponseException(-1, "unexpected data from the server")
+        transport.set_protocol(reader)
+        conn.listener = reader
+        transport.write(payload)  # type: ignore[attr-defined]
+        while not reader.complete():
+            try:
+                async with asyncio.timeout(self.config.delivery.command_timeout):
+                    await reader.progress()
+            except TimeoutError:
+                raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from None
+        if reader.failure is not None:
+            first = reader.replies[0].code if reader.replies else None
+            if stale and first in (None, 421) and isinstance(reader.failure, aiosmtplib.SMTPServerDisconnected):
+                raise _Stale from reader.failure
+            raise reader.failure
+        return reader.replies  # the reader stays in place: it hears anything said unasked
+
     @staticmethod
     async def _mail(conn: _Connection, mail_from: str, options: list[bytes]) -> aiosmtplib.SMTPResponse:
+        if conn.spoiled:
+            raise _Stale if conn.uses else aiosmtplib.SMTPResponseException(-1, "unexpected data from the server")
+        conn.library_protocol()
         try:
             reply = await conn.smtp.execute_command(b"MAIL", f"FROM:<{mail_from}>".encode(), *options)
         except ConnectionError as exc:  # aiosmtplib's SMTPServerDisconnected is one
@@ -327,18 +514,14 @@ class Transport:
             raise _Unusable(TemporaryFailure(421, None, reply.message))
         return reply
 
-    async def _data(self, conn: _Connection, data: bytes) -> Reply:
-        """DATA with content that is already CRLF-terminated (intake made it so): only
-        dot-stuffing is left to do, in C, instead of aiosmtplib's per-line regexes."""
-        reply = await conn.smtp.execute_command(b"DATA")
-        if reply.code != 354:
-            return Reply.parse(reply.code, reply.message, "DATA")
-        protocol = conn.smtp.protocol
-        if protocol is None:
-            raise aiosmtplib.SMTPServerDisconnected("connection lost before the message content")
+    async def _content(self, conn: _Connection, data: bytes) -> Reply:
+        """The content after 354, already CRLF-terminated (intake made it so): only
+        dot-stuffing is left to do, in C, instead of aiosmtplib's per-line regexes. Its reply is
+        read here too, so that anything the server adds after it spoils the connection instead
+        of passing for the next command's reply."""
         stuffed = (b"." if data.startswith(b".") else b"") + data.replace(b"\r\n.", b"\r\n..")
-        protocol.write(stuffed + (b".\r\n" if stuffed.endswith(b"\r\n") or not stuffed else b"\r\n.\r\n"))
-        final = await protocol.read_response(timeout=self.config.delivery.command_timeout)
+        end = b".\r\n" if stuffed.endswith(b"\r\n") or not stuffed else b"\r\n.\r\n"
+        (final,) = await self._exchange(conn, stuffed + end, 1, stale=False)
         return Reply.parse(final.code, final.message, "DATA")
 
     def _mail_options(
@@ -354,6 +537,7 @@ class Transport:
         return options
 
     async def _reset(self, conn: _Connection) -> None:
+        conn.library_protocol()
         try:
             await conn.smtp.execute_command(b"RSET")
         except aiosmtplib.SMTPException:
