@@ -578,12 +578,15 @@ class PostgresCpu:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 0.2)
 
+    def so_far(self) -> float:
+        self.last.update(self._backends())
+        return sum(cpu - self.base.get(pid, 0.0) for pid, cpu in self.last.items())
+
     async def stop(self) -> float:
         self._stop.set()
         if self._task is not None:
             await self._task
-        self.last.update(self._backends())
-        return sum(cpu - self.base.get(pid, 0.0) for pid, cpu in self.last.items())
+        return self.so_far()
 
 
 # -- Relay
@@ -826,6 +829,8 @@ async def run_relay(
         if message is not None:
             # CPU until the sink had everything, beside the figure with the webhooks' tail
             run.extra["cpu_s_per_1000_until_delivered"] = round((cpu_seconds(pids) - cpu0) / total * 1000, 3)
+            if pg is not None:
+                run.extra["postgres_cpu_s_per_1000_until_delivered"] = round(pg.so_far() / total * 1000, 3)
             t = time.perf_counter()
             arrived = await wait_webhooks(hooks, run.delivered, hooks_from, timeout=WEBHOOK_WAIT)
             run.extra["webhooks_wait_s"] = round(time.perf_counter() - t, 2)
@@ -1017,7 +1022,9 @@ def table(results: dict[str, Any]) -> str:
         ratio = f"{s['ratio_e2e']:.2f}x" if s.get("ratio_e2e") else "-"
         flags = [f for f in ("incomplete", "CHECKS FAILED", "WEBHOOKS MISSING") if f in r["extra"]]
         name = s["name"] + (f" ({', '.join(flags)})" if flags else "")
-        pg = r.get("postgres_cpu_s_per_1000")
+        pg = "-" if r.get("postgres_cpu_s_per_1000") is None else str(r["postgres_cpu_s_per_1000"])
+        if "postgres_cpu_s_per_1000_until_delivered" in r["extra"]:
+            pg += f" ({r['extra']['postgres_cpu_s_per_1000_until_delivered']} until delivered)"
         cpu = str(r["cpu_s_per_1000"])
         if "cpu_s_per_1000_until_delivered" in r["extra"]:
             cpu += f" ({r['extra']['cpu_s_per_1000_until_delivered']} until delivered)"
@@ -1026,7 +1033,7 @@ def table(results: dict[str, Any]) -> str:
             f"| {p.get('e2e_per_s', '-')} | {ratio} | {r['latency_ms_p50']} / {r['latency_ms_p99']} "
             f"| {p.get('latency_ms_p50', '-')} / {p.get('latency_ms_p99', '-')} "
             f"| {r['peak_rss_mb_total']} / {r['peak_rss_mb_max_process']} | {cpu} "
-            f"| {'-' if pg is None else pg} | {_pair(r.get('webhook_lag_ms_p50'), r.get('webhook_lag_ms_p99'))} |"
+            f"| {pg} | {_pair(r.get('webhook_lag_ms_p50'), r.get('webhook_lag_ms_p99'))} |"
         )
     seen = sorted({s["relay"].get("processes") for s in results["scenarios"]} - {None})
     lines += [
