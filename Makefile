@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Only for the tests (`relay` itself refuses RELAY_* variables that are not settings).
 test: export RELAY_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 
-.PHONY: run test lint browser deploy-tools bench-cluster bench bench-smoke bench-heavy bench-dkim bench-search bench-search-postgres chaos clean
+.PHONY: run test lint browser deploy-tools bench-cluster bench bench-production bench-smoke bench-heavy bench-dkim bench-search bench-search-postgres chaos clean
 
 $(VENV)/.run: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,10 +47,16 @@ $(VENV)/.bench: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	touch $(VENV)/.run $(VENV)/.test $@
 
-# The full benchmark: installs Postfix (Debian package) as the reference peer, ~20 minutes.
+# The full benchmark: installs Postfix (Debian package) as the reference peer, ~20 minutes; bench/results/latest.md
 bench: $(VENV)/.bench
 	$(BIN)/python bench/bench.py
 
+# only the production scenarios (DKIM, VERP, tracking, a webhook endpoint; SQLite, then a fresh PostgreSQL database
+# relay_bench_prod at 127.0.0.1:5432), Postfix alongside, ~2 minutes; bench/work/production/latest.md
+bench-production: $(VENV)/.bench
+	$(BIN)/python bench/bench.py --scenario production --no-lookup --out bench/work/production
+
+# 200 messages, then 100 production ones, through Relay only (CI runs it in tests/test_bench_smoke.py)
 bench-smoke: $(VENV)/.test
 	$(BIN)/python bench/bench.py --smoke --out bench/work/smoke
 

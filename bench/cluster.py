@@ -38,14 +38,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import (
+    POSTGRES_ADMIN,
     ROOT,
     WORK,
+    PostgresCpu,
     Probe,
     PySink,
     Scenario,
     ToolSink,
     cpu_seconds,
+    drop_database,
     free_port,
+    fresh_database,
     have_tools,
     one_message,
     peak_rss_mb,
@@ -58,7 +62,7 @@ from bench import (
 )
 
 RESULTS = ROOT / "bench" / "results" / "cluster.md"
-ADMIN = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+ADMIN = POSTGRES_ADMIN
 DATABASE = "relay_bench_cluster"
 
 
@@ -95,67 +99,6 @@ class RoundRobinProbe(Probe):
             with contextlib.suppress(OSError, RuntimeError, ConnectionError):
                 self.samples.append(await one_message(self.host, port, self.body))
             await asyncio.sleep(0.01)
-
-
-# -- PostgreSQL: a fresh database per run, and its server's CPU
-
-
-async def _admin(admin: str, sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(admin.replace("postgresql+asyncpg://", "postgresql://"))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-async def fresh_database(admin: str, name: str) -> str:
-    await _admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await _admin(admin, f'CREATE DATABASE "{name}"')
-    return admin.rsplit("/", 1)[0] + f"/{name}"
-
-
-class PostgresCpu:
-    """CPU seconds of the PostgreSQL backends serving one database (their process title names
-    it), sampled every 0.2 s so that connections opened and closed during the run count too.
-    Shared server processes (WAL writer, checkpointer) are left out: other databases use them."""
-
-    def __init__(self, database: str) -> None:
-        self.tag = f" {database} ".encode()
-        self.base: dict[int, float] = {}
-        self.last: dict[int, float] = {}
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def _backends(self) -> dict[int, float]:
-        found = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if (entry / "comm").read_text().strip() == "postgres" and self.tag in (
-                        entry / "cmdline"
-                    ).read_bytes():
-                        found[int(entry.name)] = cpu_seconds([int(entry.name)])
-        return found
-
-    def start(self) -> None:
-        self.base = self._backends()
-        self.last = dict(self.base)
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            self.last.update(self._backends())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), 0.2)
-
-    async def stop(self) -> float:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
-        self.last.update(self._backends())
-        return sum(cpu - self.base.get(pid, 0.0) for pid, cpu in self.last.items())
 
 
 # -- a run
@@ -331,7 +274,7 @@ async def main() -> int:
                     got = await run(label, nodes, url, sc, dns_port, use_tools)
                 finally:
                     if postgres:
-                        await _admin(args.postgres, f'DROP DATABASE IF EXISTS "{args.database}" WITH (FORCE)')
+                        await drop_database(args.postgres, args.database)
                 print(f"  {asdict(got)}", flush=True)
                 if best is None or got.e2e_per_s > best.e2e_per_s:
                     best = got

@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 async def test_bench_smoke(tmp_path: Path) -> None:
+    """200 plain messages, then 100 "production" ones (DKIM, VERP, tracking, a webhook endpoint):
+    every message delivered, every delivery's webhook received, the production checks passed."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(ROOT / "bench" / "bench.py"), "--smoke", "--out", str(tmp_path),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -20,12 +22,23 @@ async def test_bench_smoke(tmp_path: Path) -> None:
     out, _ = await asyncio.wait_for(proc.communicate(), 170)
     assert proc.returncode == 0, out.decode()[-3000:]
     results = json.loads((tmp_path / "latest.json").read_text())
-    (scenario,) = results["scenarios"]
-    relay = scenario["relay"]
-    assert relay["e2e_per_s"] > 0
-    assert "incomplete" not in relay["extra"], relay
-    assert relay["latency_ms_p99"] is not None
-    assert "| smoke 2KB x 10 sessions |" in (tmp_path / "latest.md").read_text()
+    plain, production = results["scenarios"]
+    for scenario in (plain, production):
+        relay = scenario["relay"]
+        assert relay["e2e_per_s"] > 0
+        assert "incomplete" not in relay["extra"], relay
+        assert relay["latency_ms_p99"] is not None
+    relay = production["relay"]
+    assert "CHECKS FAILED" not in relay["extra"], relay["extra"]
+    assert "WEBHOOKS MISSING" not in relay["extra"], relay["extra"]
+    assert relay["extra"]["checks"]["checked"] == relay["extra"]["checks"]["sent"]
+    by_type = relay["extra"]["webhooks"]["by_type"]
+    assert by_type["message.delivered"]["count"] >= relay["delivered"]
+    assert relay["webhook_lag_ms_p99"] is not None
+    text = (tmp_path / "latest.md").read_text()
+    assert "| smoke 2KB x 10 sessions |" in text
+    assert "| smoke production, SQLite |" in text
+    assert "Targets (issue 14)" in text
 
 
 async def test_bench_cluster_smoke(tmp_path: Path) -> None:
