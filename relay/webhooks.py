@@ -210,7 +210,7 @@ class Dispatcher:
         store: LogStore,
         *,
         schedule: RetrySchedule | None = None,
-        per_endpoint: int = 4,
+        per_endpoint: int = 16,
         poll: float = 0.5,
         owner: str | None = None,
     ) -> None:
@@ -268,8 +268,10 @@ class Dispatcher:
                 await self.store.webhook_release(self.owner, leased)
 
     async def _claim(self) -> int:
-        slots = {url: self.per_endpoint - len(e.in_flight) for url, e in self._endpoints.items()}
-        if not any(n > 0 for n in slots.values()):
+        # An endpoint claims once half its slots are free (or all are): a claim per finished
+        # request would be a write transaction per webhook.
+        slots = self._open_slots()
+        if not slots:
             return 0
         claimed = await self.store.webhook_claim(self.owner, slots=slots, lease=self._lease)
         for p in claimed:
@@ -280,8 +282,19 @@ class Dispatcher:
             task.add_done_callback(self._tasks.discard)
         return len(claimed)
 
+    def _open_slots(self) -> dict[str, int]:
+        """Endpoints that may claim now, with their free slots."""
+        least = max(1, self.per_endpoint // 2)
+        return {
+            url: free
+            for url, e in self._endpoints.items()
+            if (free := self.per_endpoint - len(e.in_flight)) > 0 and (free >= least or not e.in_flight)
+        }
+
     async def _until_due(self) -> float:
-        urls = [u for u, e in self._endpoints.items() if len(e.in_flight) < self.per_endpoint]
+        urls = list(self._open_slots())  # the others wait for their requests (each wakes us when done)
+        if not urls:
+            return self.poll
         due = await self.store.webhook_next_due(urls)
         if due is None:
             return self.poll

@@ -194,7 +194,7 @@ webhook_deliveries = sa.Table(
     sa.Column("queue_id", sa.String(32)),  # the message a message.* event is about (its page lists them)
     sa.Index("ix_webhook_deliveries_next_attempt_at", "next_attempt_at"),
     sa.Index("ix_webhook_deliveries_queue_id", "queue_id"),
-    sa.Index("ix_webhook_deliveries_status_url", "status", "url"),
+    sa.Index("ix_webhook_deliveries_due", "status", "url", "next_attempt_at"),  # the claim, in due order
     sa.Index("ix_webhook_deliveries_updated_at", "updated_at"),  # retention
 )
 

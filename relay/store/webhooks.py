@@ -237,17 +237,14 @@ def claim(
 ) -> list[Pending]:
     """Lease due deliveries to ``owner`` until now + lease: at most ``slots[url]`` for each of
     ``urls`` (disabled endpoints left out), oldest due first."""
-    open_urls = sorted(u for u in urls if slots.get(u, 0) > 0)
-    if not open_urls:
-        return []
-    due = q.WEBHOOKS_DUE.limit(limit)
-    if conn.dialect.name == "postgresql":
-        due = due.with_for_update(skip_locked=True, of=webhook_deliveries)
-    left = dict(slots)
     chosen: list[Pending] = []
-    for r in conn.execute(due, {"now": now, "urls": open_urls}):
-        if left.get(r.url, 0) > 0:
-            left[r.url] -= 1
+    for url in sorted(u for u in urls if slots.get(u, 0) > 0):
+        # One endpoint at a time, no more rows than it has slots: each row carries its body,
+        # and a claim runs whenever slots free up.
+        due = q.WEBHOOKS_DUE.limit(min(limit, slots[url]))
+        if conn.dialect.name == "postgresql":
+            due = due.with_for_update(skip_locked=True, of=webhook_deliveries)
+        for r in conn.execute(due, {"now": now, "urls": [url]}):
             chosen.append(Pending(int(r.id), r.webhook_id, r.url, r.type, bytes(r.body), int(r.attempts)))
     if chosen:
         conn.execute(q.LEASE_WEBHOOKS, {"ids": [p.id for p in chosen], "owner": owner, "until": now + lease, "at": now})
