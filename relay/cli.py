@@ -68,7 +68,11 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", parents=[common], help="run the relay")
     serve.add_argument(
-        "--processes", type=int, default=1, metavar="N", help="worker processes sharing the listeners (default 1)"
+        "--processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help='worker processes sharing the listeners (default: [server] processes, "auto": one per usable CPU core)',
     )
 
     db = sub.add_parser("db", parents=[common], help="database schema")
@@ -279,9 +283,11 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
     if args.command == "serve":
         logs.setup()
-        if args.processes < 1:
+        if args.processes is not None and args.processes < 1:
             raise CommandError("--processes must be at least 1", 2)
-        return _serve(cfg, args.processes)
+        processes, why = worker_count(args.processes, cfg.server.processes)
+        log.info("%d %s (%s)", processes, "process" if processes == 1 else "worker processes", why)
+        return _serve(cfg, processes)
     logs.setup(logging.WARNING)
     if args.command == "dkim":  # no store: keys and DNS only
         return _dkim_keygen(cfg, args) if args.dkim_command == "keygen" else asyncio.run(_dkim_check(cfg, args))
@@ -304,6 +310,19 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         "retention": lambda store, args: retention_cli.run(store, args, cfg),
     }
     return asyncio.run(_with_store(cfg, args, commands[args.command]))
+
+
+def worker_count(flag: int | None, setting: config_mod.Processes) -> tuple[int, str]:
+    """How many processes `relay serve` runs, and why (for the start's log line): --processes,
+    else [server] processes, whose "auto" is the CPU cores this process may use."""
+    if flag is not None:
+        return flag, f"--processes {flag}"
+    if setting != "auto":
+        return setting, f"processes = {setting}"
+    from relay.cpus import usable_cpus
+
+    cores = usable_cpus()
+    return cores, f"processes = auto: {cores} CPU {'core' if cores == 1 else 'cores'}"
 
 
 def _serve(cfg: config_mod.Config, processes: int) -> int:

@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from relay.errors import ConfigError
@@ -156,6 +156,20 @@ def _url(value: Any, key: str) -> str:
     return text
 
 
+Processes = int | Literal["auto"]
+
+
+def _processes(value: Any, key: str) -> Processes:
+    """ "auto" (one worker per usable CPU core, counted when `relay serve` starts) or a count >= 1."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f'expected "auto" or a number of processes, got {value!r}')
+    if value < 1:
+        raise ConfigError(key, f'must be "auto" or at least 1, got {value}')
+    return value
+
+
 # -- sections
 
 
@@ -163,6 +177,7 @@ def _url(value: Any, key: str) -> str:
 class ServerConfig:
     hostname: str = setting("relay.localhost", _hostname)
     data_dir: str = setting("./relay-data", _str)
+    processes: Processes = setting("auto", _processes)  # `relay serve` workers; --processes N overrides
 
 
 @dataclass(frozen=True, slots=True)
