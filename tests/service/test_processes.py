@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +187,12 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def _start_line(server: ServeProcess) -> str:
-    (line,) = [line for line in server.log if "relay.cli:" in line and "process" in line]
-    return line.split("relay.cli: ", 1)[1]
+def _started(server: ServeProcess) -> tuple[str, set[int]]:
+    """The start's "started N processes (why): pids" line, without the pids; and the pids."""
+    (line,) = [line for line in server.log if re.search(r"INFO relay\.service\.\w+: started \d+", line)]
+    m = re.search(r": (started .*\)): ([\d, ]+)$", line)
+    assert m, line
+    return m.group(1), {int(pid) for pid in m.group(2).split(", ")}
 
 
 async def _serve_and_deliver(server: ServeProcess, sink: Any, count: int) -> None:
@@ -209,16 +213,15 @@ async def test_the_default_runs_a_worker_per_core_and_delivers(tmp_path: Path) -
         server = await ServeProcess(_config(tmp_path, sink.port)).start()
         try:
             assert server.proc is not None
-            noun = "process" if cores == 1 else "worker processes"
-            core = "core" if cores == 1 else "cores"
-            assert _start_line(server) == f"{cores} {noun} (processes = auto: {cores} CPU {core})"
-            workers = _children(server.proc.pid)
+            line, pids = _started(server)
             if cores == 1:  # the single-process path: nothing forked
-                assert workers == set()
+                assert line == "started 1 process (processes = auto: 1 CPU core)"
+                assert pids == {server.proc.pid}
+                assert _children(server.proc.pid) == set()
             else:
-                started = next(line for line in server.log if f"started {cores} worker processes" in line)
-                assert workers == {int(pid) for pid in started.rpartition(": ")[2].split(", ")}
-                assert len(workers) == cores
+                assert line == f"started {cores} worker processes (processes = auto: {cores} CPU cores)"
+                assert _children(server.proc.pid) == pids
+                assert len(pids) == cores
             await _serve_and_deliver(server, sink, 20)
         finally:
             await _stop(server)
@@ -229,9 +232,8 @@ async def test_the_flag_overrides_the_config(tmp_path: Path) -> None:
         server = await ServeProcess(_config(tmp_path, sink.port, "processes = 3"), "--processes", "1").start()
         try:
             assert server.proc is not None
-            assert _start_line(server) == "1 process (--processes 1)"
+            assert _started(server) == ("started 1 process (--processes 1)", {server.proc.pid})
             assert _children(server.proc.pid) == set()
-            assert not any("worker processes:" in line for line in server.log)
             await _serve_and_deliver(server, sink, 5)
         finally:
             await _stop(server)
@@ -242,11 +244,10 @@ async def test_a_count_in_the_config_without_the_flag(tmp_path: Path) -> None:
         server = await ServeProcess(_config(tmp_path, sink.port, "processes = 2")).start()
         try:
             assert server.proc is not None
-            assert _start_line(server) == "2 worker processes (processes = 2)"
-            started = next(line for line in server.log if "started 2 worker processes" in line)
-            workers = {int(pid) for pid in started.rpartition(": ")[2].split(", ")}
-            assert _children(server.proc.pid) == workers
-            assert len(workers) == 2
+            line, pids = _started(server)
+            assert line == "started 2 worker processes (processes = 2)"
+            assert _children(server.proc.pid) == pids
+            assert len(pids) == 2
             await _serve_and_deliver(server, sink, 10)
         finally:
             await _stop(server)
