@@ -191,8 +191,10 @@ class SmtpConfig:
     max_message_size: int = setting(26_214_400, _int(1))
     max_recipients: int = setting(100, _int(1))
     max_hops: int = setting(50, _int(1))  # Received headers; more is a mail loop (Postfix's hopcount_limit)
-    max_sessions: int = setting(1000, _int(1))  # open sessions in total (per process)
-    max_sessions_per_ip: int = setting(50, _int(1))  # open sessions from one client IP (per process)
+    # Both per worker process (with N workers up to N times as many), not divided by N: the kernel
+    # spreads connections unevenly, so a share of the limit would refuse a client below it.
+    max_sessions: int = setting(1000, _int(1))  # open sessions in one process
+    max_sessions_per_ip: int = setting(50, _int(1))  # open sessions from one client IP in one process
     max_junk_commands: int = setting(100, _int(1))  # NOOP/RSET/VRFY/HELP without a message, then 421
     listen_tls: tuple[Listen, ...] = setting((), _list(parse_listen))  # implicit TLS submission (RFC 8314), e.g. 465
     timeout: float = setting(300.0, _positive_duration)  # each read waits this long before the session is closed
@@ -210,7 +212,7 @@ class StoreConfig:
 
 @dataclass(frozen=True, slots=True)
 class DeliveryConfig:
-    concurrency: int = setting(100, _int(1))
+    concurrency: int = setting(100, _int(1))  # transactions in flight in one process
     per_domain: int = setting(10, _int(1))
     port: int = setting(25, _int(1, 65535))
     tls: str = setting("opportunistic", _choice(*TLS_MODES))
