@@ -4,7 +4,7 @@ Not ``os.cpu_count()`` alone: a process pinned to some cores (taskset, a cpuset)
 CPU quota (``docker run --cpus 2``, systemd ``CPUQuota=200%``) would otherwise start a worker
 per core of the host, and the workers would take turns on the cores it really has.
 A module of its own, not part of ``relay.config``: loading the configuration (every command
-does) reads no system files, and the ``--processes`` parent imports only this much.
+does) reads no system files; ``relay serve`` counts once, when it starts.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""``relay serve --processes N``: N worker processes sharing the listening sockets.
+"""``relay serve`` with N > 1 processes (``[server] processes``, by default one per CPU core, or
+``--processes N``): N worker processes sharing the listening sockets.
 
 The parent binds every listener, has a short-lived child apply migrations, forks the workers,
 waits until each reports that it is ready (or prints the first one's error, one line, and
