@@ -6,6 +6,8 @@
 # Configure with RELAY_<SECTION>_<KEY> variables (RELAY_STORE_URL, RELAY_HTTP_API_TOKENS, ...)
 # or a TOML file mounted read-only: `-v ./relay.toml:/etc/relay/relay.toml:ro -e RELAY_CONFIG=/etc/relay/relay.toml`.
 # deploy/docker-compose.yml runs two of these on one PostgreSQL database.
+# Worker processes: one per CPU the container may use ([server] processes = "auto" reads its
+# cgroup quota, so `docker run --cpus 2` runs two on any host); RELAY_SERVER_PROCESSES=N sets N.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \

@@ -68,7 +68,11 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", parents=[common], help="run the relay")
     serve.add_argument(
-        "--processes", type=int, default=1, metavar="N", help="worker processes sharing the listeners (default 1)"
+        "--processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help='worker processes sharing the listeners (default: [server] processes, "auto": one per usable CPU core)',
     )
 
     db = sub.add_parser("db", parents=[common], help="database schema")
@@ -279,9 +283,10 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
 
     if args.command == "serve":
         logs.setup()
-        if args.processes < 1:
+        if args.processes is not None and args.processes < 1:
             raise CommandError("--processes must be at least 1", 2)
-        return _serve(cfg, args.processes)
+        processes, why = worker_count(args.processes, cfg.server.processes)
+        return _serve(cfg, processes, why)
     logs.setup(logging.WARNING)
     if args.command == "dkim":  # no store: keys and DNS only
         return _dkim_keygen(cfg, args) if args.dkim_command == "keygen" else asyncio.run(_dkim_check(cfg, args))
@@ -306,7 +311,20 @@ def _dispatch(args: argparse.Namespace, cfg: config_mod.Config) -> int:
     return asyncio.run(_with_store(cfg, args, commands[args.command]))
 
 
-def _serve(cfg: config_mod.Config, processes: int) -> int:
+def worker_count(flag: int | None, setting: config_mod.Processes) -> tuple[int, str]:
+    """How many processes `relay serve` runs, and why (said in the start's "started ..." line):
+    --processes, else [server] processes, whose "auto" is the CPU cores this process may use."""
+    if flag is not None:
+        return flag, f"--processes {flag}"
+    if setting != "auto":
+        return setting, f"processes = {setting}"
+    from relay.cpus import usable_cpus
+
+    cores = usable_cpus()
+    return cores, f"processes = auto: {cores} CPU {'core' if cores == 1 else 'cores'}"
+
+
+def _serve(cfg: config_mod.Config, processes: int, why: str) -> int:
     """A start that fails says why in one line on stderr and exits 1, having started nothing:
     every listener is bound before the store opens, and a step that fails after that stops what
     the steps before it started (relay.service.lifecycle)."""
@@ -316,7 +334,7 @@ def _serve(cfg: config_mod.Config, processes: int) -> int:
     if processes > 1:
         from relay.service import workers  # before anything imports prometheus_client: see relay.metrics
 
-        return workers.serve(cfg, processes, sockets)
+        return workers.serve(cfg, processes, sockets, why=why)
     from relay.service import lifecycle
 
     return lifecycle.run(
@@ -327,6 +345,7 @@ def _serve(cfg: config_mod.Config, processes: int) -> int:
             tracking_sockets=sockets.tracking,
             bounce_sockets=sockets.bounces,
             smtp_tls_sockets=sockets.smtp_tls,
+            why=why,
         )
     )
 

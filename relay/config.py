@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from relay.errors import ConfigError
@@ -156,6 +156,20 @@ def _url(value: Any, key: str) -> str:
     return text
 
 
+Processes = int | Literal["auto"]
+
+
+def _processes(value: Any, key: str) -> Processes:
+    """ "auto" (one worker per usable CPU core, counted when `relay serve` starts) or a count >= 1."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f'expected "auto" or a number of processes, got {value!r}')
+    if value < 1:
+        raise ConfigError(key, f'must be "auto" or at least 1, got {value}')
+    return value
+
+
 # -- sections
 
 
@@ -163,6 +177,7 @@ def _url(value: Any, key: str) -> str:
 class ServerConfig:
     hostname: str = setting("relay.localhost", _hostname)
     data_dir: str = setting("./relay-data", _str)
+    processes: Processes = setting("auto", _processes)  # `relay serve` workers; --processes N overrides
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +191,10 @@ class SmtpConfig:
     max_message_size: int = setting(26_214_400, _int(1))
     max_recipients: int = setting(100, _int(1))
     max_hops: int = setting(50, _int(1))  # Received headers; more is a mail loop (Postfix's hopcount_limit)
-    max_sessions: int = setting(1000, _int(1))  # open sessions in total (per process)
-    max_sessions_per_ip: int = setting(50, _int(1))  # open sessions from one client IP (per process)
+    # Both per worker process (with N workers up to N times as many), not divided by N: the kernel
+    # spreads connections unevenly, so a share of the limit would refuse a client below it.
+    max_sessions: int = setting(1000, _int(1))  # open sessions in one process
+    max_sessions_per_ip: int = setting(50, _int(1))  # open sessions from one client IP in one process
     max_junk_commands: int = setting(100, _int(1))  # NOOP/RSET/VRFY/HELP without a message, then 421
     listen_tls: tuple[Listen, ...] = setting((), _list(parse_listen))  # implicit TLS submission (RFC 8314), e.g. 465
     timeout: float = setting(300.0, _positive_duration)  # each read waits this long before the session is closed
@@ -195,7 +212,7 @@ class StoreConfig:
 
 @dataclass(frozen=True, slots=True)
 class DeliveryConfig:
-    concurrency: int = setting(100, _int(1))
+    concurrency: int = setting(100, _int(1))  # transactions in flight in one process
     per_domain: int = setting(10, _int(1))
     port: int = setting(25, _int(1, 65535))
     tls: str = setting("opportunistic", _choice(*TLS_MODES))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import shlex
@@ -136,6 +137,25 @@ def test_compose_relays_take_their_settings_from_relay_variables_safely(compose:
     for name in ("prometheus", "grafana"):
         assert all(str(p).startswith("127.0.0.1:") for p in compose["services"][name]["ports"])
     assert compose["services"]["relay2"]["depends_on"]["relay1"]["condition"] == "service_healthy"
+
+
+# Connections one `relay serve` worker may hold on PostgreSQL: its pool (4, overflowing to 12)
+# and the LISTEN connection for wake-ups (relay/store/engine.py, relay/store/wakeups.py).
+CONNECTIONS_PER_WORKER = 13
+
+
+def test_compose_nodes_have_a_cpu_quota_their_workers_and_connections_fit(compose: dict[str, Any]) -> None:
+    """Each node runs a worker per CPU of its quota ([server] processes = "auto" reads the
+    container's cgroup): both nodes' workers stay inside PostgreSQL's default max_connections
+    (100, 3 of them reserved for superusers)."""
+    from relay.config import from_mapping
+
+    workers = 0
+    for name in ("relay1", "relay2"):
+        service = compose["services"][name]
+        assert from_mapping({}, service["environment"]).server.processes == "auto"
+        workers += math.ceil(float(service["cpus"]))
+    assert workers * CONNECTIONS_PER_WORKER <= 100 - 3
 
 
 def test_compose_refuses_to_run_without_the_secrets(tmp_path: Path) -> None:

@@ -278,10 +278,13 @@ async def serve(
     upgrade: bool = True,
     quiet: bool = False,
     ready_fd: int | None = None,
+    why: str = "",
 ) -> int:
     """Run until SIGTERM/SIGINT; return the exit code. ``quiet``: a worker of ``--processes``,
     whose parent announces the listeners and readiness; it reports its start on ``ready_fd``
-    ("ready", or "error <one line>") and then closes it. Otherwise a failed start raises."""
+    ("ready", or "error <one line>") and then closes it. Otherwise a failed start raises.
+    ``why``: where the single process came from ([server] processes, --processes), said once
+    it has started (a start that fails says one line, its error)."""
     relay = Relay(config)
     stop = asyncio.Event()
     main = asyncio.current_task()
@@ -319,6 +322,8 @@ async def serve(
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
         if not quiet:
+            if why:
+                log.info("started 1 process (%s): %d", why, os.getpid())
             warn_if_tracking_loopback(config)
             log.info("relay ready")
         waiters = [loop.create_task(stop.wait()), loop.create_task(relay.failed.wait())]

@@ -1,4 +1,5 @@
-"""``relay serve --processes N``: N worker processes sharing the listening sockets.
+"""``relay serve`` with N > 1 processes (``[server] processes``, by default one per CPU core, or
+``--processes N``): N worker processes sharing the listening sockets.
 
 The parent binds every listener, has a short-lived child apply migrations, forks the workers,
 waits until each reports that it is ready (or prints the first one's error, one line, and
@@ -104,9 +105,10 @@ def _in_child(fn: Callable[[], str | None]) -> str | None:
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def serve(config: Config, processes: int, sockets: Sockets | None = None) -> int:
+def serve(config: Config, processes: int, sockets: Sockets | None = None, *, why: str = "") -> int:
     """Bind (unless given the sockets), migrate, fork the workers; "relay ready" once every
-    worker is. Anything that fails before then raises StartError (one line) and stops the rest."""
+    worker is. Anything that fails before then raises StartError (one line) and stops the rest.
+    ``why``: where the number of processes came from, for the start's line."""
     if sockets is None:
         sockets = prepare(config)
     try:
@@ -122,12 +124,12 @@ def serve(config: Config, processes: int, sockets: Sockets | None = None) -> int
         raise
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     try:
-        return _run_workers(config, processes, sockets)
+        return _run_workers(config, processes, sockets, why)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _run_workers(config: Config, processes: int, sockets: Sockets) -> int:
+def _run_workers(config: Config, processes: int, sockets: Sockets, why: str) -> int:
     children: dict[int, int] = {}
     ready_pipes: dict[int, int] = {}  # read end -> worker index
     # A signal that arrives while forking waits until the handler that passes it on to every
@@ -176,7 +178,8 @@ def _run_workers(config: Config, processes: int, sockets: Sockets) -> int:
     if not supervisor.stopping:
         for name, address in addresses:
             log.info("%s listening on %s", name, address)
-        log.info("started %d worker processes: %s", processes, ", ".join(map(str, children)))
+        reason = f" ({why})" if why else ""
+        log.info("started %d worker processes%s: %s", processes, reason, ", ".join(map(str, children)))
         warn_if_tracking_loopback(config)
         log.info("relay ready")
     return supervisor.wait()

@@ -63,6 +63,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             f"""[server]
 hostname = "relay.test"
 data_dir = "{tmp_path / "data"}"
+processes = 1
 [smtp]
 listen = ["127.0.0.1:0"]
 [http]

@@ -162,8 +162,9 @@ def write_config(path: Path, text: str) -> Path:
 
 
 def serve_config(tmp_path: Path, extra: str) -> Path:
-    """A relay.toml for `relay serve` in a test: every listener on an ephemeral port. `extra`
-    continues the [smtp] table and may add others (an [http] of its own included)."""
+    """A relay.toml for `relay serve` in a test: every listener on an ephemeral port, and one
+    process (the tests kill it, read its log and its pid; `--processes N` still overrides).
+    `extra` continues the [smtp] table and may add others (an [http] of its own included)."""
     http = "" if "[http]" in extra else '[http]\nlisten = "127.0.0.1:0"\n'
     return write_config(
         tmp_path / "relay.toml",
@@ -171,6 +172,7 @@ def serve_config(tmp_path: Path, extra: str) -> Path:
 [server]
 hostname = "relay.test"
 data_dir = "{tmp_path / "data"}"
+processes = 1
 {http}[smtp]
 listen = ["127.0.0.1:0"]
 {extra}

@@ -29,13 +29,15 @@ def node_config(
     tmp_path: Path, name: str, url: str, *, dns_port: int, sink_port: int, heartbeat: str = "1s", extra: str = ""
 ) -> Path:
     """A relay.toml for one node: its own hostname (its HELO) and data_dir, the shared store,
-    delivery by DNS on loopback to ``sink_port``. ``extra`` continues [delivery]."""
+    delivery by DNS on loopback to ``sink_port``, one process (a node is killed by its pid).
+    ``extra`` continues [delivery]."""
     path = tmp_path / f"{name}.toml"
     path.write_text(
         f"""
 [server]
 hostname = "{name}"
 data_dir = "{tmp_path / name}"
+processes = 1
 [store]
 url = "{url}"
 [http]
