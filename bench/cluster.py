@@ -114,7 +114,7 @@ async def _start_node(work: Path, index: int, config: str) -> asyncio.subprocess
     log_path = work / f"node{index}.log"
     log = log_path.open("wb")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", "serve", "--config", str(cfg), stdout=log, stderr=log, cwd=ROOT,
+        sys.executable, "-m", "relay", "serve", "--config", str(cfg), "--processes", "1", stdout=log, stderr=log, cwd=ROOT,
     )  # fmt: skip
     log.close()
     deadline = time.monotonic() + 60
