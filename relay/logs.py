@@ -58,9 +58,6 @@ def setup(level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
-    logging.getLogger("httpx").setLevel(
-        logging.WARNING
-    )  # a line per webhook POST; failures are logged by relay.webhooks
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("uvicorn").setLevel(logging.WARNING)
     logging.getLogger("flufl.bounce").setLevel(

@@ -170,6 +170,8 @@ async def test_hostile_receivers_fail_alone(url: str) -> None:
             return Reply(stall=True)
         if req.path == "/huge":
             return Reply(500, body=b"x" * 10_000_000)
+        if req.path == "/bighead":  # a 200 whose header line no HTTP client should swallow
+            return Reply(200, headers=(("x-junk", "y" * 100_000),))
         return Reply(302, headers=(("location", "/elsewhere"),))
 
     async with receiver([bad], hostile) as h, receiver([good]) as g:
@@ -177,6 +179,7 @@ async def test_hostile_receivers_fail_alone(url: str) -> None:
             {"url": h.url("/stall"), "secret": bad, "timeout": "1s"},
             {"url": h.url("/huge"), "secret": bad},
             {"url": h.url("/redirect"), "secret": bad},
+            {"url": h.url("/bighead"), "secret": bad},
             {"url": g.url(), "secret": good},
         )
         async with opened(url, hooks) as store:
@@ -184,7 +187,7 @@ async def test_hostile_receivers_fail_alone(url: str) -> None:
             async with dispatching(store, hooks, schedule=RetrySchedule((3600.0,))):
                 await wait_for(g.ok, timeout=10)
                 assert h.stalling == 1  # the good endpoint was served while the other stalls
-                for path in ("/stall", "/huge", "/redirect"):
+                for path in ("/stall", "/huge", "/redirect", "/bighead"):
                     await wait_for(lambda p=path: _attempted(store, h.url(p)), timeout=15)
             rows = {d.url: d for d in (await store.webhook_deliveries(limit=10))[0]}
     assert h.on("/elsewhere") == []  # the redirect was not followed
@@ -195,6 +198,10 @@ async def test_hostile_receivers_fail_alone(url: str) -> None:
     assert len(huge.last_error) < 300
     assert (redirect.status, redirect.last_status) == ("pending", 302)
     assert redirect.last_error == "HTTP 302: redirect to /elsewhere (not followed)"
+    bighead = rows[h.url("/bighead")]
+    assert (bighead.status, bighead.last_status) == ("pending", None)  # not taken for delivered
+    assert bighead.last_error is not None
+    assert len(bighead.last_error) < 300
     assert rows[g.url()].status == "delivered"
 
 
