@@ -683,3 +683,43 @@ def test_rewrite_of_arbitrary_bytes_never_raises(raw: bytes) -> None:
     assert isinstance(out, bytes)
     assert isinstance(trackable_links(raw), list)
     assert track(raw) == raw or has_html(raw)
+
+
+# -- multipart splitting: bytes.find against RFC 2046's delimiter as a regular expression
+
+
+def _split_by_regex(raw: bytes, boundary: bytes) -> list[tuple[int, int]] | str:
+    """The oracle: the delimiter as a regular expression (how the splitter was first written)."""
+    delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
+    ranges: list[tuple[int, int]] = []
+    part_start: int | None = None
+    for m in delimiter.finditer(raw):
+        if part_start is not None:
+            if m.start() < part_start:
+                return "unparsable"
+            ranges.append((part_start, m.start()))
+        if m.group(1):
+            return ranges
+        part_start = m.end() + 2
+    if part_start is not None and part_start <= len(raw):
+        ranges.append((part_start, len(raw)))
+    return ranges
+
+
+_PIECES = st.sampled_from([b"--b", b"--b--", b"\r\n", b" ", b"\t", b"x", b"-", b"b", b"--bb", b"\r", b"\n"])
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_PIECES, max_size=24).map(b"".join), st.sampled_from([0, 1, 3]))
+def test_multipart_split_matches_the_rfc_2046_delimiter(body: bytes, offset: int) -> None:
+    from relay import rewrite as rw
+
+    raw = b"h" * offset + body + b"tail"  # the body sits inside a larger message
+    expected = _split_by_regex(body, b"b")
+    try:
+        got: list[tuple[int, int]] | str = [
+            (a - offset, z - offset) for a, z in rw._split_multipart(raw, offset, offset + len(body), b"b")
+        ]
+    except rw._Unparsable:
+        got = "unparsable"
+    assert got == expected
