@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from relay.rewrite import has_html, rewrite, trackable_links
@@ -711,6 +711,10 @@ _PIECES = st.sampled_from([b"--b", b"--b--", b"\r\n", b" ", b"\t", b"x", b"-", b
 
 @settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_PIECES, max_size=24).map(b"".join), st.sampled_from([0, 1, 3]))
+@example(b"--b\r\nx\r\n--b--", 0)
+@example(b"--b \r\nx\r\n--b--\t", 1)
+@example(b"x\r\n--b\r\n\r\n--b\r\ny\r\n--b--\r\n", 3)
+@example(b"--b\r\n--b\r\n--b--x\r\n--bb\r\n--b--", 0)
 def test_multipart_split_matches_the_rfc_2046_delimiter(body: bytes, offset: int) -> None:
     from relay import rewrite as rw
 
