@@ -98,6 +98,7 @@ class LogStore:
         self._engine = engine
         self._bodies = queue.BodyCache()
         self._hold = hold  # hold mode: which new messages are stored "held"
+        self._outbox: webhook_store.Outbox | None = None  # set by ``open`` when webhooks are configured
         # Called after each enqueue has committed (delivery's wake-up); one that raises is logged.
         self.on_enqueued: list[Callable[[NewMessage], None]] = []
         # Called after a retry or a release made recipients due (delivery's wake-up, as above).
@@ -116,7 +117,11 @@ class LogStore:
         except (SQLAlchemyError, OSError, ValueError, ImportError) as exc:
             raise StoreError(f"cannot open the store: {exc}") from exc
         hold = actions.NO_HOLD if delivery is None else actions.Hold(delivery.hold, frozenset(delivery.hold_users))
-        return cls(url, engine, hold)
+        store = cls(url, engine, hold)
+        if outbox is not None:
+            engine.committed.append(outbox.written.after_commit)
+            store._outbox = outbox
+        return store
 
     async def close(self) -> None:
         await self._engine.dispose()
@@ -417,6 +422,11 @@ class LogStore:
         return await self._engine.read(lambda conn: suppressions.count(conn, at))
 
     # -- webhooks
+
+    def on_outbox_rows(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (in the event loop) after each commit that put rows in the outbox."""
+        if self._outbox is not None:
+            self._outbox.written.listeners.append(listener)
 
     async def webhook_claim(
         self, owner: str, *, slots: Mapping[str, int], lease: float, limit: int = 100, now: float | None = None

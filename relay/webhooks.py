@@ -232,6 +232,7 @@ class Dispatcher:
         if not self._endpoints:
             return
         self._http = client(self.per_endpoint * len(self._endpoints))
+        self.store.on_outbox_rows(self.wake)  # rows this process wrote: sent now, not at the next poll
         try:
             while not self._stopping:
                 try:

@@ -229,6 +229,8 @@ class Engine:
             )
         self.availability = Availability()
         self._writer = _Writer(self)
+        # Called in the event loop after every committed write transaction (the outbox's signal).
+        self.committed: list[Callable[[], None]] = []
 
     async def transaction(self, fn: Callable[[Connection], T], failure: Failure = WRITE_FAILED) -> T:
         """Run fn in one write transaction of its own, outside the writer's batches (bulk
@@ -317,7 +319,9 @@ class Engine:
     async def _transaction(self, fn: Callable[[Connection], T]) -> T:
         if self._async is not None:
             async with self._async.begin() as conn:
-                return await conn.run_sync(fn)
+                result = await conn.run_sync(fn)
+            self._after_commit()
+            return result
         if self._write_sync is None:
             raise StoreError("the store is closed")
         engine, lock = self._write_sync, self._write_lock
@@ -332,7 +336,13 @@ class Engine:
                 if lock is not None:
                     fcntl.flock(lock, fcntl.LOCK_UN)
 
-        return await asyncio.get_running_loop().run_in_executor(self._write_thread, transaction)
+        result = await asyncio.get_running_loop().run_in_executor(self._write_thread, transaction)
+        self._after_commit()
+        return result
+
+    def _after_commit(self) -> None:
+        for hook in self.committed:
+            hook()
 
     async def dispose(self) -> None:
         await self._writer.close()

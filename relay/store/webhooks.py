@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
 import sqlalchemy as sa
@@ -45,11 +45,33 @@ class Route:
         return not self.events or kind in self.events
 
 
+@dataclass(slots=True)
+class Written:
+    """Rows went into the outbox: set in the writer's thread inside the transaction, looked at
+    once it committed (``after_commit``), so that the dispatcher hears of new rows at once
+    rather than at its next poll."""
+
+    dirty: bool = False
+    listeners: list[Callable[[], None]] = field(default_factory=list)
+
+    def after_commit(self) -> None:
+        if self.dirty:
+            self.dirty = False
+            for listener in self.listeners:
+                listener()
+
+
 @dataclass(frozen=True, slots=True)
 class Outbox:
     """The configured endpoints, for the rows written beside each event."""
 
     routes: tuple[Route, ...]
+    written: Written = field(default_factory=Written, compare=False, hash=False)
+
+
+def _insert(conn: Connection, outbox: Outbox, rows: Sequence[dict[str, object]]) -> None:
+    conn.execute(q.INSERT_WEBHOOK_DELIVERY, rows)
+    outbox.written.dirty = True
 
 
 def outbox_of(conn: Connection) -> Outbox | None:
@@ -160,7 +182,7 @@ def write_events(conn: Connection, outbox: Outbox, new: Sequence[LoggedEvent], n
             queue_id=e.queue_id,
         )  # fmt: skip
     if rows:
-        conn.execute(q.INSERT_WEBHOOK_DELIVERY, rows)
+        _insert(conn, outbox, rows)
     return len(rows)
 
 
@@ -193,7 +215,7 @@ def write_suppression_changes(
     for entry, via in changes:
         rows += _rows(routes, kind, entry.address, at, suppression_data(entry, actor, via, removal_reason), now=at)
     if rows:
-        conn.execute(q.INSERT_WEBHOOK_DELIVERY, rows)
+        _insert(conn, outbox, rows)
 
 
 # -- the dispatcher's side
@@ -459,5 +481,5 @@ def replay(conn: Connection, outbox: Outbox, *, since: float, until: float, kind
             data["reason"] = None  # the trail does not keep a removed entry's reason
         rows += _rows(routes, kind, c.address, float(c.at), data, now=now)
     for start in range(0, len(rows), 1000):
-        conn.execute(q.INSERT_WEBHOOK_DELIVERY, rows[start : start + 1000])
+        _insert(conn, outbox, rows[start : start + 1000])
     return len(rows)

@@ -5,6 +5,7 @@ twice. SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from datetime import UTC, datetime
@@ -84,6 +85,19 @@ async def test_500_then_200_sends_the_same_id_again(url: str) -> None:
     assert (row.status, row.attempts, row.last_status) == ("delivered", 3, 204)
     assert r.requests[0].payload["data"]["queue_id"] == qid
     assert counted("delivered") == before + 1
+
+
+async def test_new_rows_are_sent_at_once_not_at_the_next_poll(url: str) -> None:
+    """The dispatcher polls once an hour here: the commit that wrote the rows wakes it."""
+    secret = new_secret()
+    async with receiver([secret]) as r:
+        hooks = endpoints({"url": r.url(), "secret": secret})
+        async with opened(url, hooks) as store, dispatching(store, hooks, poll=3600.0):
+            await asyncio.sleep(0.3)  # it has looked, found nothing and waits
+            for _ in range(3):
+                await store.enqueue(message(str(ULID())))
+                await wait_for(lambda n=len(r.ok()) + 1: len(r.ok()) >= n, timeout=5)
+    assert len(r.ok()) == 3
 
 
 async def _delivered(store: LogStore, hook: str) -> bool:
