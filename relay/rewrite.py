@@ -170,8 +170,8 @@ _EXACT_CODECS = frozenset({"utf-8", "ascii"})  # strict decoding round-trips: no
 _Edit = tuple[int, int, str, str]  # start, end, replacement, replacement with a line break
 
 
-class _Unparsable(Exception):
-    pass
+class Unparsable(Exception):
+    """A MIME structure the rewrite will not touch (too deep, or delimiters that overlap)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +193,7 @@ def _html_parts(raw: bytes) -> list[_HtmlPart]:
 
 def _walk(raw: bytes, start: int, end: int, out: list[_HtmlPart], depth: int) -> None:
     if depth > _MAX_DEPTH:
-        raise _Unparsable("too deeply nested")
+        raise Unparsable("too deeply nested")
     if raw.startswith(b"\r\n", start, end):
         header, body = b"", start + 2
     else:
@@ -207,7 +207,7 @@ def _walk(raw: bytes, start: int, end: int, out: list[_HtmlPart], depth: int) ->
         boundary = headers.get_boundary()
         if ctype in _OPAQUE_MULTIPART or not boundary:
             return
-        for part_start, part_end in _split_multipart(raw, body, end, boundary.encode("ascii", "surrogateescape")):
+        for part_start, part_end in split_multipart(raw, body, end, boundary.encode("ascii", "surrogateescape")):
             _walk(raw, part_start, part_end, out, depth + 1)
         return
     if ctype == "text/html" and headers.get_content_disposition() != "attachment":
@@ -218,7 +218,7 @@ def _walk(raw: bytes, start: int, end: int, out: list[_HtmlPart], depth: int) ->
             out.append(_HtmlPart(body, end, cte, codec, errors, text, _scan(text)))
 
 
-def _split_multipart(raw: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
+def split_multipart(raw: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
     """Body ranges of a multipart's parts, per RFC 2046: each delimiter's leading CRLF belongs to it.
     A delimiter is "--" boundary ["--"] [ \t]* at the start of the body or after a CRLF, then
     CRLF or the end; found with bytes.find (a regex with that start tried every position)."""
@@ -239,7 +239,7 @@ def _split_multipart(raw: bytes, start: int, end: int, boundary: bytes) -> list[
             continue
         if part_start is not None:
             if at < part_start:
-                raise _Unparsable("delimiter lines without a part between them")
+                raise Unparsable("delimiter lines without a part between them")
             ranges.append((part_start, at))
         if closing:
             return ranges

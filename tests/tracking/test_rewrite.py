@@ -722,8 +722,8 @@ def test_multipart_split_matches_the_rfc_2046_delimiter(body: bytes, offset: int
     expected = _split_by_regex(body, b"b")
     try:
         got: list[tuple[int, int]] | str = [
-            (a - offset, z - offset) for a, z in rw._split_multipart(raw, offset, offset + len(body), b"b")
+            (a - offset, z - offset) for a, z in rw.split_multipart(raw, offset, offset + len(body), b"b")
         ]
-    except rw._Unparsable:
+    except rw.Unparsable:
         got = "unparsable"
     assert got == expected
