@@ -17,6 +17,8 @@ import codecs
 import html.entities
 import logging
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from email import message_from_bytes
 from email.policy import compat32
@@ -185,9 +187,33 @@ class _HtmlPart:
     scan: _Scan
 
 
-def _html_parts(raw: bytes) -> list[_HtmlPart]:
-    parts: list[_HtmlPart] = []
-    _walk(raw, 0, len(raw), parts, 0)
+# The parts of the last few small messages: intake finds the links, delivery rewrites them for
+# each recipient, and without this each of them parsed the same HTML again. Small messages only,
+# so that the cache stays small (64 x 16 KB, with their decoded text).
+_PARTS_CACHE: OrderedDict[bytes, tuple[_HtmlPart, ...]] = OrderedDict()
+_PARTS_CACHE_ENTRIES = 64
+_PARTS_CACHE_MAX_MESSAGE = 16 * 1024
+
+
+_PARTS_CACHE_LOCK = threading.Lock()  # intake and delivery call this from worker threads
+
+
+def _html_parts(raw: bytes) -> tuple[_HtmlPart, ...]:
+    small = len(raw) <= _PARTS_CACHE_MAX_MESSAGE
+    if small:
+        with _PARTS_CACHE_LOCK:
+            hit = _PARTS_CACHE.get(raw)
+            if hit is not None:
+                _PARTS_CACHE.move_to_end(raw)
+                return hit
+    found: list[_HtmlPart] = []
+    _walk(raw, 0, len(raw), found, 0)
+    parts = tuple(found)
+    if small:
+        with _PARTS_CACHE_LOCK:
+            _PARTS_CACHE[raw] = parts
+            if len(_PARTS_CACHE) > _PARTS_CACHE_ENTRIES:
+                _PARTS_CACHE.popitem(last=False)
     return parts
 
 
