@@ -25,9 +25,8 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import aiohttp
 from ulid import ULID
 
 from relay import metrics
@@ -36,6 +35,9 @@ from relay.errors import StoreError, StoreUnavailable, one_line
 from relay.logstore import LogStore
 from relay.model import iso
 from relay.store.webhooks import Attempted, Pending
+
+if TYPE_CHECKING:
+    import aiohttp  # imported when a client is made: ~20 MB a process that sends no webhooks never needs
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,8 @@ def client(max_connections: int = 100) -> aiohttp.ClientSession:
     """An HTTP client for webhooks: no proxy or certificate settings from the environment
     (Relay's config says where webhooks go), answers read as sent (no decompression).
     Redirects are never followed (``post``)."""
+    import aiohttp
+
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0),
         trust_env=False,
@@ -151,6 +155,8 @@ async def post(
 ) -> Response:
     """POST one webhook, signed for this attempt, within ``within`` seconds all told; read
     at most MAX_RESPONSE bytes of the answer."""
+    import aiohttp  # loaded by ``client`` already: a dictionary lookup
+
     now = time.time()
     headers = request_headers(secrets_, webhook_id, int(now), body)
     try:
