@@ -938,6 +938,11 @@ def postfix(action: str) -> None:
 async def run_postfix(sc: Scenario) -> Run:
     """The same load; in the production scenarios, the same message (Postfix neither signs,
     rewrites nor calls webhooks: the reference is plain relaying)."""
+    with socket.socket() as probe:  # a sink left behind (SO_REUSEPORT) would take half the mail unseen
+        try:
+            probe.bind(POSTFIX_SINK)
+        except OSError as exc:
+            raise RuntimeError(f"{POSTFIX_SINK[0]}:{POSTFIX_SINK[1]} is taken (a stale smtp-sink?): {exc}") from exc
     sink = ToolSink(*POSTFIX_SINK)
     await sink.start()
     try:

@@ -132,16 +132,19 @@ events = ["message.delivered"]
             server = await ServeProcess(cfg).start()
             base = f"http://127.0.0.1:{server.ports['http']}"
             async with httpx.AsyncClient(base_url=base, timeout=20) as http:
+                rig = Rig(pg, sink, hooks, server, http)
                 try:
-                    yield Rig(pg, sink, hooks, server, http)
+                    yield rig
                 finally:
-                    if server.proc is not None and server.proc.returncode is None:
-                        server.terminate()
-                        with contextlib.suppress(TimeoutError):
-                            await server.wait(30)
-                        if server.proc.returncode is None:
-                            server.kill()
-                            await server.wait()
+                    # A test may have started another server in the rig (rig.server): stop both.
+                    for running in {id(s): s for s in (server, rig.server)}.values():
+                        if running.proc is not None and running.proc.returncode is None:
+                            running.terminate()
+                            with contextlib.suppress(TimeoutError):
+                                await running.wait(30)
+                            if running.proc.returncode is None:
+                                running.kill()
+                                await running.wait()
 
 
 # -- load: clients that send without pause and write down every answer
