@@ -15,18 +15,16 @@ from pathlib import Path
 import pytest
 from helpers import running_relay
 from helpers.delivery import attempts, delivery_config, final, status, submit
+from helpers.hostile import RawPeer
 from helpers.peers import Zone
-
-ENVELOPE = ("MAIL", "RCPT", "DATA")
 
 
 @dataclass
-class PipelinePeer:
+class PipelinePeer(RawPeer):
     """A raw-socket server that answers the envelope only once it has all of it (so a client
     that waits for each reply never gets one), in pieces of 1-3 bytes."""
 
     ip: str = "127.0.0.2"
-    port: int = 0
     refuse: set[str] = field(default_factory=set)  # recipients answered 550
     extra_after_data: bytes = b""  # said after the reply to the content
     data_354_always: bool = False  # 354 even when no recipient was accepted
@@ -34,18 +32,6 @@ class PipelinePeer:
     delivered: list[tuple[str, list[str]]] = field(default_factory=list)
     connections: int = 0
     groups: list[list[str]] = field(default_factory=list)  # the commands answered together
-    _server: asyncio.Server | None = None
-
-    async def start(self) -> PipelinePeer:
-        self._server = await asyncio.start_server(self._handle, self.ip, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar, Self
 
 
 @dataclass
@@ -20,9 +21,32 @@ class Accepted:
 
 
 @dataclass
-class ScriptedPeer:
+class RawPeer:
+    """A server on a raw socket, on loopback; a subclass answers in ``_handle``."""
+
     ip: str
     port: int = 0
+    _server: asyncio.Server | None = field(default=None, repr=False)
+    _read_limit: ClassVar[int] = 1 << 16
+
+    async def start(self) -> Self:
+        self._server = await asyncio.start_server(self._handle, self.ip, self.port, limit=self._read_limit)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class ScriptedPeer(RawPeer):
+    _read_limit: ClassVar[int] = 1 << 26
     name: str = "peer.test"  # in the greeting
     ehlo_name: str | None = None  # in the EHLO reply; None: the same as the greeting
     extensions: tuple[str, ...] = ("PIPELINING", "8BITMIME", "SIZE 52428800")
@@ -34,7 +58,6 @@ class ScriptedPeer:
     connections: int = 0
     open_connections: int = 0
     in_data: int = 0  # sessions between the end of DATA and our reply to it
-    _server: asyncio.Server | None = None
 
     def heal(self) -> None:
         """From now on, a well-behaved sink."""
@@ -44,17 +67,6 @@ class ScriptedPeer:
     @property
     def rcpts(self) -> list[str]:
         return [r for m in self.messages for r in m.rcpts]
-
-    async def start(self) -> ScriptedPeer:
-        self._server = await asyncio.start_server(self._handle, self.ip, self.port, limit=1 << 26)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
