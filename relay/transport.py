@@ -478,9 +478,9 @@ class Transport:
         stale = stale and conn.uses > 0
         if transport is None or inner is None or transport.is_closing():
             raise _Stale if stale else aiosmtplib.SMTPServerDisconnected("Connection lost")
-        reader = _Replies(inner, owed)
         if conn.spoiled:
             raise _Stale if stale else aiosmtplib.SMTPResponseException(-1, "unexpected data from the server")
+        reader = _Replies(inner, owed)
         transport.set_protocol(reader)
         conn.listener = reader
         transport.write(payload)  # type: ignore[attr-defined]

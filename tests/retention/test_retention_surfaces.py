@@ -194,7 +194,8 @@ def test_human_sizes() -> None:
     assert [size(n) for n in (0, 812, 3 * 1024 + 400, 5 * 1024**3)] == ["0 B", "812 B", "3.4 KiB", "5.0 GiB"]
 
 
-async def test_relay_log_says_the_body_expired(tmp_path: Path) -> None:
+async def _cli_store(tmp_path: Path) -> tuple[str, Path, LogStore]:
+    """The URL of a SQLite store, migrated and open, and a config file that points the CLI at it."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
     config = write_config(
         tmp_path / "relay.toml",
@@ -202,6 +203,11 @@ async def test_relay_log_says_the_body_expired(tmp_path: Path) -> None:
     )
     store = await LogStore.open(url)
     await store.upgrade()
+    return url, config, store
+
+
+async def test_relay_log_says_the_body_expired(tmp_path: Path) -> None:
+    _, config, store = await _cli_store(tmp_path)
     try:
         await seed(store, qid(1), "delivered", age=8 * DAY)
         await store.retention_run(KEEP, now=NOW)
@@ -227,13 +233,7 @@ async def test_relay_retention_run_while_another_process_purges(tmp_path: Path) 
     import fcntl
     import os
 
-    url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
-    config = write_config(
-        tmp_path / "relay.toml",
-        f'[server]\nhostname = "relay.test"\ndata_dir = "{tmp_path / "data"}"\n[store]\nurl = "{url}"\n',
-    )
-    store = await LogStore.open(url)
-    await store.upgrade()
+    url, config, store = await _cli_store(tmp_path)
     try:
         await seed(store, qid(1), "delivered", age=5 * 365 * DAY)
         await seed(store, qid(2), "delivered", age=0)
